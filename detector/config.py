@@ -92,6 +92,8 @@ class Conventions:
     # ``rpn_min_size_scaled`` (Caffe: 16 * s). detectron2: 0, unscaled.
     rpn_min_size: float = 16.0
     rpn_min_size_scaled: bool = True
+    # Keep a proposal whose side equals the minimum (Caffe ``>=``); MILVLG keeps only ``>``.
+    rpn_min_size_inclusive: bool = True
     # detectron2 takes the pre-NMS top-k by score before clipping; Caffe clips and filters first.
     rpn_topk_before_clip: bool = False
     # Weights dividing the class-specific box deltas (Caffe snapshots hold raw deltas: 1,1,1,1;
