@@ -173,6 +173,13 @@ class ModelSpec:
     attributes_vocab: tuple[str, ...] = ()
     # Human-readable description of what these weights are ("Caffe VG 10-100", "demo ...").
     description: str = ""
+    # ExtractionConfig fields these weights expect by default (e.g. a demo model trained at a
+    # small input scale: {"min_size": 192, "max_size": 320}); a caller's explicit config wins.
+    extraction_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def default_extraction(self) -> ExtractionConfig:
+        """ExtractionConfig() with this checkpoint's ``extraction_defaults`` applied."""
+        return ExtractionConfig.from_json({**ExtractionConfig().to_json(), **self.extraction_defaults})
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -181,6 +188,7 @@ class ModelSpec:
             "objects_vocab": list(self.objects_vocab),
             "attributes_vocab": list(self.attributes_vocab),
             "description": self.description,
+            "extraction_defaults": dict(self.extraction_defaults),
         }
 
     @classmethod
@@ -194,6 +202,7 @@ class ModelSpec:
             objects_vocab=tuple(data.get("objects_vocab", ())),
             attributes_vocab=tuple(data.get("attributes_vocab", ())),
             description=str(data.get("description", "")),
+            extraction_defaults=dict(data.get("extraction_defaults", {})),
         )
 
 
