@@ -1,0 +1,245 @@
+"""Images in, FeatureRecords out: the composition root of extraction.
+
+Shape glossary:
+    B   images run through the backbone together (equal resized shape, unpadded)
+    P   proposals of one image (<= 300)
+    N   regions kept by the selection rule (10..100 by default)
+    D   feature size
+
+    Extractor.extract:  decode already done (BGR uint8) -> prepare (mean, Caffe resize)
+        -> group by resized shape -> Detector (backbone, RPN, RoI head) -> select (per-class NMS,
+        max_conf, [min, max]) -> gather -> FeatureRecord per image.
+
+Strict fp32 is the default and turns TF32 off on CUDA (ARCHITECTURE.md: TF32 moves features by
+~1e-3 relative); fp16/bf16 are opt-in autocast modes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.config import ExtractionConfig, ModelSpec, model_version
+from detector.model import Detector, RegionOutputs
+from detector.preprocess import PreparedImage, group_by_shape, prepare
+from detector.select import select_regions
+from store.records import FeatureRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Kept:
+    """Device tensors of the kept regions of one image, before the one copy to the host."""
+
+    boxes: torch.Tensor  # (N, 4) original pixels
+    features: torch.Tensor  # (N, D)
+    objects_conf: torch.Tensor  # (N,)
+    objects_id: torch.Tensor  # (N,)
+    attrs_conf: torch.Tensor  # (N,)
+    attrs_id: torch.Tensor  # (N,)
+
+
+class Extractor:
+    """A loaded detector on one device, turning images into region records."""
+
+    def __init__(
+        self,
+        model: Detector,
+        *,
+        config: ExtractionConfig,
+        weights_sha256: str,
+        device: str | torch.device = "cpu",
+        batch_size: int = 8,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.spec: ModelSpec = model.spec
+        self.config = config
+        self.weights_sha256 = weights_sha256
+        self.batch_size = batch_size
+        if self.device.type == "cuda" and config.precision == "fp32":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        config: ExtractionConfig | None = None,
+        batch_size: int = 8,
+        **overrides: Any,
+    ) -> Extractor:
+        """Load a canonical weights file (path or registry name; None = the packaged demo).
+
+        ``config`` defaults to the checkpoint's own extraction defaults; ``overrides`` replace
+        single fields (``min_boxes=36, max_boxes=36``).
+        """
+        from detector.weights import load, resolve
+
+        loaded = load(resolve(weights))
+        model = Detector(loaded.spec)
+        model.load_state_dict(loaded.state_dict, strict=True)
+        config = (config or loaded.spec.default_extraction()).replace(**overrides)
+        return cls(
+            model, config=config, weights_sha256=loaded.sha256, device=device, batch_size=batch_size
+        )
+
+    @property
+    def model_version(self) -> str:
+        """Cache key of the default configuration."""
+        return self.version_for(self.config)
+
+    def version_for(self, config: ExtractionConfig) -> str:
+        return model_version(self.weights_sha256, config)
+
+    def __call__(
+        self, images: Sequence[np.ndarray], image_ids: Sequence[str]
+    ) -> list[FeatureRecord]:
+        return self.extract(images, image_ids)
+
+    def extract(
+        self,
+        images: Sequence[np.ndarray],
+        image_ids: Sequence[str],
+        config: ExtractionConfig | None = None,
+    ) -> list[FeatureRecord]:
+        """Regions of each image (BGR uint8 (H, W, 3)), in input order."""
+        if len(images) != len(image_ids):
+            raise ValueError(f"{len(images)} images but {len(image_ids)} ids")
+        config = config or self.config
+        start = time.perf_counter()
+        prepared = [prepare(image, config) for image in images]
+        records: list[FeatureRecord | None] = [None] * len(images)
+        for batch in self._batches(prepared):
+            kept = self._run_batch([prepared[i] for i in batch], config)
+            for i, record in zip(
+                batch, self._to_records(kept, prepared, batch, image_ids, config), strict=True
+            ):
+                records[i] = record
+        log.debug("extracted %d images in %.3fs", len(images), time.perf_counter() - start)
+        return [r for r in records if r is not None]
+
+    def extract_with_boxes(
+        self, image: np.ndarray, boxes: np.ndarray, image_id: str
+    ) -> FeatureRecord:
+        """Features, labels and attributes for caller-given boxes (N, 4), original pixels."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        prepared = prepare(image, self.config)
+        scale = torch.tensor(prepared.scale, dtype=torch.float32, device=self.device)
+        given = torch.from_numpy(boxes).to(self.device)
+        with torch.inference_mode(), self._autocast(self.config):
+            res4 = self.model.backbone(prepared.tensor[None].to(self.device))
+            outputs = self.model.regions(res4, [given * scale])[0]
+        index = torch.arange(len(boxes), device=self.device)
+        kept = self._gather(outputs, index, scale, boxes=given)
+        return self._to_records([kept], [prepared], [0], [image_id], self.config)[0]
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _batches(self, prepared: list[PreparedImage]) -> Iterator[list[int]]:
+        """Groups of indices with equal resized shape, at most ``batch_size`` each."""
+        for group in group_by_shape(prepared):
+            for start in range(0, len(group), self.batch_size):
+                yield group[start : start + self.batch_size]
+
+    def _run_batch(self, batch: list[PreparedImage], config: ExtractionConfig) -> list[_Kept]:
+        images = torch.stack([p.tensor for p in batch]).to(self.device)  # (B, 3, H, W)
+        scales = [p.scale for p in batch]
+        with torch.inference_mode(), self._autocast(config):
+            outputs = self.model(images, scales, config)
+            return [self._select(out, s, config) for out, s in zip(outputs, scales, strict=True)]
+
+    def _select(self, out: RegionOutputs, scale: float, config: ExtractionConfig) -> _Kept:
+        """generate_tsv.py: per-class NMS on the proposals in original pixels, then gather."""
+        s = torch.tensor(scale, dtype=torch.float32, device=out.boxes.device)
+        boxes = out.boxes.float() / s  # (P, 4) original pixels (float32 division, as Caffe)
+        cls_prob = out.cls_logits.float().softmax(dim=1)
+        conv = self.spec.conventions
+        selection = select_regions(
+            boxes,
+            cls_prob,
+            nms_thresh=config.nms_thresh,
+            conf_thresh=config.conf_thresh,
+            min_boxes=config.min_boxes,
+            max_boxes=config.max_boxes,
+            plus_one=conv.plus_one,
+            suppress_equal=conv.nms_suppress_equal,
+        )
+        return self._gather(out, selection.indices, s, cls_prob=cls_prob, boxes=boxes)
+
+    def _gather(
+        self,
+        out: RegionOutputs,
+        index: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        cls_prob: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+    ) -> _Kept:
+        """Kept regions' boxes, features and LXMERT-style labels (0-based, bg / none dropped)."""
+        if cls_prob is None:
+            cls_prob = out.cls_logits.float().softmax(dim=1)
+        if boxes is None:
+            boxes = out.boxes.float() / scale
+        obj_conf, obj_id = cls_prob[index, 1:].max(dim=1)
+        attr_logits = out.attr_logits[index].float()
+        if self.spec.conventions.attr_score == "softmax_all":
+            attr_prob = attr_logits.softmax(dim=1)[:, 1:]
+        else:  # airsplay / HF: renormalised over the real attributes
+            attr_prob = attr_logits[:, 1:].softmax(dim=1)
+        attr_conf, attr_id = attr_prob.max(dim=1)
+        return _Kept(
+            boxes[index], out.features[index].float(), obj_conf, obj_id, attr_conf, attr_id
+        )
+
+    def _to_records(
+        self,
+        kept: list[_Kept],
+        prepared: list[PreparedImage],
+        batch: list[int],
+        image_ids: Sequence[str],
+        config: ExtractionConfig,
+    ) -> list[FeatureRecord]:
+        """One host copy per field for the whole batch, then split into records."""
+        counts = [int(k.boxes.shape[0]) for k in kept]
+        splits = np.cumsum(counts)[:-1]
+        host = {
+            f: np.split(torch.cat([getattr(k, f) for k in kept]).cpu().numpy(), splits)
+            for f in _FIELDS
+        }
+        version = self.version_for(config)
+        return [
+            FeatureRecord(
+                image_id=str(image_ids[i]),
+                image_w=prepared[i].orig_w,
+                image_h=prepared[i].orig_h,
+                boxes=host["boxes"][j].astype(np.float32),
+                features=host["features"][j].astype(np.float32),
+                objects_id=host["objects_id"][j].astype(np.int64),
+                objects_conf=host["objects_conf"][j].astype(np.float32),
+                attrs_id=host["attrs_id"][j].astype(np.int64),
+                attrs_conf=host["attrs_conf"][j].astype(np.float32),
+                model_version=version,
+            )
+            for j, i in enumerate(batch)
+        ]
+
+    def _autocast(self, config: ExtractionConfig) -> contextlib.AbstractContextManager[Any]:
+        if config.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if config.precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+_FIELDS = ("boxes", "features", "objects_conf", "objects_id", "attrs_conf", "attrs_id")

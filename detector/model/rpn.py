@@ -1,0 +1,121 @@
+"""Region proposal network (reference §1.3, §2.3, §14 step 5).
+
+Shape glossary:
+    B   images in a batch (one resized shape)
+    A   anchors per cell (12)
+    Hf,Wf  res4 map size (stride 16)
+    M   Hf * Wf * A candidate boxes of one image, rows ordered (h, w, a)
+    P   proposals kept for one image (<= post-NMS top-k, 300)
+
+The conventions that differ between weight files (anchor set, +1 box rule, NMS flavour, score
+layout, clip/top-k order, minimum size) come from ``Conventions``, stored with the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from detector.anchors import grid_anchors
+from detector.boxes import clip_boxes, decode_boxes, keep_min_size, nms
+from detector.config import ArchConfig, Conventions, ExtractionConfig
+
+
+class RPN(nn.Module):
+    """3x3 conv + ReLU, then per-anchor objectness and box deltas; proposals at test time."""
+
+    def __init__(self, arch: ArchConfig, conventions: Conventions) -> None:
+        super().__init__()
+        a = arch.num_anchors
+        self.conventions = conventions
+        self.feature_stride = arch.feature_stride
+        score_channels = 2 * a if conventions.rpn_score == "softmax2" else a
+        self.conv = nn.Conv2d(arch.res4_channels, arch.rpn_channels, 3, padding=1)
+        self.objectness = nn.Conv2d(arch.rpn_channels, score_channels, 1)
+        self.deltas = nn.Conv2d(arch.rpn_channels, 4 * a, 1)
+        # Cell anchors (A, 4), ratio-major; replaced by the checkpoint's own.
+        self.register_buffer("cell_anchors", torch.zeros(a, 4))
+
+    def head(self, res4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw maps: res4 (B, C4, Hf, Wf) -> objectness (B, 2A or A, Hf, Wf), deltas (B, 4A, Hf, Wf)."""
+        hidden = F.relu(self.conv(res4))
+        return self.objectness(hidden), self.deltas(hidden)
+
+    def foreground_scores(self, objectness: torch.Tensor) -> torch.Tensor:
+        """(B, 2A or A, Hf, Wf) -> (B, M) foreground probability, rows ordered (h, w, a)."""
+        b, _, hf, wf = objectness.shape
+        a = self.cell_anchors.shape[0]
+        if self.conventions.rpn_score == "softmax2":
+            # Caffe: reshape to (B, 2, A*Hf, Wf), softmax over the pair, take the fg block.
+            fg = objectness.view(b, 2, a, hf, wf).softmax(dim=1)[:, 1]
+        else:
+            fg = objectness.sigmoid()
+        return fg.permute(0, 2, 3, 1).reshape(b, -1)
+
+    def forward(
+        self,
+        res4: torch.Tensor,
+        image_sizes: list[tuple[int, int]],
+        scales: list[float],
+        config: ExtractionConfig,
+    ) -> list[torch.Tensor]:
+        """Proposals per image, in resized-image coordinates.
+
+        Args:
+            res4: (B, C4, Hf, Wf) backbone map.
+            image_sizes: resized (H, W) of each image.
+            scales: resize factor s of each image (for the scaled minimum size).
+            config: top-k and NMS settings.
+
+        Returns:
+            B tensors (P, 4) float32, x1 y1 x2 y2, ordered by descending objectness.
+        """
+        objectness, deltas = self.head(res4)
+        b, _, hf, wf = objectness.shape
+        scores = self.foreground_scores(objectness).float()  # (B, M)
+        deltas = deltas.permute(0, 2, 3, 1).reshape(b, -1, 4).float()  # (B, M, 4)
+        anchors = grid_anchors(self.cell_anchors, hf, wf, self.feature_stride)  # (M, 4)
+        return [
+            self._propose(anchors, deltas[i], scores[i], image_sizes[i], scales[i], config)
+            for i in range(b)
+        ]
+
+    def _propose(
+        self,
+        anchors: torch.Tensor,
+        deltas: torch.Tensor,
+        scores: torch.Tensor,
+        image_size: tuple[int, int],
+        scale: float,
+        config: ExtractionConfig,
+    ) -> torch.Tensor:
+        """One image: decode, clip, filter, top-k, NMS, top-k (order per the conventions)."""
+        conv = self.conventions
+        if conv.rpn_topk_before_clip:  # detectron2 / HF: top-k by score first
+            order = _top_order(scores, config.rpn_pre_nms_topk)
+            anchors, deltas, scores = anchors[order], deltas[order], scores[order]
+        boxes = decode_boxes(anchors, deltas, plus_one=conv.plus_one, clamp=conv.delta_clamp)
+        boxes = clip_boxes(boxes, image_size[0], image_size[1], plus_one=conv.plus_one)
+        min_size = conv.rpn_min_size * (scale if conv.rpn_min_size_scaled else 1.0)
+        keep = keep_min_size(
+            boxes, min_size, plus_one=conv.plus_one, inclusive=conv.rpn_min_size_inclusive
+        )
+        boxes, scores = boxes[keep], scores[keep]
+        if not conv.rpn_topk_before_clip:  # Caffe: clip and filter, then top-k
+            order = _top_order(scores, config.rpn_pre_nms_topk)
+            boxes, scores = boxes[order], scores[order]
+        kept = nms(
+            boxes,
+            scores,
+            config.rpn_nms_thresh,
+            plus_one=conv.plus_one,
+            suppress_equal=conv.nms_suppress_equal,
+        )
+        return boxes[kept[: config.rpn_post_nms_topk]]
+
+
+def _top_order(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores, descending; ties keep the lower index first."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[:k]
