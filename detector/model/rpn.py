@@ -38,7 +38,10 @@ class RPN(nn.Module):
         self.register_buffer("cell_anchors", torch.zeros(a, 4))
 
     def head(self, res4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw maps: res4 (B, C4, Hf, Wf) -> objectness (B, 2A or A, Hf, Wf), deltas (B, 4A, Hf, Wf)."""
+        """Raw maps for training and inference.
+
+        res4 (B, C4, Hf, Wf) -> objectness (B, 2A or A, Hf, Wf), deltas (B, 4A, Hf, Wf).
+        """
         hidden = F.relu(self.conv(res4))
         return self.objectness(hidden), self.deltas(hidden)
 

@@ -96,7 +96,7 @@ def test_res5_is_dilated_stride_one_and_matches_reference(resnet_pair) -> None:
 
 
 def _caffe_roi_pool(fmap: np.ndarray, roi: np.ndarray, size: int, scale: float) -> np.ndarray:
-    """Caffe ROIPoolingLayer for one RoI: fmap (C, H, W), roi (x1, y1, x2, y2) -> (C, size, size)."""
+    """Caffe ROIPoolingLayer, one RoI: fmap (C, H, W), roi (x1, y1, x2, y2) -> (C, size, size)."""
     c, h, w = fmap.shape
     x1, y1, x2, y2 = (math.floor(v * scale + 0.5) for v in roi)  # C round(), coords >= 0
     roi_w, roi_h = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
