@@ -1,0 +1,510 @@
+"""The Redis Streams queue between the gateway and the workers (torch-free).
+
+Protocol (message types in ``workers.protocol``):
+
+Streams, one consumer group ``workers`` on each (created by ``ensure_groups``):
+
+* ``butd:online``: one entry = one image to extract now (``OnlineRequest.to_fields``):
+  ``request_id``, ``content_sha256``, ``namespace``, ``image_id``, ``options`` (JSON
+  min_boxes / max_boxes / conf_thresh, absent = worker default), ``deadline_ms`` (epoch ms, 0 =
+  none), and the image as ``image_key`` (a Redis string holding the uploaded bytes, with a TTL)
+  or ``path`` (a file on storage the workers share). A worker that reaches an entry after its
+  deadline acks it without computing and reports ``expired``.
+* ``butd:jobs``: one entry = one shard of a batch job (``JobShard.to_fields``): ``job_id``,
+  ``shard_no``, ``items`` (JSON list of ``{"ref", "image_id"}``; ``ref`` is an absolute path or
+  ``ARCHIVE::MEMBER``), ``options``, ``namespace``.
+* ``butd:dlq``: dead letters: the original fields plus ``stream``, ``entry_id``, ``deliveries``,
+  ``reason``. An entry lands here after ``MAX_DELIVERIES`` deliveries without an ack.
+
+Delivery is at-least-once. A worker reads its own pending entries first (id ``0``) after a
+restart, then new ones (``>``); it acks an entry only after its features are sealed in the store
+and indexed, then reports. The janitor in every worker XAUTOCLAIMs entries idle longer than
+``CLAIM_IDLE_MS`` (more than the worst batch time) and dead-letters those delivered more than
+``MAX_DELIVERIES`` times (XADD to the DLQ and XACK in one MULTI). Only acknowledged entries are
+trimmed (``trim_acked``: XTRIM MINID below the oldest pending and the first undelivered id; never
+MAXLEN, which deletes pending entries on Redis < 8.2). All writes are idempotent, so a redelivered
+entry is harmless.
+
+Online results: the worker LPUSHes one JSON ``OnlineResult`` (status ``ok`` | ``error`` |
+``expired``, ``model_version``, ``content_sha256``, ``reason``, ``num_boxes``, ``cached``) onto
+``butd:result:{request_id}`` with an EXPIRE; the gateway BLPOPs it (``wait_result``) and reads the
+features from the store's index by (model_version, content_sha256).
+
+Jobs: hash ``butd:job:{id}`` (``job_id``, ``state`` queued | running | done | failed |
+cancelled, ``total``, ``done``, ``failed``, ``created_at``, ``started_at``, ``finished_at``,
+``options``, ``namespace``, ``ttl_s``), hash ``butd:job:{id}:errors`` (image_id -> reason) and set
+``butd:job:{id}:seen`` (image ids already counted). A worker marks a job running when it takes a
+shard, skips (acks) the shards of a cancelled job, and counts items with ``record_items`` after
+the shard is sealed: a Lua script SADDs each id to the seen set and bumps ``done`` / ``failed``
+only when the id is new, so a redelivered shard never counts twice. The job ends ``done`` when
+done + failed == total (``failed`` when nothing succeeded); keys then expire after ``ttl_s``.
+
+Heartbeats: ``butd:worker:{id}`` holds a JSON ``Heartbeat`` with a TTL of a few refresh periods;
+``live_workers`` lists them.
+
+Use a client from ``connect`` (bytes replies); str-decoding clients work for every function here
+except reading image bytes, which only the worker does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from workers.protocol import (
+    DLQ_STREAM,
+    GROUP,
+    JOBS_STREAM,
+    ONLINE_STREAM,
+    STREAMS,
+    WORKER_KEY_PATTERN,
+    ExtractOptions,
+    Heartbeat,
+    JobItem,
+    JobShard,
+    JobState,
+    JobStatus,
+    OnlineRequest,
+    OnlineResult,
+    ProtocolError,
+    decode_fields,
+    image_key,
+    job_errors_key,
+    job_key,
+    job_seen_key,
+    job_state,
+    result_key,
+    shard_items,
+    text,
+    worker_key,
+)
+
+if TYPE_CHECKING:
+    Client = redis.Redis[Any]
+
+__all__ = [
+    "DLQ_STREAM",
+    "GROUP",
+    "JOBS_STREAM",
+    "ONLINE_STREAM",
+    "Entry",
+    "ack",
+    "cancel_job",
+    "connect",
+    "create_job",
+    "dead_letter",
+    "dlq_length",
+    "enqueue_online",
+    "ensure_groups",
+    "job_status",
+    "live_workers",
+    "mark_job_started",
+    "pending_count",
+    "post_result",
+    "queue_depth",
+    "read_entries",
+    "record_items",
+    "trim_acked",
+    "wait_result",
+    "write_heartbeat",
+]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry as a consumer sees it.
+
+    Attributes:
+        stream: the stream it came from.
+        entry_id: its stream id ("1700000000000-0").
+        fields: its field map, or None when the entry was deleted (trimmed) while pending.
+    """
+
+    stream: str
+    entry_id: str
+    fields: dict[str, str] | None
+
+
+def connect(url: str, *, socket_connect_timeout: float = 5.0) -> Client:
+    """A client with bytes replies and a keep-alive health check (no read timeout: BLPOP)."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=socket_connect_timeout, health_check_interval=30
+    )
+
+
+def ensure_groups(r: Client) -> None:
+    """Create the consumer group on both streams (and the streams), if missing."""
+    for stream in STREAMS:
+        try:
+            r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+
+def _untyped(client: Any) -> Any:
+    """The client for commands the redis stubs leave untyped (eval, xack, xinfo, xpending)."""
+    return client
+
+
+# --- gateway side -------------------------------------------------------------------------
+
+
+def enqueue_online(
+    r: Client, request: OnlineRequest, data: bytes | None = None, *, image_ttl_s: int = 300
+) -> OnlineRequest:
+    """Queue one online request; with ``data``, store the bytes under ``image_key`` first.
+
+    Returns:
+        The request as queued (``image_key`` filled in when ``data`` was given).
+    """
+    if data is None and not request.path:
+        raise ProtocolError("an online request needs image bytes or a path")
+    pipe = r.pipeline(transaction=True)
+    if data is not None:
+        key = image_key(request.request_id)
+        request = OnlineRequest(**{**request.__dict__, "image_key": key})
+        pipe.set(key, data, ex=image_ttl_s)
+    pipe.xadd(ONLINE_STREAM, request.to_fields())
+    pipe.execute()
+    return request
+
+
+def wait_result(r: Client, request_id: str, timeout_s: float) -> OnlineResult | None:
+    """Block until the worker reports on ``request_id``; None after ``timeout_s`` seconds."""
+    reply = r.blpop([result_key(request_id)], timeout=max(timeout_s, 0.01))
+    if reply is None:
+        return None
+    return OnlineResult.from_json(reply[1])
+
+
+def create_job(
+    r: Client,
+    job_id: str,
+    items: Sequence[JobItem],
+    *,
+    options: ExtractOptions | None = None,
+    namespace: str = "",
+    shard_size: int = 256,
+    ttl_s: int = 7 * 24 * 3600,
+) -> JobStatus:
+    """Create a batch job and queue its shards; a job id that exists is returned unchanged.
+
+    Args:
+        job_id: caller-chosen id (an idempotency key: resubmitting creates nothing).
+        items: the images; ``image_id`` must be unique within the job.
+        options: extraction overrides for every item.
+        namespace: id space of the job's image ids.
+        shard_size: items per stream entry (one sealed store shard per entry).
+        ttl_s: seconds the job's keys live after it finishes.
+    """
+    options = options or ExtractOptions()
+    ids = [i.image_id for i in items]
+    if len(set(ids)) != len(ids):
+        raise ProtocolError(
+            f"image ids must be unique within a job; {len(ids) - len(set(ids))} repeat"
+        )
+    key = job_key(job_id)
+    if not r.hsetnx(key, "job_id", job_id):
+        status = job_status(r, job_id)
+        if status is not None:
+            return status
+    pipe = r.pipeline(transaction=True)
+    pipe.hset(key, mapping=_job_fields(job_id, len(items), options, namespace, ttl_s))
+    for no, chunk in enumerate(shard_items(items, shard_size)):
+        shard = JobShard(job_id, no, chunk, options, namespace)
+        pipe.xadd(JOBS_STREAM, shard.to_fields())
+    pipe.execute()
+    if not items:
+        record_items(r, job_id, [], {})
+    status = job_status(r, job_id)
+    assert status is not None
+    return status
+
+
+def _job_fields(
+    job_id: str, total: int, options: ExtractOptions, namespace: str, ttl_s: int
+) -> dict[str | bytes, bytes | float | int | str]:
+    return {
+        "job_id": job_id,
+        "state": "queued",
+        "total": total,
+        "done": 0,
+        "failed": 0,
+        "created_at": time.time(),
+        "started_at": 0,
+        "finished_at": 0,
+        "options": options.to_json(),
+        "namespace": namespace,
+        "ttl_s": ttl_s,
+    }
+
+
+def job_status(
+    r: Client, job_id: str, *, max_errors: int = 100, now: float | None = None
+) -> JobStatus | None:
+    """The job's state, counters, rate (images/s), ETA and first ``max_errors`` errors."""
+    f = decode_fields(r.hgetall(job_key(job_id)))
+    if "state" not in f:
+        return None
+    errors: dict[str, str] = {}
+    for k, v in r.hscan_iter(job_errors_key(job_id), count=max(max_errors, 10)):
+        if len(errors) >= max_errors:
+            break
+        errors[text(k)] = text(v)
+    total, done, failed = int(f["total"]), int(f.get("done", 0)), int(f.get("failed", 0))
+    started, finished = float(f.get("started_at", 0)), float(f.get("finished_at", 0))
+    end = finished or (time.time() if now is None else now)
+    rate = (done + failed) / (end - started) if started and end > started else 0.0
+    left = total - done - failed
+    eta = left / rate if rate > 0 and not finished else (0.0 if finished else None)
+    return JobStatus(
+        job_id=job_id,
+        state=job_state(f["state"]),
+        total=total,
+        done=done,
+        failed=failed,
+        created_at=float(f.get("created_at", 0)),
+        started_at=started,
+        finished_at=finished,
+        images_per_s=rate,
+        eta_s=eta,
+        errors=dict(sorted(errors.items())),
+        namespace=f.get("namespace", ""),
+        options=ExtractOptions.from_json(f.get("options") or None),
+    )
+
+
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state == 'queued' or state == 'running' then
+  redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s') or '0')
+  if ttl and ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+  return 'cancelled'
+end
+return state
+"""
+
+
+def cancel_job(r: Client, job_id: str) -> JobState | None:
+    """Cancel a queued or running job; workers ack and skip its remaining shards.
+
+    Returns:
+        The job's state afterwards ("cancelled", or the terminal state it already had), or None
+        when there is no such job.
+    """
+    state = _untyped(r).eval(_CANCEL, 1, job_key(job_id), str(time.time()))
+    return None if state is None else job_state(state)
+
+
+def queue_depth(r: Client) -> dict[str, int]:
+    """Entries not yet delivered to any worker, per stream (the group's lag)."""
+    depth: dict[str, int] = {}
+    for stream in STREAMS:
+        depth[stream] = _lag(r, stream)
+    return depth
+
+
+def _lag(r: Client, stream: str) -> int:
+    try:
+        groups = _untyped(r).xinfo_groups(stream)
+    except redis.ResponseError:  # no such stream yet
+        return 0
+    for g in groups:
+        if text(g["name"]) == GROUP:
+            lag = g.get("lag")
+            return int(lag) if lag is not None else int(r.xlen(stream))
+    return int(r.xlen(stream))
+
+
+def pending_count(r: Client) -> dict[str, int]:
+    """Entries delivered but not yet acknowledged, per stream."""
+    counts: dict[str, int] = {}
+    for stream in STREAMS:
+        try:
+            counts[stream] = int(_untyped(r).xpending(stream, GROUP)["pending"])
+        except redis.ResponseError:
+            counts[stream] = 0
+    return counts
+
+
+def dlq_length(r: Client) -> int:
+    """Number of dead letters."""
+    return int(r.xlen(DLQ_STREAM))
+
+
+def live_workers(r: Client) -> list[Heartbeat]:
+    """Heartbeats of the workers whose heartbeat key has not expired, by worker id."""
+    keys = sorted(r.scan_iter(match=WORKER_KEY_PATTERN, count=100))
+    if not keys:
+        return []
+    beats = [Heartbeat.from_json(v) for v in r.mget(keys) if v is not None]
+    return sorted(beats, key=lambda b: b.worker_id)
+
+
+# --- worker side --------------------------------------------------------------------------
+
+
+def read_entries(
+    r: Client,
+    streams: Sequence[str],
+    consumer: str,
+    *,
+    count: int,
+    block_ms: int | None = None,
+    pending: bool = False,
+) -> list[Entry]:
+    """XREADGROUP up to ``count`` entries per stream.
+
+    Args:
+        pending: read this consumer's own pending entries (id 0) instead of new ones (``>``).
+        block_ms: wait up to this long for new entries; None = return at once.
+    """
+    start = "0" if pending else ">"
+    reply = r.xreadgroup(
+        GROUP, consumer, dict.fromkeys(streams, start), count=count, block=block_ms
+    )
+    out: list[Entry] = []
+    for stream, entries in reply or []:
+        for entry_id, fields in entries:
+            out.append(
+                Entry(
+                    text(stream), text(entry_id), None if fields is None else decode_fields(fields)
+                )
+            )
+    return out
+
+
+def ack(r: Client, stream: str, entry_ids: Iterable[str]) -> int:
+    """XACK; returns how many were pending."""
+    ids = list(entry_ids)
+    return int(_untyped(r).xack(stream, GROUP, *ids)) if ids else 0
+
+
+def post_result(r: Client, result: OnlineResult, *, ttl_s: int = 600) -> None:
+    """Report on an online request: LPUSH the JSON result, EXPIRE the list."""
+    key = result_key(result.request_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.lpush(key, result.to_json())
+    pipe.expire(key, ttl_s)
+    pipe.execute()
+
+
+_START = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return false end
+if state == 'queued' then
+  redis.call('HSET', KEYS[1], 'state', 'running', 'started_at', ARGV[1])
+  state = 'running'
+end
+return state
+"""
+
+
+def mark_job_started(r: Client, job_id: str) -> JobState | None:
+    """Move a queued job to running (first shard taken); returns its state, None if unknown."""
+    state = _untyped(r).eval(_START, 1, job_key(job_id), str(time.time()))
+    return None if state is None else job_state(state)
+
+
+_RECORD = """
+local job, seen, errs = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', job) == 0 then return false end
+local nd = tonumber(ARGV[2])
+local new_done, new_failed = 0, 0
+for i = 3, 2 + nd do
+  if redis.call('SADD', seen, ARGV[i]) == 1 then new_done = new_done + 1 end
+end
+for i = 3 + nd, #ARGV, 2 do
+  if redis.call('SADD', seen, ARGV[i]) == 1 then
+    new_failed = new_failed + 1
+    redis.call('HSET', errs, ARGV[i], ARGV[i + 1])
+  end
+end
+local done = redis.call('HINCRBY', job, 'done', new_done)
+local failed = redis.call('HINCRBY', job, 'failed', new_failed)
+local total = tonumber(redis.call('HGET', job, 'total'))
+local state = redis.call('HGET', job, 'state')
+if done + failed >= total and (state == 'queued' or state == 'running') then
+  if done == 0 and total > 0 then state = 'failed' else state = 'done' end
+  redis.call('HSET', job, 'state', state, 'finished_at', ARGV[1])
+  local ttl = tonumber(redis.call('HGET', job, 'ttl_s') or '0')
+  if ttl and ttl > 0 then
+    for _, k in ipairs(KEYS) do redis.call('EXPIRE', k, ttl) end
+  end
+end
+return {new_done, new_failed, state}
+"""
+
+
+def record_items(
+    r: Client, job_id: str, done_ids: Sequence[str], failed: Mapping[str, str]
+) -> tuple[int, int, JobState] | None:
+    """Count finished items of a job, each image id once however often it is reported.
+
+    Args:
+        done_ids: image ids stored (or found already stored).
+        failed: image id -> reason of the items that failed.
+
+    Returns:
+        (newly counted done, newly counted failed, job state afterwards); None if no such job.
+    """
+    args: list[str] = [str(time.time()), str(len(done_ids)), *done_ids]
+    for image_id, reason in failed.items():
+        args += [image_id, reason]
+    keys = (job_key(job_id), job_seen_key(job_id), job_errors_key(job_id))
+    reply = _untyped(r).eval(_RECORD, 3, *keys, *args)
+    if reply is None:
+        return None
+    return int(reply[0]), int(reply[1]), job_state(reply[2])
+
+
+def dead_letter(r: Client, entry: Entry, deliveries: int, reason: str) -> None:
+    """Copy an entry to the DLQ with why, and ack it, in one MULTI (never lost, never twice)."""
+    fields = dict(entry.fields or {})
+    fields.update(
+        stream=entry.stream, entry_id=entry.entry_id, deliveries=str(deliveries), reason=reason
+    )
+    pipe = r.pipeline(transaction=True)
+    pipe.xadd(DLQ_STREAM, fields)
+    _untyped(pipe).xack(entry.stream, GROUP, entry.entry_id)
+    pipe.execute()
+
+
+def write_heartbeat(r: Client, beat: Heartbeat, *, ttl_s: int) -> None:
+    """SET the worker's heartbeat key with a TTL."""
+    r.set(worker_key(beat.worker_id), beat.to_json(), ex=ttl_s)
+
+
+def trim_acked(r: Client, stream: str, *, keep_ms: int = 0) -> int:
+    """Delete entries every consumer has acknowledged (and older than ``keep_ms``).
+
+    The threshold is the lowest of: the oldest pending id, the first id the group has not yet
+    delivered, and now - ``keep_ms``. XTRIM MINID removes only ids below it.
+
+    Returns:
+        The number of entries deleted.
+    """
+    try:
+        info = _untyped(r).xinfo_groups(stream)
+    except redis.ResponseError:
+        return 0
+    group = next((g for g in info if text(g["name"]) == GROUP), None)
+    if group is None:
+        return 0
+    ms, seq = (int(x) for x in text(group["last-delivered-id"]).split("-"))
+    bounds = [(ms, seq + 1)]
+    pend = _untyped(r).xpending(stream, GROUP)
+    if int(pend["pending"]) > 0:
+        pms, pseq = (int(x) for x in text(pend["min"]).split("-"))
+        bounds.append((pms, pseq))
+    if keep_ms > 0:
+        bounds.append((int(time.time() * 1000) - keep_ms, 0))
+    low_ms, low_seq = min(bounds)
+    return int(r.xtrim(stream, minid=f"{low_ms}-{low_seq}", approximate=False))
