@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Command-group modules, in the order ``butd --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("extract",)
 
 
 def build_parser() -> argparse.ArgumentParser:

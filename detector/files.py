@@ -1,0 +1,159 @@
+"""Extract image files into a feature file: discovery, resumption, per-image failures.
+
+Used by ``butd extract``. An image that cannot be read or decoded is reported with its reason
+and skipped; the others complete. Images already in the output file are skipped, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from detector.extractor import Extractor
+from store.images import ImageError, decode_image
+from store.records import FeatureRecord
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to extract: where it is and the id it is stored under."""
+
+    path: Path
+    image_id: str
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction run did."""
+
+    extracted: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def find_images(paths: Iterable[str | Path]) -> list[ImageItem]:
+    """Image files under ``paths``.
+
+    A directory contributes every image below it, with ids relative to that directory (POSIX
+    separators); a file contributes itself with its bare file name as id. Order is sorted within
+    each argument, so runs are reproducible.
+    """
+    items: list[ImageItem] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            items += [ImageItem(p, p.relative_to(path).as_posix()) for p in found]
+        elif path.is_file():
+            items.append(ImageItem(path, path.name))
+        else:
+            raise FileNotFoundError(f"no such file or directory: {path}")
+    ids = [item.image_id for item in items]
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"several images share an id: {dupes[:5]}")
+    return items
+
+
+def load_boxes_file(path: str | Path) -> dict[str, np.ndarray]:
+    """``{"a.jpg": [[x1, y1, x2, y2], ...]}`` -> {name: (N, 4) float32}, checked."""
+    raw = json.loads(Path(path).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected an object mapping file names to box lists")
+    boxes: dict[str, np.ndarray] = {}
+    for name, value in raw.items():
+        array = np.asarray(value, dtype=np.float32)
+        if array.ndim != 2 or array.shape[1] != 4 or len(array) == 0:
+            raise ValueError(f"{path}: boxes of {name!r} must be a non-empty N x 4 list")
+        if np.any(array[:, 2] < array[:, 0]) or np.any(array[:, 3] < array[:, 1]):
+            raise ValueError(f"{path}: boxes of {name!r} need x2 >= x1 and y2 >= y1")
+        boxes[name] = array
+    return boxes
+
+
+def extract_files(
+    extractor: Extractor,
+    items: Sequence[ImageItem],
+    write: Callable[[list[FeatureRecord]], None],
+    *,
+    done: set[str] | frozenset[str] = frozenset(),
+    boxes: dict[str, np.ndarray] | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> ExtractSummary:
+    """Extract ``items`` not in ``done``; ``write`` receives each batch's records."""
+    summary = ExtractSummary(skipped=sum(1 for it in items if it.image_id in done))
+    todo = [it for it in items if it.image_id not in done]
+    start = time.perf_counter()
+    for chunk in _chunks(todo, batch_size):
+        decoded = _decode_all(chunk, summary.failed)
+        records = _extract_chunk(extractor, decoded, boxes or {})
+        write(records)
+        summary.extracted += len(records)
+        if progress is not None:
+            progress(len(chunk))
+    summary.seconds = time.perf_counter() - start
+    log.info(
+        "extracted %d images (%d skipped, %d failed) in %.1fs",
+        summary.extracted,
+        summary.skipped,
+        len(summary.failed),
+        summary.seconds,
+    )
+    return summary
+
+
+def _chunks(items: Sequence[ImageItem], size: int) -> Iterator[Sequence[ImageItem]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _decode_all(
+    chunk: Sequence[ImageItem], failed: dict[str, str]
+) -> list[tuple[ImageItem, np.ndarray]]:
+    """Decode each image on its own; a failure is recorded with its reason and skipped."""
+    decoded = []
+    for item in chunk:
+        try:
+            decoded.append((item, decode_image(item.path.read_bytes())))
+        except (ImageError, OSError) as exc:
+            failed[item.image_id] = f"{type(exc).__name__}: {exc}"
+            log.warning("skipping %s: %s", item.path, exc)
+    return decoded
+
+
+def _extract_chunk(
+    extractor: Extractor,
+    decoded: list[tuple[ImageItem, np.ndarray]],
+    boxes: dict[str, np.ndarray],
+) -> list[FeatureRecord]:
+    """Detected regions, or the caller's boxes for images named in the boxes file."""
+    given = [(it, im) for it, im in decoded if _boxes_for(it, boxes) is not None]
+    free = [(it, im) for it, im in decoded if _boxes_for(it, boxes) is None]
+    records = extractor.extract([im for _, im in free], [it.image_id for it, _ in free])
+    for item, image in given:
+        item_boxes = _boxes_for(item, boxes)
+        assert item_boxes is not None
+        records.append(extractor.extract_with_boxes(image, item_boxes, item.image_id))
+    return records
+
+
+def _boxes_for(item: ImageItem, boxes: dict[str, np.ndarray]) -> np.ndarray | None:
+    """Boxes named by the image's id, or failing that by its bare file name."""
+    return boxes.get(item.image_id, boxes.get(item.path.name))
