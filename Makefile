@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -c constraints.txt -e ".[test]"
 
 setup: $(PY)
 
