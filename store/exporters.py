@@ -1,0 +1,303 @@
+"""Export a ragged feature file to the formats existing caption / VQA code reads.
+
+Shape glossary:
+    N   images;  R   regions summed over images;  K   fixed boxes per image (dense);
+    D   feature size
+
+Formats (reference heads §1, butd §1.7, §3.2):
+
+* ``h5-dense`` (hengyuan-hu ``train36.hdf5``): ``image_features (N,K,D)``, ``image_bb (N,K,4)``,
+  ``spatial_features (N,K,6)`` = x1/W, y1/H, x2/W, y2/H, w/W, h/H, all float32, plus
+  ``num_boxes (N,)`` int32 (real boxes; rows past it are zero padding; ``objects_id`` /
+  ``attrs_id`` padding is -1), ``image_ids (N,)``, ``image_w``/``image_h``, the labels
+  ``(N,K)`` and ``<stem>_imgid2idx.pkl``. An image with more than K boxes keeps its K most
+  confident (``objects_conf``, ties to the lower index), in their original order; the count of
+  truncated images is logged and stored as the root attribute ``truncated_images``.
+* ``h5-ragged`` (BAN): ``image_features (R,D)``, ``image_bb (R,4)``, ``spatial_features (R,6)``,
+  ``pos_boxes (N,2)`` (start, end) int32 (int64 past 2**31 rows), labels (R,), per-image
+  datasets as above, and ``<stem>_imgid2idx.pkl``.
+* ``tsv`` (generate_tsv.py): tab-separated, no header, ``image_id, image_w, image_h,
+  num_boxes, boxes, features`` (base64 float32; w before h). No labels.
+* ``lxmert-tsv``: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
+  num_boxes, boxes, features`` (base64; ids int64, the rest float32; h before w).
+* ``npz`` (MILVLG): one ``np.savez_compressed`` file per image, named
+  ``quote(image_id, safe="") + ".npz"`` (percent-encoding: "/" -> "%2F", reversible with
+  ``urllib.parse.unquote``), fields ``x (N,D) f32``, ``bbox (N,4)``, ``num_bbox``, ``image_h``,
+  ``image_w``, ``info`` (a pickled dict: ``np.load(..., allow_pickle=True)``).
+
+``imgid2idx`` keys are ints when every id is a decimal integer (COCO ids, as the original
+converters wrote them), strings otherwise. Features leave as float32 (fp16 widens exactly).
+Every exporter streams one image at a time from a ``FeatureFile`` and writes under a temp name
+that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import csv
+import json
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import h5py
+import numpy as np
+
+from store.h5 import FeatureFile
+from store.records import FeatureRecord
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int], None]
+TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
+LXMERT_FIELDS = (
+    "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
+    "num_boxes", "boxes", "features",
+)  # fmt: skip
+_STR = h5py.string_dtype("utf-8")
+_LABELS = {"objects_id": np.int64, "objects_conf": np.float32, "attrs_id": np.int64,
+           "attrs_conf": np.float32}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _atomic(out: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``out``; rename it to ``out`` on success, delete it on error."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def imgid2idx_path(out: str | os.PathLike[str]) -> Path:
+    """``data/train36.hdf5`` -> ``data/train36_imgid2idx.pkl`` (the original side file)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_imgid2idx.pkl")
+
+
+def imgid2idx(ids: list[str]) -> dict[Any, int]:
+    """image id -> row; int keys when every id is a decimal integer, else str keys."""
+    if ids and all(i.isdigit() and i.isascii() for i in ids):
+        return {int(i): row for row, i in enumerate(ids)}
+    return {i: row for row, i in enumerate(ids)}
+
+
+def _write_imgid2idx(out: Path, ids: list[str]) -> None:
+    with _atomic(imgid2idx_path(out)) as tmp, tmp.open("wb") as fh:
+        pickle.dump(imgid2idx(ids), fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def select_top_k(rec: FeatureRecord, k: int) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Indices of the ``k`` most confident regions (``objects_conf``), in original order.
+
+    Ties go to the lower index (stable sort). Returns all indices when ``N <= k``.
+    """
+    n = rec.num_boxes
+    if n <= k:
+        return np.arange(n, dtype=np.int64)
+    order = np.argsort(-rec.objects_conf, kind="stable")[:k]
+    return np.sort(order).astype(np.int64)
+
+
+def _per_image_sets(h5: h5py.File, ff: FeatureFile) -> None:
+    ids = ff.ids()
+    h5.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=_STR)
+    h5.attrs["model_version"] = ff.model_version
+    for key in ("objects_vocab", "attributes_vocab"):
+        h5.attrs[key] = json.dumps(getattr(ff, key))
+
+
+def export_h5_dense(
+    ff: FeatureFile, out: str | os.PathLike[str], *, k: int = 36, progress: Progress | None = None
+) -> int:
+    """Write the hengyuan-hu fixed-K HDF5 file and its ``_imgid2idx.pkl``; returns N."""
+    out, n, d = Path(out), len(ff), ff.feature_dim
+    truncated = 0
+    with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
+        _per_image_sets(h5, ff)
+        feats = h5.create_dataset("image_features", (n, k, d), dtype=np.float32)
+        bb = h5.create_dataset("image_bb", (n, k, 4), dtype=np.float32)
+        spatial = h5.create_dataset("spatial_features", (n, k, 6), dtype=np.float32)
+        labels = {
+            name: h5.create_dataset(name, (n, k), dtype=dt, fillvalue=-1 if dt == np.int64 else 0)
+            for name, dt in _LABELS.items()
+        }
+        sizes = np.zeros((n, 3), dtype=np.int32)  # num_boxes, image_w, image_h
+        for i, rec in enumerate(ff):
+            keep = select_top_k(rec, k)
+            truncated += int(len(keep) < rec.num_boxes)
+            m = len(keep)
+            feats[i, :m] = rec.features[keep].astype(np.float32)
+            bb[i, :m] = rec.boxes[keep]
+            spatial[i, :m] = rec.spatial_features()[keep]
+            for name, dset in labels.items():
+                dset[i, :m] = getattr(rec, name)[keep]
+            sizes[i] = (m, rec.image_w, rec.image_h)
+            if progress is not None:
+                progress(1)
+        for col, name in enumerate(("num_boxes", "image_w", "image_h")):
+            h5.create_dataset(name, data=sizes[:, col])
+        h5.attrs["k"] = k
+        h5.attrs["truncated_images"] = truncated
+    if truncated:
+        logger.warning("%s: %d of %d images had more than K=%d boxes; kept the top %d by "
+                       "objects_conf", out, truncated, n, k, k)  # fmt: skip
+    _write_imgid2idx(out, ff.ids())
+    return n
+
+
+def export_h5_ragged(
+    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
+) -> int:
+    """Write the BAN ragged HDF5 file (``pos_boxes``) and its ``_imgid2idx.pkl``; returns N."""
+    out, n, d = Path(out), len(ff), ff.feature_dim
+    counts = ff.num_boxes()
+    ends = np.cumsum(counts)
+    r = int(ends[-1]) if n else 0
+    pos_dtype = np.int32 if r < 2**31 else np.int64
+    with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
+        _per_image_sets(h5, ff)
+        h5.create_dataset(
+            "pos_boxes", data=np.stack([ends - counts, ends], axis=1).astype(pos_dtype)
+        )
+        rows = {
+            "image_features": h5.create_dataset("image_features", (r, d), dtype=np.float32),
+            "image_bb": h5.create_dataset("image_bb", (r, 4), dtype=np.float32),
+            "spatial_features": h5.create_dataset("spatial_features", (r, 6), dtype=np.float32),
+            **{name: h5.create_dataset(name, (r,), dtype=dt) for name, dt in _LABELS.items()},
+        }
+        sizes = np.zeros((n, 2), dtype=np.int32)
+        for i, rec in enumerate(ff):
+            r0, r1 = int(ends[i] - counts[i]), int(ends[i])
+            rows["image_features"][r0:r1] = rec.features.astype(np.float32)
+            rows["image_bb"][r0:r1] = rec.boxes
+            rows["spatial_features"][r0:r1] = rec.spatial_features()
+            for name in _LABELS:
+                rows[name][r0:r1] = getattr(rec, name)
+            sizes[i] = (rec.image_w, rec.image_h)
+            if progress is not None:
+                progress(1)
+        h5.create_dataset("image_w", data=sizes[:, 0])
+        h5.create_dataset("image_h", data=sizes[:, 1])
+    _write_imgid2idx(out, ff.ids())
+    return n
+
+
+def b64(array: np.ndarray[Any, Any], dtype: Any) -> str:
+    """Base64 text of ``array`` as contiguous ``dtype`` bytes (the TSV encoding)."""
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
+
+
+def tsv_row(rec: FeatureRecord) -> list[str]:
+    """One generate_tsv.py row: image_id, image_w, image_h, num_boxes, boxes, features."""
+    return [rec.image_id, str(rec.image_w), str(rec.image_h), str(rec.num_boxes),
+            b64(rec.boxes, np.float32), b64(rec.features, np.float32)]  # fmt: skip
+
+
+def lxmert_row(rec: FeatureRecord) -> list[str]:
+    """One LXMERT obj36 row (h before w)."""
+    return [
+        rec.image_id, str(rec.image_h), str(rec.image_w),
+        b64(rec.objects_id, np.int64), b64(rec.objects_conf, np.float32),
+        b64(rec.attrs_id, np.int64), b64(rec.attrs_conf, np.float32),
+        str(rec.num_boxes), b64(rec.boxes, np.float32), b64(rec.features, np.float32),
+    ]  # fmt: skip
+
+
+def _export_tsv_rows(
+    ff: FeatureFile, out: Path, row: Callable[[FeatureRecord], list[str]], progress: Progress | None
+) -> int:
+    n = 0
+    with _atomic(out) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t")
+        for rec in ff:
+            writer.writerow(row(rec))
+            n += 1
+            if progress is not None:
+                progress(1)
+    return n
+
+
+def export_tsv(
+    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
+) -> int:
+    """Write the generate_tsv.py TSV (no labels); returns N."""
+    return _export_tsv_rows(ff, Path(out), tsv_row, progress)
+
+
+def export_lxmert_tsv(
+    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
+) -> int:
+    """Write the LXMERT obj36-style TSV with labels; returns N."""
+    return _export_tsv_rows(ff, Path(out), lxmert_row, progress)
+
+
+def npz_name(image_id: str) -> str:
+    """File name of an image's npz: percent-encoded id (no path separators) + ".npz"."""
+    if not image_id:
+        raise ValueError("an empty image id has no npz file name")
+    return quote(image_id, safe="") + ".npz"
+
+
+def npz_fields(rec: FeatureRecord) -> dict[str, Any]:
+    """The MILVLG ``save_roi_features`` fields of one record."""
+    info = {
+        "image_id": rec.image_id,
+        "image_h": rec.image_h,
+        "image_w": rec.image_w,
+        "num_boxes": rec.num_boxes,
+        "objects_id": rec.objects_id,
+        "objects_conf": rec.objects_conf,
+        "attrs_id": rec.attrs_id,
+        "attrs_conf": rec.attrs_conf,
+    }
+    return {
+        "x": rec.features.astype(np.float32),
+        "bbox": rec.boxes,
+        "num_bbox": rec.num_boxes,
+        "image_h": rec.image_h,
+        "image_w": rec.image_w,
+        "info": info,
+    }
+
+
+def export_npz(
+    ff: FeatureFile,
+    out_dir: str | os.PathLike[str],
+    *,
+    compress: bool = True,
+    progress: Progress | None = None,
+) -> int:
+    """Write one MILVLG npz per image into ``out_dir``; returns N.
+
+    Args:
+        compress: ``np.savez_compressed`` as MILVLG does (True) or plain ``np.savez``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save = np.savez_compressed if compress else np.savez
+    n = 0
+    for rec in ff:
+        with _atomic(out_dir / npz_name(rec.image_id)) as tmp, tmp.open("wb") as fh:
+            save(fh, **npz_fields(rec))
+        n += 1
+        if progress is not None:
+            progress(1)
+    return n
+
+
+EXPORTERS: dict[str, Callable[..., int]] = {
+    "h5-dense": export_h5_dense,
+    "h5-ragged": export_h5_ragged,
+    "tsv": export_tsv,
+    "lxmert-tsv": export_lxmert_tsv,
+    "npz": export_npz,
+}

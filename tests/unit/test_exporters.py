@@ -1,0 +1,198 @@
+"""Exporters and readers: every format round-trips every field it holds."""
+
+from __future__ import annotations
+
+import base64
+import pickle
+from pathlib import Path
+from urllib.parse import unquote
+
+import h5py
+import numpy as np
+import pytest
+
+from store.exporters import (
+    EXPORTERS,
+    export_h5_dense,
+    export_h5_ragged,
+    export_lxmert_tsv,
+    export_npz,
+    export_tsv,
+    imgid2idx_path,
+    npz_name,
+)
+from store.h5 import FeatureFile, write_feature_file
+from store.readers import (
+    read_h5_dense,
+    read_h5_ragged,
+    read_imgid2idx,
+    read_lxmert_tsv,
+    read_npz_dir,
+    read_tsv,
+)
+from store.records import FeatureRecord
+from tests.unit.test_h5 import MV, make_records, meta
+
+LABELS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, list[FeatureRecord]]:
+    recs = make_records(9, min_boxes=2, max_boxes=10, seed=5)
+    path = tmp_path / "src.h5"
+    write_feature_file(path, recs, **meta())
+    return path, recs
+
+
+def fp16(rec: FeatureRecord) -> np.ndarray:
+    """What the store holds: fp16, widened exactly to fp32 by the exporters."""
+    return rec.features.astype(np.float16).astype(np.float32)
+
+
+def assert_record(got: FeatureRecord, want: FeatureRecord, keep: np.ndarray | None = None) -> None:
+    sel = np.arange(want.num_boxes) if keep is None else keep
+    assert got.image_id == want.image_id
+    assert (got.image_w, got.image_h) == (want.image_w, want.image_h)
+    assert got.features.dtype == np.float32
+    np.testing.assert_array_equal(got.features, fp16(want)[sel])
+    np.testing.assert_array_equal(got.boxes, want.boxes[sel])
+    for name in LABELS:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name)[sel])
+
+
+def spatial_reference(rec: FeatureRecord) -> np.ndarray:
+    """hengyuan-hu detection_features_converter.py, written out independently."""
+    w, h = rec.image_w, rec.image_h
+    x1, y1, x2, y2 = (rec.boxes[:, j].astype(np.float64) for j in range(4))
+    bw, bh = x2 - x1, y2 - y1
+    return np.stack([x1 / w, y1 / h, x1 / w + bw / w, y1 / h + bh / h, bw / w, bh / h], axis=1)
+
+
+def test_h5_dense_pads_and_round_trips(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "train36.hdf5"
+    with FeatureFile(path) as ff:
+        assert export_h5_dense(ff, out, k=10) == len(recs)
+    got = list(read_h5_dense(out))
+    assert len(got) == len(recs)
+    for g, want in zip(got, recs, strict=True):
+        assert_record(g, want)
+    with h5py.File(out, "r") as h5:
+        assert h5["image_features"].shape == (9, 10, 32)
+        assert h5["image_features"].dtype == np.float32
+        for i, want in enumerate(recs):
+            n = want.num_boxes
+            assert h5["num_boxes"][i] == n
+            assert not h5["image_features"][i, n:].any() and not h5["image_bb"][i, n:].any()
+            assert (h5["objects_id"][i, n:] == -1).all()
+            np.testing.assert_allclose(
+                h5["spatial_features"][i, :n], spatial_reference(want), rtol=1e-6, atol=1e-6
+            )
+        assert h5.attrs["truncated_images"] == 0
+    mapping = read_imgid2idx(imgid2idx_path(out))
+    assert mapping == {r.image_id: i for i, r in enumerate(recs)}
+    assert imgid2idx_path(out).name == "train36_imgid2idx.pkl"
+
+
+def test_h5_dense_truncates_to_top_k_by_confidence(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "d.h5"
+    k = 4
+    with FeatureFile(path) as ff:
+        export_h5_dense(ff, out, k=k)
+    for g, want in zip(read_h5_dense(out), recs, strict=True):
+        conf = want.objects_conf.tolist()
+        chosen: list[int] = []
+        for _ in range(min(k, len(conf))):  # greedy max, lower index on ties
+            best = max((c, -j) for j, c in enumerate(conf) if j not in chosen)
+            chosen.append(-best[1])
+        assert_record(g, want, np.array(sorted(chosen), dtype=np.int64))
+    with h5py.File(out, "r") as h5:
+        assert h5.attrs["truncated_images"] == sum(r.num_boxes > k for r in recs)
+
+
+def test_h5_ragged_pos_boxes(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "val.hdf5"
+    with FeatureFile(path) as ff:
+        export_h5_ragged(ff, out)
+    for g, want in zip(read_h5_ragged(out), recs, strict=True):
+        assert_record(g, want)
+    with h5py.File(out, "r") as h5:
+        ends = np.cumsum([r.num_boxes for r in recs])
+        np.testing.assert_array_equal(h5["pos_boxes"][:, 1], ends)
+        np.testing.assert_array_equal(h5["pos_boxes"][1:, 0], ends[:-1])
+        assert h5["pos_boxes"].dtype == np.int32
+        spatial = np.concatenate([spatial_reference(r) for r in recs])
+        np.testing.assert_allclose(h5["spatial_features"][:], spatial, rtol=1e-6, atol=1e-6)
+    assert read_imgid2idx(imgid2idx_path(out))[recs[3].image_id] == 3
+
+
+def test_tsv_generate_tsv_fields(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "x.tsv"
+    with FeatureFile(path) as ff:
+        export_tsv(ff, out)
+    lines = out.read_text().splitlines()
+    assert len(lines) == len(recs)
+    first = lines[0].split("\t")  # independent decode of one raw line
+    assert first[:4] == [recs[0].image_id, str(recs[0].image_w), str(recs[0].image_h),
+                         str(recs[0].num_boxes)]  # fmt: skip
+    raw = np.frombuffer(base64.b64decode(first[5]), dtype=np.float32)
+    np.testing.assert_array_equal(raw.reshape(recs[0].num_boxes, -1), fp16(recs[0]))
+    for row, want in zip(read_tsv(out), recs, strict=True):
+        assert set(row) == {"image_id", "image_w", "image_h", "num_boxes", "boxes", "features"}
+        assert (row["image_id"], row["image_w"], row["image_h"]) == (
+            want.image_id, want.image_w, want.image_h)  # fmt: skip
+        np.testing.assert_array_equal(row["boxes"], want.boxes)
+        np.testing.assert_array_equal(row["features"], fp16(want))
+
+
+def test_lxmert_tsv_h_before_w(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "obj36.tsv"
+    with FeatureFile(path) as ff:
+        export_lxmert_tsv(ff, out)
+    first = out.read_text().splitlines()[0].split("\t")
+    assert first[1:3] == [str(recs[0].image_h), str(recs[0].image_w)]
+    ids = np.frombuffer(base64.b64decode(first[3]), dtype=np.int64)
+    np.testing.assert_array_equal(ids, recs[0].objects_id)
+    for g, want in zip(read_lxmert_tsv(out, model_version=MV), recs, strict=True):
+        assert_record(g, want)
+
+
+def test_npz_per_image_and_name_sanitising(tmp_path: Path, source) -> None:
+    path, recs = source
+    out = tmp_path / "npz"
+    with FeatureFile(path) as ff:
+        assert export_npz(ff, out) == len(recs)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(npz_name(r.image_id) for r in recs)
+    assert all("%2F" in n for n in names)  # every id here has a "/"
+    assert {unquote(n[:-4]) for n in names} == {r.image_id for r in recs}
+    by_id = {r.image_id: r for r in recs}
+    for g in read_npz_dir(out):
+        assert_record(g, by_id[g.image_id])
+    with np.load(out / npz_name(recs[0].image_id), allow_pickle=True) as data:
+        assert int(data["num_bbox"]) == recs[0].num_boxes
+        info = data["info"].item()
+        assert info["num_boxes"] == recs[0].num_boxes and info["image_h"] == recs[0].image_h
+
+
+def test_integer_ids_give_int_keys(tmp_path: Path) -> None:
+    recs = [
+        FeatureRecord(**{**r.__dict__, "image_id": str(1000 + i)})
+        for i, r in enumerate(make_records(3))
+    ]
+    path = tmp_path / "s.h5"
+    write_feature_file(path, recs, **meta())
+    with FeatureFile(path) as ff:
+        export_h5_ragged(ff, tmp_path / "r.h5")
+    with imgid2idx_path(tmp_path / "r.h5").open("rb") as fh:
+        assert pickle.load(fh) == {1000: 0, 1001: 1, 1002: 2}
+
+
+def test_registry_names() -> None:
+    assert set(EXPORTERS) == {"h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"}
+    with pytest.raises(ValueError):
+        npz_name("")
