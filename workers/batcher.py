@@ -1,0 +1,362 @@
+"""Forming GPU batches from queue entries, and loading each image on its own (torch-free).
+
+* ``fill_batch`` tops up a first read of online entries until ``max_items`` or ``max_wait_ms``
+  after the first arrived, whichever comes first (the two knobs every model server has).
+* ``Task`` is one image to process, from an online entry or one item of a job shard;
+  ``tasks_from_online`` / ``tasks_from_shard`` build them.
+* ``load_task`` reads, hashes and decodes one image; any failure becomes that task's reason,
+  never an exception that would fail the batch it shares (STYLE.md §12).
+* ``group_by_options`` splits a batch by per-request extraction overrides (one
+  ``ExtractionConfig`` per model call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from detector.config import ExtractionConfig
+from store.images import ImageError, decode_image
+from store.records import FeatureRecord
+from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
+from workers.queue import Entry
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_SEPARATOR = "::"
+
+BGRImage = npt.NDArray[np.uint8]
+ReadFn = Callable[[int, int], list[Entry]]
+FetchFn = Callable[[str], bytes | None]
+
+
+def fill_batch(
+    first: Sequence[Entry],
+    read: ReadFn,
+    *,
+    max_items: int,
+    max_wait_ms: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Entry]:
+    """Top up ``first`` with more reads until ``max_items`` or ``max_wait_ms`` has passed.
+
+    Args:
+        first: entries already read (the batch's first arrivals); the wait starts now.
+        read: ``read(count, block_ms)`` returns up to ``count`` new entries, waiting at most
+            ``block_ms`` (>= 1) for the first of them.
+        max_items: batch size cap (images).
+        max_wait_ms: latency cap, milliseconds after the first arrival.
+
+    Returns:
+        ``first`` followed by whatever arrived in time, at most ``max_items`` entries.
+    """
+    batch = list(first)[:max_items]
+    deadline = clock() + max_wait_ms / 1000.0
+    while len(batch) < max_items:
+        left_ms = int((deadline - clock()) * 1000.0)
+        if left_ms < 1:
+            break
+        got = read(max_items - len(batch), left_ms)
+        if not got:
+            break
+        batch.extend(got[: max_items - len(batch)])
+    return batch
+
+
+@dataclass(frozen=True)
+class Task:
+    """One image to process.
+
+    Attributes:
+        entry: the stream entry it came from (one online entry, or a shard entry for K tasks).
+        image_id: the caller's id of the image.
+        namespace: the caller's id space.
+        options: extraction overrides.
+        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path, or
+            ``ARCHIVE::MEMBER``.
+        content_sha256: the hash the gateway computed ("" when unknown: job items).
+        request_id: the online request ("" for job items).
+        deadline_ms: epoch ms after which an online task is dropped (0 = none).
+    """
+
+    entry: Entry
+    image_id: str
+    namespace: str
+    options: ExtractOptions
+    source: str
+    content_sha256: str = ""
+    request_id: str = ""
+    deadline_ms: int = 0
+
+    def expired(self, now_ms: int) -> bool:
+        return self.deadline_ms > 0 and now_ms > self.deadline_ms
+
+
+def tasks_from_online(entry: Entry) -> Task:
+    """The task of an online entry (raises ``ProtocolError`` on a malformed entry)."""
+    req = OnlineRequest.from_fields(entry.fields or {})
+    if not (req.image_key or req.path):
+        raise ProtocolError(f"online request {req.request_id} has neither image_key nor path")
+    return Task(
+        entry=entry,
+        image_id=req.image_id or req.request_id,
+        namespace=req.namespace,
+        options=req.options,
+        source=f"redis:{req.image_key}" if req.image_key else req.path,
+        content_sha256=req.content_sha256,
+        request_id=req.request_id,
+        deadline_ms=req.deadline_ms,
+    )
+
+
+def tasks_from_shard(entry: Entry) -> tuple[JobShard, list[Task]]:
+    """The shard of a job entry and one task per item."""
+    shard = JobShard.from_fields(entry.fields or {})
+    tasks = [
+        Task(entry, item.image_id, shard.namespace, shard.options, item.ref) for item in shard.items
+    ]
+    return shard, tasks
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A task after loading: its bytes hashed and decoded, or the reason it failed."""
+
+    task: Task
+    content_sha256: str = ""
+    image: BGRImage | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.image is not None
+
+
+def read_source(source: str, fetch: FetchFn) -> bytes:
+    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, a file, or an archive member.
+
+    Raises:
+        FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
+    """
+    if source.startswith("redis:"):
+        data = fetch(source[len("redis:") :])
+        if data is None:
+            raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
+        return data
+    if ARCHIVE_SEPARATOR in source:
+        archive, member = source.split(ARCHIVE_SEPARATOR, 1)
+        return _read_member(Path(archive), member)
+    path = Path(source)
+    if not path.is_absolute():
+        raise ValueError(f"image path must be absolute; got {source!r}")
+    return path.read_bytes()
+
+
+def _read_member(archive: Path, member: str) -> bytes:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return zf.read(member)
+    with tarfile.open(archive) as tf:
+        handle = tf.extractfile(member)
+        if handle is None:
+            raise KeyError(f"{member!r} in {archive} is not a regular file")
+        return handle.read()
+
+
+def load_task(task: Task, fetch: FetchFn, *, max_pixels: int) -> Loaded:
+    """Read, hash and decode one task's image; a failure is returned as its reason."""
+    try:
+        data = read_source(task.source, fetch)
+    except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        return Loaded(task, reason=f"cannot read {task.source!r}: {exc}")
+    sha = hashlib.sha256(data).hexdigest()
+    if task.content_sha256 and task.content_sha256 != sha:
+        reason = f"content sha256 {sha} differs from the request's {task.content_sha256}"
+        return Loaded(task, content_sha256=sha, reason=reason)
+    try:
+        image = decode_image(data, max_pixels=max_pixels)
+    except ImageError as exc:
+        return Loaded(task, content_sha256=sha, reason=f"{type(exc).__name__}: {exc}")
+    return Loaded(task, content_sha256=sha, image=image)
+
+
+def group_by_options(tasks: Sequence[Any]) -> dict[ExtractOptions, list[int]]:
+    """Indices of ``tasks`` (objects with ``.options`` or ``.task.options``) per options value."""
+    groups: dict[ExtractOptions, list[int]] = {}
+    for i, t in enumerate(tasks):
+        options = t.options if isinstance(t, Task) else t.task.options
+        groups.setdefault(options, []).append(i)
+    return groups
+
+
+def chunks(n: int, size: int) -> list[range]:
+    """Index ranges [0, n) in consecutive pieces of at most ``size``."""
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+# --- running a batch ----------------------------------------------------------------------
+
+
+class ExtractorLike(Protocol):
+    """What the worker needs of ``detector.extractor.Extractor``."""
+
+    config: ExtractionConfig
+
+    def version_for(self, config: ExtractionConfig) -> str: ...
+
+    def extract(
+        self,
+        images: Sequence[BGRImage],
+        image_ids: Sequence[str],
+        config: ExtractionConfig | None = None,
+    ) -> list[FeatureRecord]: ...
+
+
+class FeatureSink(Protocol):
+    """What the worker needs of the feature store (sealed shards + index)."""
+
+    def has(self, model_version: str, sha256: str) -> bool:
+        """True when (model_version, sha256) is stored."""
+        ...
+
+    def seal(self, name: str, records: Sequence[StoredItem], model_version: str) -> None:
+        """Write ``records`` as one sealed shard named after ``name`` and index them."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """A new record with its content key and the alias it was computed for."""
+
+    record: FeatureRecord
+    content_sha256: str
+    namespace: str
+    image_id: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one task."""
+
+    task: Task
+    ok: bool
+    content_sha256: str = ""
+    model_version: str = ""
+    num_boxes: int = 0
+    cached: bool = False
+    reason: str = ""
+
+
+class Processor:
+    """Load, skip what is stored, extract, seal: one batch of tasks to one outcome each.
+
+    Args:
+        extractor: the loaded model.
+        sink: the feature store.
+        fetch: reads an uploaded image's bytes from Redis by key (None when gone).
+        max_pixels: largest image decoded, pixels.
+    """
+
+    def __init__(
+        self, extractor: ExtractorLike, sink: FeatureSink, fetch: FetchFn, *, max_pixels: int
+    ) -> None:
+        self.extractor = extractor
+        self.sink = sink
+        self.fetch = fetch
+        self.max_pixels = max_pixels
+
+    def run(self, tasks: Sequence[Task], name: str) -> list[Outcome]:
+        """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id)."""
+        start = time.perf_counter()
+        loaded = [load_task(t, self.fetch, max_pixels=self.max_pixels) for t in tasks]
+        outcomes: dict[int, Outcome] = {}
+        for options, idx in group_by_options(loaded).items():
+            group = [loaded[i] for i in idx]
+            for i, outcome in zip(idx, self._run_group(group, options, name), strict=True):
+                outcomes[i] = outcome
+        result = [outcomes[i] for i in range(len(tasks))]
+        log.info(
+            "batch %s: %d images, %d computed, %d cached, %d failed in %.3fs",
+            name,
+            len(tasks),
+            sum(o.ok and not o.cached for o in result),
+            sum(o.cached for o in result),
+            sum(not o.ok for o in result),
+            time.perf_counter() - start,
+        )
+        return result
+
+    def config_for(self, options: ExtractOptions) -> ExtractionConfig:
+        """The worker's config with the request's overrides (ValueError when inconsistent)."""
+        return self.extractor.config.replace(**options.overrides())
+
+    def _run_group(
+        self, group: Sequence[Loaded], options: ExtractOptions, name: str
+    ) -> list[Outcome]:
+        try:
+            config = self.config_for(options)
+        except ValueError as exc:
+            return [Outcome(x.task, False, x.content_sha256, reason=str(exc)) for x in group]
+        version = self.extractor.version_for(config)
+        todo: dict[str, Loaded] = {}
+        for x in group:
+            if (
+                x.ok
+                and x.content_sha256 not in todo
+                and not self.sink.has(version, x.content_sha256)
+            ):
+                todo[x.content_sha256] = x
+        computed = self._compute(list(todo.values()), config)
+        stored = [s for s in computed.values() if isinstance(s, StoredItem)]
+        if stored:
+            self.sink.seal(f"{name}-{version}", stored, version)
+        return [self._outcome(x, version, computed) for x in group]
+
+    def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
+        images = [x.image for x in todo if x.image is not None]
+        shas = [x.content_sha256 for x in todo]
+        results = self._extract(images, shas, config)
+        return {
+            x.content_sha256: (
+                res
+                if isinstance(res, str)
+                else StoredItem(res, x.content_sha256, x.task.namespace, x.task.image_id)
+            )
+            for x, res in zip(todo, results, strict=True)
+        }
+
+    def _extract(
+        self, images: list[BGRImage], ids: list[str], config: ExtractionConfig
+    ) -> list[FeatureRecord | str]:
+        """Records in order; an image the model fails on alone gets a reason instead."""
+        if not images:
+            return []
+        try:
+            return list(self.extractor.extract(images, ids, config=config))
+        except Exception as exc:  # isolate the image that breaks the model, keep the others
+            if len(images) == 1:
+                log.warning("extraction of %s failed: %r", ids[0], exc)
+                return [f"extraction failed: {type(exc).__name__}: {exc}"]
+        return [self._extract([im], [i], config)[0] for im, i in zip(images, ids, strict=True)]
+
+    @staticmethod
+    def _outcome(x: Loaded, version: str, computed: dict[str, StoredItem | str]) -> Outcome:
+        sha = x.content_sha256
+        if not x.ok:
+            return Outcome(x.task, False, sha, reason=x.reason)
+        res = computed.get(sha)
+        if res is None:
+            return Outcome(x.task, True, sha, version, cached=True)
+        if isinstance(res, str):
+            return Outcome(x.task, False, sha, reason=res)
+        return Outcome(x.task, True, sha, version, num_boxes=res.record.num_boxes)

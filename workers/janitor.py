@@ -1,0 +1,169 @@
+"""Crash recovery for the streams: reclaim idle entries, dead-letter poison ones, trim acked ones.
+
+Runs inside every worker as a periodic step of its main loop (no thread, no lock to expire):
+
+1. ``XAUTOCLAIM`` entries pending longer than ``claim_idle_ms`` under any consumer (a crashed or
+   stuck worker). Claiming resets their idle time, so one janitor wins each entry.
+2. Look up each claimed entry's delivery count (``XPENDING`` extended form). An entry delivered
+   more than ``max_deliveries`` times is copied to ``butd:dlq`` and acked in one MULTI, and the
+   ``on_dead`` callback fails its online request or job items with the reason. The others are
+   handed back to the worker to process.
+3. ``XTRIM MINID`` below the oldest pending and the first undelivered entry (``trim_acked``).
+
+The same screening (``screen``) applies to the worker's own pending entries re-read after a
+restart, so an entry that crashes the worker on every attempt still reaches the DLQ.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from workers.protocol import GROUP, JOBS_STREAM, ONLINE_STREAM, decode_fields, text
+from workers.queue import Entry, ack, dead_letter, trim_acked
+
+if TYPE_CHECKING:
+    import redis
+
+    Client = redis.Redis[Any]
+
+log = logging.getLogger(__name__)
+
+DeadFn = Callable[[Entry, int, str], None]
+
+
+class Janitor:
+    """Periodic reclaim / dead-letter / trim step of one worker.
+
+    Args:
+        consumer: the worker's consumer name (claimed entries become its own).
+        claim_idle_ms: idle time after which a pending entry is presumed lost, ms.
+        max_deliveries: deliveries after which an entry is dead-lettered.
+        interval_s: seconds between runs (``due``).
+        trim_keep_ms: acked entries younger than this are kept, ms.
+        claim_counts: most entries claimed per run, per stream (a worker takes only what it can
+            process soon; the rest waits for the next run or another worker).
+        on_dead: called with (entry, deliveries, reason) after an entry was dead-lettered.
+    """
+
+    def __init__(
+        self,
+        consumer: str,
+        *,
+        claim_idle_ms: int,
+        max_deliveries: int,
+        interval_s: float,
+        trim_keep_ms: int,
+        claim_counts: dict[str, int] | None = None,
+        on_dead: DeadFn | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.consumer = consumer
+        self.claim_idle_ms = claim_idle_ms
+        self.max_deliveries = max_deliveries
+        self.interval_s = interval_s
+        self.trim_keep_ms = trim_keep_ms
+        self.claim_counts = claim_counts or {ONLINE_STREAM: 8, JOBS_STREAM: 1}
+        self.on_dead = on_dead
+        self.clock = clock
+        self._next_run = 0.0
+        self.reclaimed = 0
+        self.dead = 0
+
+    def due(self) -> bool:
+        """True when ``interval_s`` has passed since the last run."""
+        return self.clock() >= self._next_run
+
+    def run(self, r: Client) -> list[Entry]:
+        """One pass over both streams; returns the reclaimed entries the worker should process."""
+        self._next_run = self.clock() + self.interval_s
+        start = time.perf_counter()
+        keep: list[Entry] = []
+        trimmed = 0
+        for stream, count in self.claim_counts.items():
+            keep += self.screen(r, self._claim(r, stream, count))
+            trimmed += trim_acked(r, stream, keep_ms=self.trim_keep_ms)
+        if keep or trimmed:
+            log.info(
+                "janitor %s: reclaimed %d entries, trimmed %d in %.3fs",
+                self.consumer,
+                len(keep),
+                trimmed,
+                time.perf_counter() - start,
+            )
+        self.reclaimed += len(keep)
+        return keep
+
+    def _claim(self, r: Client, stream: str, count: int) -> list[Entry]:
+        reply: Any = r.xautoclaim(
+            stream, GROUP, self.consumer, self.claim_idle_ms, start_id="0-0", count=count
+        )
+        claimed, deleted = reply[1], reply[2] if len(reply) > 2 else []
+        if deleted:
+            log.warning("janitor: %d pending entries of %s were trimmed away", len(deleted), stream)
+        out = []
+        for entry_id, fields in claimed:
+            out.append(
+                Entry(stream, text(entry_id), None if fields is None else decode_fields(fields))
+            )
+        return out
+
+    def screen(self, r: Client, entries: Sequence[Entry]) -> list[Entry]:
+        """Entries this consumer holds that may still be processed; dead-letters the others.
+
+        An entry whose fields are gone (deleted while pending) is acked and dropped.
+        """
+        if not entries:
+            return []
+        counts = self.delivery_counts(r, entries)
+        keep = []
+        for entry in entries:
+            if entry.fields is None:
+                ack(r, entry.stream, [entry.entry_id])
+                continue
+            deliveries = counts.get(entry.entry_id, 1)
+            if deliveries > self.max_deliveries:
+                self._dead_letter(r, entry, deliveries)
+            else:
+                keep.append(entry)
+        return keep
+
+    def delivery_counts(self, r: Client, entries: Sequence[Entry]) -> dict[str, int]:
+        """entry id -> times delivered, for entries pending under this consumer."""
+        counts: dict[str, int] = {}
+        for stream in {e.stream for e in entries}:
+            ids = sorted((e.entry_id for e in entries if e.stream == stream), key=_id_key)
+            rows: Any = r.xpending_range(
+                stream,
+                GROUP,
+                min=ids[0],
+                max=ids[-1],
+                count=len(ids) + 1000,
+                consumername=self.consumer,
+            )
+            for row in rows:
+                counts[text(row["message_id"])] = int(row["times_delivered"])
+        return counts
+
+    def _dead_letter(self, r: Client, entry: Entry, deliveries: int) -> None:
+        reason = (
+            f"dead-lettered after {deliveries - 1} deliveries without an ack "
+            f"(max_deliveries={self.max_deliveries}): the worker crashed or failed on it"
+        )
+        if self.on_dead is not None:  # first: failing items is idempotent, a lost DLQ entry not
+            self.on_dead(entry, deliveries - 1, reason)
+        dead_letter(r, entry, deliveries - 1, reason)
+        self.dead += 1
+        log.error(
+            "janitor: entry %s of %s dead-lettered after %d deliveries",
+            entry.entry_id,
+            entry.stream,
+            deliveries - 1,
+        )
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

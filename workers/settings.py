@@ -1,0 +1,95 @@
+"""Worker settings: the only module of ``workers`` that reads the environment.
+
+Each value is read from ``BUTD_<NAME>`` or the bare ``<NAME>`` (``REDIS_URL``, ``DEVICE``,
+``BATCH_SIZE``, ... as docker-compose files usually spell them), or a ``.env`` file.
+``docs/workers.md`` lists them all; keep that table in step with this class.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(name: str, default: Any, **constraints: Any) -> Any:
+    """A field read from BUTD_NAME or NAME."""
+    upper = name.upper()
+    return Field(
+        default=default, validation_alias=AliasChoices(f"BUTD_{upper}", upper), **constraints
+    )
+
+
+def default_worker_id() -> str:
+    """``host-pid``: unique per process, readable in ``XINFO CONSUMERS`` and heartbeats."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerSettings(BaseSettings):
+    """Configuration of one worker process (``butd worker``)."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, protected_namespaces=()
+    )
+
+    # Redis holding the streams, job hashes and heartbeats.
+    redis_url: str = _env("redis_url", "redis://127.0.0.1:6379/0")
+    # Root of the feature store (sealed shards + index), shared with the gateway.
+    store_dir: Path = _env("store_dir", Path("butd-store"))
+    # Canonical weights file or registry name.
+    weights: str = _env("weights", "demo-synthetic")
+    # Torch device: "cpu", "cuda", "cuda:1"; "auto" = cuda:0 when available, else cpu.
+    device: str = _env("device", "auto")
+    # Precision of the model: fp32 is the reference; fp16/bf16 are opt-in fast modes (CUDA).
+    precision: Literal["fp32", "fp16", "bf16"] = _env("precision", "fp32")
+    # Most images per model call (online entries per read; job shards are cut into pieces of
+    # this size). 8 fits a 600x1000 R101 batch in ~6 GB.
+    batch_size: int = _env("batch_size", 8, ge=1, le=256)
+    # Longest wait for an online batch to fill after its first image arrived, ms.
+    batch_wait_ms: int = _env("batch_wait_ms", 10, ge=0, le=10_000)
+    # Longest blocking read when the queues are empty, ms: bounds how late a worker notices
+    # SIGTERM, the janitor's schedule and the heartbeat while idle.
+    idle_block_ms: int = _env("idle_block_ms", 1000, ge=1, le=60_000)
+    # An entry pending this long (ms) under any consumer is presumed lost and reclaimed. Must
+    # exceed the worst batch time, or live work runs twice (long shards refresh their claim).
+    claim_idle_ms: int = _env("claim_idle_ms", 60_000, ge=100)
+    # Deliveries after which an entry is dead-lettered to butd:dlq and its items failed.
+    max_deliveries: int = _env("max_deliveries", 3, ge=1)
+    # How often the janitor reclaims and trims, seconds.
+    janitor_interval_s: float = _env("janitor_interval_s", 5.0, gt=0)
+    # Acknowledged stream entries are kept this long (ms) for inspection before trimming.
+    trim_keep_ms: int = _env("trim_keep_ms", 3_600_000, ge=0)
+    # Heartbeat refresh period and TTL, seconds (TTL > 2 periods tolerates one missed beat).
+    heartbeat_s: float = _env("heartbeat_s", 5.0, gt=0)
+    heartbeat_ttl_s: int = _env("heartbeat_ttl_s", 15, ge=1)
+    # How long an online result waits in Redis for the gateway, seconds.
+    result_ttl_s: int = _env("result_ttl_s", 600, ge=1)
+    # Largest image a worker decodes, pixels (w * h).
+    max_pixels: int = _env("max_pixels", 100_000_000, ge=1)
+    # Longest pause between reconnection attempts while Redis is unreachable, seconds.
+    reconnect_max_s: float = _env("reconnect_max_s", 5.0, gt=0)
+    # Consumer name in the group; default host-pid.
+    worker_id: str = _env("worker_id", "")
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerSettings:
+        if self.heartbeat_ttl_s <= self.heartbeat_s:
+            raise ValueError(
+                f"heartbeat_ttl_s ({self.heartbeat_ttl_s}) must exceed heartbeat_s "
+                f"({self.heartbeat_s})"
+            )
+        if not self.worker_id:
+            self.worker_id = default_worker_id()
+        return self
+
+    def torch_device(self) -> str:
+        """The device string for torch, "auto" resolved."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
