@@ -1,0 +1,441 @@
+"""Converters from every published BUTD checkpoint format to the canonical layout.
+
+Formats (reference §2.5, §3.3, §4.1, §9.2):
+
+* ``airsplay``: ``faster_rcnn_from_caffe_attr{,_original}.pkl``, a detectron2 pickle
+  ``{"model": {name: np.ndarray}, "__author__": ...}``; background class and "no attribute"
+  LAST, ``bbox_pred`` without a background row, one sigmoid logit per anchor, detectron2
+  anchors (sizes 64..512, size-major).
+* ``hf``: ``unc-nlp/frcnn-vg-finetuned/pytorch_model.bin``, a flat ``torch.save``'d state dict
+  with the airsplay names plus ``proposal_generator.anchor_generator.cell_anchors.0`` and
+  ``num_batches_tracked`` on every BatchNorm.
+* ``milvlg``: ``bua-caffe-frcn-r101*.pth``, a detectron2 checkpoint ``{"model": {name:
+  tensor}}``; Caffe class order (background 0), 6404-row ``bbox_pred``, 2A objectness
+  channels (``view(2, A)``: background block, foreground block), detectron2 anchors with
+  sizes 4..32 (size-major); res4/res5 BatchNorms carry ``num_batches_tracked``.
+* ``caffe``: the original ``.caffemodel``; not converted here (needs the Caffe protobuf
+  schema): convert it with a detectron2-format port first.
+
+BatchNorm statistics are copied verbatim and used with eps 1e-5. detectron2's
+``FrozenBatchNorm2d`` subtracts eps from ``running_var`` only for checkpoints whose module
+metadata says version < 3 (stats saved by an old FrozenBN that added no eps); none of these
+files carries that metadata (pickled numpy arrays, or torch modules that use eps), so the
+correction would be wrong here. ``num_batches_tracked`` is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from detector.config import DETECTRON2_DELTA_CLAMP, ArchConfig, Conventions, ModelSpec
+from detector.weights import formats_d2 as d2
+from detector.weights.canonical import (
+    WeightsError,
+    canonical_shapes,
+    check_shapes,
+    file_sha256,
+    is_canonical_file,
+    save_canonical,
+)
+
+logger = logging.getLogger(__name__)
+
+CONVERTIBLE_FORMATS = ("airsplay", "hf", "milvlg")
+CAFFE_MESSAGE = (
+    "the original Caffe .caffemodel is not converted by butd (it needs the Caffe protobuf "
+    "schema); convert it with a detectron2-format port first, or fetch the airsplay/MILVLG "
+    "conversion of the same model (see docs/weights.md)"
+)
+
+# airsplay and HF run detectron2's test path (reference §2.3, §4.1).
+DETECTRON2_CONVENTIONS = Conventions(
+    plus_one=False,
+    nms_suppress_equal=False,
+    delta_clamp=DETECTRON2_DELTA_CLAMP,
+    rpn_score="sigmoid",
+    rpn_min_size=0.0,
+    rpn_min_size_scaled=False,
+    rpn_min_size_inclusive=False,  # detectron2 nonempty(): keeps w > 0 and h > 0
+    rpn_topk_before_clip=True,
+    bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+    attr_score="softmax_without_none",
+)
+# MILVLG "caffe mode" (reference §3.2): +1 boxes, Caffe NMS, 2-way softmax, detectron2 clamp.
+MILVLG_CONVENTIONS = Conventions(
+    plus_one=True,
+    nms_suppress_equal=True,
+    delta_clamp=DETECTRON2_DELTA_CLAMP,
+    rpn_score="softmax2",
+    rpn_min_size=16.0,
+    rpn_min_size_scaled=True,
+    rpn_min_size_inclusive=False,
+    rpn_topk_before_clip=False,
+    bbox_reg_weights=(1.0, 1.0, 1.0, 1.0),
+    attr_score="softmax_all",
+)
+AIRSPLAY_ANCHOR_SIZES = (64.0, 128.0, 256.0, 512.0)
+MILVLG_ANCHOR_SIZES = (4.0, 8.0, 16.0, 32.0)
+ANCHOR_RATIOS = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class Converted:
+    """A checkpoint in canonical layout, before it gets a spec and a file.
+
+    Attributes:
+        state_dict: canonical key -> float32 tensor, exactly ``canonical_shapes(arch, conv)``.
+        conventions: the numerical conventions the weights run under.
+        source_format: "airsplay", "hf" or "milvlg".
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    conventions: Conventions
+    source_format: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for detectron2 ``.pkl`` files: numpy arrays and plain containers only."""
+
+    _NUMPY_MODULES = ("multiarray", "numeric")
+    _NUMPY_FUNCTIONS = ("_reconstruct", "scalar", "_frombuffer")
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "numpy" and name in ("ndarray", "dtype"):
+            return getattr(np, name)
+        package, _, leaf = module.rpartition(".")
+        if (
+            package in ("numpy.core", "numpy._core")
+            and leaf in self._NUMPY_MODULES
+            and name in self._NUMPY_FUNCTIONS
+        ):
+            # numpy 2 moved numpy.core to numpy._core; old pickles name the former.
+            core = "numpy._core" if hasattr(np, "_core") else "numpy.core"
+            return getattr(importlib.import_module(f"{core}.{leaf}"), name)
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+def read_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> Any:
+    """Load a published checkpoint without executing arbitrary pickled code.
+
+    Args:
+        path: ``.pkl`` (numpy pickle), ``.bin`` / ``.pth`` (``torch.save``).
+        trust_pickle: allow a full, unrestricted ``torch.load`` (only for files you trust)
+            when the restricted loaders refuse the file.
+
+    Returns:
+        The unpickled object (a dict).
+
+    Raises:
+        WeightsError: a ``.caffemodel``, or a file none of the loaders accepts.
+    """
+    path = Path(path)
+    if path.suffix == ".caffemodel":
+        raise WeightsError(f"{path}: {CAFFE_MESSAGE}")
+    if not zipfile.is_zipfile(path):
+        try:
+            with path.open("rb") as f:
+                obj = _NumpyOnlyUnpickler(f, encoding="latin1").load()
+            if isinstance(obj, dict):
+                return obj
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError):
+            pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a refused or corrupt file
+        if trust_pickle:
+            logger.warning("loading %s with an unrestricted unpickler (--trust-pickle)", path)
+            return torch.load(path, map_location="cpu", weights_only=False)
+        raise WeightsError(
+            f"{path}: not a numpy pickle or a weights-only torch checkpoint ({exc}); if you "
+            "trust the file, retry with trust_pickle=True (--trust-pickle)"
+        ) from exc
+
+
+def source_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """Flat ``{name: tensor}`` from a checkpoint object (``{"model": ...}`` is unwrapped)."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+        obj = obj["model"]
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"checkpoint is a {type(obj).__name__}, expected a dict of tensors")
+    out: dict[str, torch.Tensor] = {}
+    bad = []
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            out[str(key)] = torch.from_numpy(np.ascontiguousarray(value))
+        elif isinstance(value, torch.Tensor):
+            out[str(key)] = value.detach()
+        else:
+            bad.append(f"{key} ({type(value).__name__})")
+    if bad:
+        raise WeightsError(f"checkpoint values that are not arrays: {', '.join(bad)}")
+    return out
+
+
+def detect_format(obj_or_path: Any) -> str:
+    """Which format a checkpoint object or file is in.
+
+    Returns:
+        "airsplay", "hf", "milvlg", "caffe" (by file suffix) or "canonical" (a butd file).
+
+    Raises:
+        WeightsError: none of them.
+    """
+    if isinstance(obj_or_path, (str, os.PathLike)):
+        path = Path(obj_or_path)
+        if path.suffix == ".caffemodel":
+            return "caffe"
+        if is_canonical_file(path):
+            return "canonical"
+        obj_or_path = read_source(path)
+    obj = obj_or_path
+    wrapped = isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping)
+    sd = obj["model"] if wrapped else obj
+    if not isinstance(sd, Mapping):
+        raise WeightsError(f"unrecognised checkpoint: a {type(obj).__name__}")
+    keys = set(map(str, sd))
+    if any(".box_predictor.cls_embed." in k or ".attr_linear1." in k for k in keys):
+        return "milvlg"
+    objectness = sd.get("proposal_generator.rpn_head.objectness_logits.weight")
+    deltas = sd.get("proposal_generator.rpn_head.anchor_deltas.weight")
+    if objectness is not None and deltas is not None and objectness.shape[0] * 2 == deltas.shape[0]:
+        return "milvlg"  # 2A objectness channels against 4A deltas
+    if "roi_heads.box_predictor.cls_score.weight" in keys:
+        numpy_values = any(isinstance(v, np.ndarray) for v in sd.values())
+        if d2.D2_CELL_ANCHORS_KEY in keys or not (wrapped or numpy_values):
+            return "hf"
+        return "airsplay"
+    sample = ", ".join(sorted(keys)[:5])
+    raise WeightsError(f"unrecognised checkpoint: no detectron2 BUTD keys (first keys: {sample})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Converters
+
+
+def _split_extras(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Drop ``num_batches_tracked``; take out the stored cell anchors (or None)."""
+    anchors = sd.get(d2.D2_CELL_ANCHORS_KEY)
+    kept = {
+        k: v
+        for k, v in sd.items()
+        if not k.endswith(".num_batches_tracked") and k != d2.D2_CELL_ANCHORS_KEY
+    }
+    return kept, anchors
+
+
+def _rename(
+    sd: dict[str, torch.Tensor],
+    arch: ArchConfig,
+    conventions: Conventions,
+    attr_modules: Mapping[str, str],
+    source_shapes: Mapping[str, tuple[int, ...]],
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """Check the source keys/shapes (all problems at once), then rename to canonical keys.
+
+    Args:
+        source_shapes: canonical key -> source shape, for keys whose shape differs.
+    """
+    expected = canonical_shapes(arch, conventions)
+    expected.pop("rpn.cell_anchors")
+    names = {k: d2.d2_name(k, attr_modules) for k in expected}
+    src_expected = {names[k]: tuple(source_shapes.get(k, shape)) for k, shape in expected.items()}
+    check_shapes({k: tuple(v.shape) for k, v in sd.items()}, src_expected, what)
+    return {k: sd[names[k]].to(torch.float32) for k in expected}
+
+
+def _anchors(stored: Any, sizes: tuple[float, ...], arch: ArchConfig) -> torch.Tensor:
+    """Source-order cell anchors: the stored ones, else detectron2's from ``sizes``."""
+    if stored is None:
+        anchors = d2.detectron2_cell_anchors(sizes, ANCHOR_RATIOS)
+    else:
+        anchors = torch.as_tensor(np.asarray(stored), dtype=torch.float32).reshape(-1, 4)
+    if anchors.shape[0] != arch.num_anchors:
+        raise WeightsError(
+            f"{anchors.shape[0]} cell anchors, but the RPN has {arch.num_anchors} per cell"
+        )
+    return anchors
+
+
+def _reorder_rpn(
+    out: dict[str, torch.Tensor], anchors: torch.Tensor, two_way: bool
+) -> dict[str, torch.Tensor]:
+    """Permute objectness, deltas and anchors from the source anchor order to ratio-major."""
+    perm = d2.ratio_major_order(anchors)
+    for p in ("weight", "bias"):
+        key = f"rpn.objectness.{p}"
+        if two_way:
+            out[key] = d2.permute_two_way_objectness(out[key], perm)
+        else:
+            out[key] = d2.permute_anchor_channels(out[key], perm, 1)
+        out[f"rpn.deltas.{p}"] = d2.permute_anchor_channels(out[f"rpn.deltas.{p}"], perm, 4)
+    out["rpn.cell_anchors"] = anchors[perm].contiguous()
+    return out
+
+
+def _finish(
+    out: dict[str, torch.Tensor], arch: ArchConfig, conventions: Conventions, fmt: str
+) -> Converted:
+    """Final check against the canonical table (a converter bug, never a file problem)."""
+    shapes = {n: tuple(t.shape) for n, t in out.items()}
+    check_shapes(shapes, canonical_shapes(arch, conventions), f"converted {fmt} state dict")
+    return Converted(out, conventions, fmt)
+
+
+def _convert_detectron2(
+    raw: Any, arch: ArchConfig, fmt: str, *, require_anchors: bool
+) -> Converted:
+    """airsplay and HF share names and layout; HF also stores its cell anchors."""
+    sd, stored_anchors = _split_extras(source_state_dict(raw))
+    if require_anchors and stored_anchors is None:
+        raise WeightsError(f"{fmt} checkpoint is missing {d2.D2_CELL_ANCHORS_KEY}")
+    k = arch.num_classes
+    out = _rename(
+        sd,
+        arch,
+        DETECTRON2_CONVENTIONS,
+        d2.AIRSPLAY_ATTR_MODULES,
+        {
+            "roi_heads.bbox_pred.weight": (4 * k, arch.feature_dim),
+            "roi_heads.bbox_pred.bias": (4 * k,),
+        },
+        f"{fmt} checkpoint",
+    )
+    # Background: last -> 0 (classes, embedding); zero deltas for it; no-attribute: last -> 0.
+    for key in (
+        "roi_heads.cls_score.weight",
+        "roi_heads.cls_score.bias",
+        "roi_heads.attr.embedding.weight",
+        "roi_heads.attr.score.weight",
+        "roi_heads.attr.score.bias",
+    ):
+        out[key] = d2.roll_last_to_first(out[key])
+    for key in ("roi_heads.bbox_pred.weight", "roi_heads.bbox_pred.bias"):
+        out[key] = d2.insert_background_box_rows(out[key])
+    anchors = _anchors(stored_anchors, AIRSPLAY_ANCHOR_SIZES, arch)
+    out = _reorder_rpn(out, anchors, two_way=False)
+    return _finish(out, arch, DETECTRON2_CONVENTIONS, fmt)
+
+
+def convert_airsplay(raw: Any, *, arch: ArchConfig | None = None) -> Converted:
+    """airsplay ``faster_rcnn_from_caffe_attr{,_original}.pkl`` object -> canonical.
+
+    Args:
+        raw: the unpickled ``{"model": {name: np.ndarray}, ...}`` (or the inner dict).
+        arch: expected architecture (default: the published ResNet-101, 1600/400).
+
+    Raises:
+        WeightsError: naming every missing key, unexpected key and wrong shape.
+    """
+    return _convert_detectron2(raw, arch or ArchConfig(), "airsplay", require_anchors=False)
+
+
+def convert_hf(raw: Any, *, arch: ArchConfig | None = None) -> Converted:
+    """HF ``unc-nlp/frcnn-vg-finetuned`` ``pytorch_model.bin`` state dict -> canonical.
+
+    The cell anchors are read from the file (``...cell_anchors.0``) and reordered.
+    """
+    return _convert_detectron2(raw, arch or ArchConfig(), "hf", require_anchors=True)
+
+
+def convert_milvlg(raw: Any, *, arch: ArchConfig | None = None) -> Converted:
+    """MILVLG ``bua-caffe-frcn-r101*.pth`` checkpoint -> canonical.
+
+    Class and attribute rows are already in Caffe order; only the anchor order changes. The
+    anchors are detectron2's for sizes 4..32 unless the file stores its own.
+    """
+    arch = arch or ArchConfig()
+    sd, stored_anchors = _split_extras(source_state_dict(raw))
+    out = _rename(sd, arch, MILVLG_CONVENTIONS, d2.MILVLG_ATTR_MODULES, {}, "milvlg checkpoint")
+    anchors = _anchors(stored_anchors, MILVLG_ANCHOR_SIZES, arch)
+    out = _reorder_rpn(out, anchors, two_way=True)
+    return _finish(out, arch, MILVLG_CONVENTIONS, "milvlg")
+
+
+CONVERTERS: dict[str, Callable[..., Converted]] = {
+    "airsplay": convert_airsplay,
+    "hf": convert_hf,
+    "milvlg": convert_milvlg,
+}
+
+
+def _default_vocab(arch: ArchConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Visual Genome vocabularies when the sizes match, else numbered placeholders."""
+    from detector.weights.registry import VG_ATTRIBUTES_VOCAB, VG_OBJECTS_VOCAB, load_vocab
+
+    if (arch.num_classes, arch.num_attributes) == (1600, 400):
+        return load_vocab(VG_OBJECTS_VOCAB), load_vocab(VG_ATTRIBUTES_VOCAB)
+    logger.warning(
+        "no vocabulary for %d/%d classes: numbered names", arch.num_classes, arch.num_attributes
+    )
+    objects = tuple(f"object_{i}" for i in range(arch.num_classes))
+    return objects, tuple(f"attribute_{i}" for i in range(arch.num_attributes))
+
+
+def convert(
+    src_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    fmt: str = "auto",
+    arch: ArchConfig | None = None,
+    vocab: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    description: str = "",
+    source_sha256: str | None = None,
+    trust_pickle: bool = False,
+) -> Path:
+    """Convert a published checkpoint file into a canonical ``.safetensors`` file.
+
+    Args:
+        src_path: the downloaded file.
+        out_path: canonical file to write (atomically).
+        fmt: "auto" (``detect_format``) or one of ``CONVERTIBLE_FORMATS``.
+        arch: expected architecture (default: published ResNet-101, 1600/400).
+        vocab: (objects, attributes); default: the Visual Genome vocabularies.
+        description: stored in the spec.
+        source_sha256: digest of ``src_path`` if already known (computed otherwise).
+        trust_pickle: see ``read_source``.
+
+    Returns:
+        ``out_path``.
+    """
+    arch = arch or ArchConfig()
+    if fmt == "caffe" or Path(src_path).suffix == ".caffemodel":
+        raise WeightsError(f"{src_path}: {CAFFE_MESSAGE}")
+    raw = read_source(src_path, trust_pickle=trust_pickle)
+    if fmt == "auto":
+        fmt = detect_format(raw)
+    if fmt not in CONVERTERS:
+        raise WeightsError(f"unknown format {fmt!r}; expected one of {CONVERTIBLE_FORMATS}")
+    converted = CONVERTERS[fmt](raw, arch=arch)
+    del raw
+    objects, attributes = vocab or _default_vocab(arch)
+    spec = ModelSpec(
+        arch=arch,
+        conventions=converted.conventions,
+        objects_vocab=objects,
+        attributes_vocab=attributes,
+        description=description or f"converted from {Path(src_path).name} ({fmt})",
+    )
+    sha = source_sha256 or file_sha256(src_path)
+    logger.info("converting %s (%s, sha256 %s)", src_path, fmt, sha)
+    return save_canonical(
+        out_path, converted.state_dict, spec, source_sha256=sha, source_format=fmt
+    )
