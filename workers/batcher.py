@@ -233,6 +233,10 @@ class FeatureSink(Protocol):
         """Write ``records`` as one sealed shard named after ``name`` and index them."""
         ...
 
+    def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
+        """Record (namespace, image_id) -> content sha256 for each triple (idempotent)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StoredItem:
@@ -320,7 +324,11 @@ class Processor:
         stored = [s for s in computed.values() if isinstance(s, StoredItem)]
         if stored:
             self.sink.seal(f"{name}-{version}", stored, version)
-        return [self._outcome(x, version, computed) for x in group]
+        outcomes = [self._outcome(x, version, computed) for x in group]
+        aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
+        if aliases:
+            self.sink.add_aliases(aliases)
+        return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
         images = [x.image for x in todo if x.image is not None]

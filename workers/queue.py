@@ -70,6 +70,7 @@ from workers.protocol import (
     STREAMS,
     WORKER_KEY_PATTERN,
     Heartbeat,
+    JobShard,
     OnlineRequest,
     OnlineResult,
     ProtocolError,
@@ -97,6 +98,7 @@ __all__ = [
     "dlq_length",
     "enqueue_online",
     "ensure_groups",
+    "hand_off",
     "job_status",
     "live_workers",
     "mark_job_started",
@@ -105,6 +107,7 @@ __all__ = [
     "queue_depth",
     "read_entries",
     "record_items",
+    "touch",
     "trim_acked",
     "wait_result",
     "write_heartbeat",
@@ -315,3 +318,16 @@ def trim_acked(r: Client, stream: str, *, keep_ms: int = 0) -> int:
         bounds.append((int(time.time() * 1000) - keep_ms, 0))
     low_ms, low_seq = min(bounds)
     return int(r.xtrim(stream, minid=f"{low_ms}-{low_seq}", approximate=False))
+
+
+def touch(r: Client, entry: Entry, consumer: str) -> None:
+    """Reset an entry's idle time without counting a delivery (a long shard's keep-alive)."""
+    _untyped(r).xclaim(entry.stream, GROUP, consumer, 0, [entry.entry_id], justid=True)
+
+
+def hand_off(r: Client, entry: Entry, remainder: JobShard) -> None:
+    """Queue a shard's unprocessed items as a new entry and ack the old one, in one MULTI."""
+    pipe = r.pipeline(transaction=True)
+    pipe.xadd(JOBS_STREAM, remainder.to_fields())
+    _untyped(pipe).xack(entry.stream, GROUP, entry.entry_id)
+    pipe.execute()

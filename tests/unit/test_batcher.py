@@ -1,0 +1,292 @@
+"""Batch forming, per-image loading and the Processor, with a fake model and store."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detector.config import ExtractionConfig
+from store.records import FeatureRecord
+from workers.batcher import (
+    Processor,
+    StoredItem,
+    Task,
+    fill_batch,
+    load_task,
+    read_source,
+    tasks_from_online,
+    tasks_from_shard,
+)
+from workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
+from workers.queue import Entry
+
+
+def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
+    arr = np.full((h, w, 3), value, dtype=np.uint8)
+    arr[: h // 2, :, 0] = 255 - value
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeExtractor:
+    """Same interface as detector.extractor.Extractor; records every call."""
+
+    def __init__(self, fail_ids: Sequence[str] = ()) -> None:
+        self.config = ExtractionConfig()
+        self.fail_ids = set(fail_ids)
+        self.calls: list[list[str]] = []
+
+    def version_for(self, config: ExtractionConfig) -> str:
+        return f"v{config.min_boxes}-{config.max_boxes}"
+
+    def extract(
+        self,
+        images: Sequence[np.ndarray],
+        image_ids: Sequence[str],
+        config: ExtractionConfig | None = None,
+    ) -> list[FeatureRecord]:
+        config = config or self.config
+        self.calls.append(list(image_ids))
+        if self.fail_ids & set(image_ids):
+            raise RuntimeError("model broke on " + ",".join(sorted(self.fail_ids & set(image_ids))))
+        return [
+            record(i, im, self.version_for(config)) for i, im in zip(image_ids, images, strict=True)
+        ]
+
+
+def record(image_id: str, image: np.ndarray, version: str, n: int = 2) -> FeatureRecord:
+    h, w = image.shape[:2]
+    return FeatureRecord(
+        image_id=image_id,
+        image_w=w,
+        image_h=h,
+        boxes=np.tile(np.array([[0, 0, w, h]], np.float32), (n, 1)),
+        features=np.zeros((n, 4), np.float32),
+        objects_id=np.zeros(n, np.int64),
+        objects_conf=np.ones(n, np.float32),
+        attrs_id=np.zeros(n, np.int64),
+        attrs_conf=np.ones(n, np.float32),
+        model_version=version,
+    )
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.stored: dict[tuple[str, str], FeatureRecord] = {}
+        self.seals: list[tuple[str, list[str]]] = []
+        self.aliases: list[tuple[str, str, str]] = []
+
+    def has(self, model_version: str, sha256: str) -> bool:
+        return (model_version, sha256) in self.stored
+
+    def seal(self, name: str, records: Sequence[StoredItem], model_version: str) -> None:
+        self.seals.append((name, [r.content_sha256 for r in records]))
+        for r in records:
+            assert r.record.model_version == model_version
+            self.stored[(model_version, r.content_sha256)] = r.record
+
+    def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
+        self.aliases.extend(aliases)
+
+
+def task(tmp_path: Path, name: str, data: bytes, options: ExtractOptions | None = None) -> Task:
+    path = tmp_path / name
+    path.write_bytes(data)
+    entry = Entry("butd:jobs", "1-0", {})
+    return Task(entry, name, "ns", options or ExtractOptions(), str(path))
+
+
+# --- fill_batch ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def entries(n: int, start: int = 0) -> list[Entry]:
+    return [Entry("s", f"{i}-0", {}) for i in range(start, start + n)]
+
+
+def test_fill_batch_stops_at_max_items() -> None:
+    calls: list[tuple[int, int]] = []
+
+    def read(count: int, block_ms: int) -> list[Entry]:
+        calls.append((count, block_ms))
+        return entries(5, 100)  # more than asked: the batch must still be capped
+
+    batch = fill_batch(entries(1), read, max_items=4, max_wait_ms=50, clock=FakeClock())
+    assert [e.entry_id for e in batch] == ["0-0", "100-0", "101-0", "102-0"]
+    assert calls == [(3, 50)]
+
+
+def test_fill_batch_stops_at_the_deadline() -> None:
+    clock = FakeClock()
+    seen_blocks: list[int] = []
+
+    def read(count: int, block_ms: int) -> list[Entry]:
+        seen_blocks.append(block_ms)
+        clock.t += 0.004  # each read takes 4 ms and yields one entry
+        return entries(1, len(seen_blocks))
+
+    batch = fill_batch(entries(1), read, max_items=100, max_wait_ms=10, clock=clock)
+    assert seen_blocks == [10, 6, 2]  # never blocks past the first arrival + 10 ms
+    assert len(batch) == 4
+
+
+def test_fill_batch_returns_when_a_read_times_out() -> None:
+    reads = []
+
+    def read(count: int, block_ms: int) -> list[Entry]:
+        reads.append(block_ms)
+        return []
+
+    assert len(fill_batch(entries(2), read, max_items=8, max_wait_ms=20, clock=FakeClock())) == 2
+    assert reads == [20]
+
+
+def test_fill_batch_with_zero_wait_does_not_read() -> None:
+    def read(count: int, block_ms: int) -> list[Entry]:
+        raise AssertionError("BLOCK 0 would wait forever")
+
+    assert len(fill_batch(entries(1), read, max_items=8, max_wait_ms=0)) == 1
+
+
+# --- tasks and loading --------------------------------------------------------------------
+
+
+def test_online_entry_becomes_a_task() -> None:
+    req = OnlineRequest("r1", "ab" * 32, "coco", "42", ExtractOptions(max_boxes=36), 123, "k1")
+    t = tasks_from_online(Entry("butd:online", "5-0", req.to_fields()))
+    assert (t.request_id, t.image_id, t.namespace, t.source) == ("r1", "42", "coco", "redis:k1")
+    assert t.options == ExtractOptions(max_boxes=36)
+    assert t.expired(124) and not t.expired(123)
+
+
+def test_shard_entry_becomes_one_task_per_item() -> None:
+    shard = JobShard("j", 3, (JobItem("/a.jpg", "a"), JobItem("/b.jpg", "b")), namespace="x")
+    parsed, tasks = tasks_from_shard(Entry("butd:jobs", "7-0", shard.to_fields()))
+    assert parsed == shard
+    assert [(t.image_id, t.source, t.namespace) for t in tasks] == [
+        ("a", "/a.jpg", "x"),
+        ("b", "/b.jpg", "x"),
+    ]
+
+
+def test_load_task_reports_each_failure_with_a_reason(tmp_path: Path) -> None:
+    good = load_task(task(tmp_path, "good.png", png_bytes()), lambda k: None, max_pixels=10**6)
+    assert good.ok and good.image is not None and good.image.shape == (24, 32, 3)
+    assert good.content_sha256 == hashlib.sha256(png_bytes()).hexdigest()
+
+    bad = load_task(task(tmp_path, "bad.jpg", b"not an image"), lambda k: None, max_pixels=10**6)
+    assert not bad.ok and "NotAnImageError" in bad.reason
+
+    cut = load_task(task(tmp_path, "cut.png", png_bytes()[:60]), lambda k: None, max_pixels=10**6)
+    assert not cut.ok and cut.reason
+
+    big = load_task(task(tmp_path, "big.png", png_bytes()), lambda k: None, max_pixels=100)
+    assert not big.ok and "TooManyPixels" in big.reason
+
+    gone = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), str(tmp_path / "missing.png"))
+    missing = load_task(gone, lambda k: None, max_pixels=10**6)
+    assert not missing.ok and "missing.png" in missing.reason
+
+
+def test_load_task_checks_the_gateway_hash() -> None:
+    t = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), "redis:k", content_sha256="0" * 64)
+    loaded = load_task(t, lambda k: png_bytes(), max_pixels=10**6)
+    assert not loaded.ok and "differs" in loaded.reason
+    expired = load_task(t, lambda k: None, max_pixels=10**6)
+    assert "gone" in expired.reason
+
+
+def test_read_source_reads_archive_members(tmp_path: Path) -> None:
+    zpath = tmp_path / "a.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("dir/x.png", b"zipped")
+    tpath = tmp_path / "a.tar"
+    with tarfile.open(tpath, "w") as tf:
+        info = tarfile.TarInfo("y.png")
+        info.size = 6
+        tf.addfile(info, io.BytesIO(b"tarred"))
+    assert read_source(f"{zpath}::dir/x.png", lambda k: None) == b"zipped"
+    assert read_source(f"{tpath}::y.png", lambda k: None) == b"tarred"
+    with pytest.raises(KeyError):
+        read_source(f"{zpath}::nope.png", lambda k: None)
+    with pytest.raises(ValueError, match="absolute"):
+        read_source("relative/x.png", lambda k: None)
+
+
+# --- Processor ----------------------------------------------------------------------------
+
+
+def test_a_bad_image_fails_only_itself(tmp_path: Path) -> None:
+    ext, sink = FakeExtractor(), FakeSink()
+    tasks = [
+        task(tmp_path, "a.png", png_bytes(value=1)),
+        task(tmp_path, "bad.png", b"\x89PNG garbage"),
+        task(tmp_path, "c.png", png_bytes(value=3)),
+    ]
+    out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(tasks, "n")
+    assert [o.ok for o in out] == [True, False, True]
+    assert out[1].reason
+    assert len(ext.calls) == 1 and len(ext.calls[0]) == 2
+    assert len(sink.stored) == 2 and len(sink.seals) == 1
+    assert [a[1] for a in sink.aliases] == ["a.png", "c.png"]
+
+
+def test_stored_content_is_not_recomputed_and_duplicates_run_once(tmp_path: Path) -> None:
+    ext, sink = FakeExtractor(), FakeSink()
+    proc = Processor(ext, sink, lambda k: None, max_pixels=10**6)
+    same = png_bytes(value=7)
+    first = proc.run([task(tmp_path, "a.png", same), task(tmp_path, "b.png", same)], "n1")
+    assert all(o.ok and not o.cached and o.num_boxes == 2 for o in first)
+    assert len(ext.calls[0]) == 1  # same bytes, computed once
+    again = proc.run([task(tmp_path, "c.png", same)], "n2")
+    assert again[0].ok and again[0].cached
+    assert len(ext.calls) == 1 and len(sink.seals) == 1
+    assert sorted(a[1] for a in sink.aliases) == ["a.png", "b.png", "c.png"]
+
+
+def test_batch_is_split_by_options(tmp_path: Path) -> None:
+    ext, sink = FakeExtractor(), FakeSink()
+    proc = Processor(ext, sink, lambda k: None, max_pixels=10**6)
+    tasks = [
+        task(tmp_path, "a.png", png_bytes(value=1)),
+        task(tmp_path, "b.png", png_bytes(value=2), ExtractOptions(min_boxes=36, max_boxes=36)),
+        task(tmp_path, "c.png", png_bytes(value=3)),
+    ]
+    out = proc.run(tasks, "n")
+    assert [o.model_version for o in out] == ["v10-100", "v36-36", "v10-100"]
+    assert sorted(len(c) for c in ext.calls) == [1, 2]
+    assert len(sink.seals) == 2
+
+
+def test_inconsistent_options_fail_their_items(tmp_path: Path) -> None:
+    proc = Processor(FakeExtractor(), FakeSink(), lambda k: None, max_pixels=10**6)
+    out = proc.run([task(tmp_path, "a.png", png_bytes(), ExtractOptions(min_boxes=200))], "n")
+    assert not out[0].ok and "min_boxes" in out[0].reason
+
+
+def test_an_image_that_breaks_the_model_is_isolated(tmp_path: Path) -> None:
+    good, bad = png_bytes(value=1), png_bytes(value=9)
+    bad_sha = hashlib.sha256(bad).hexdigest()
+    ext, sink = FakeExtractor(fail_ids=[bad_sha]), FakeSink()
+    out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(
+        [task(tmp_path, "g.png", good), task(tmp_path, "b.png", bad)], "n"
+    )
+    assert out[0].ok and not out[1].ok
+    assert "extraction failed: RuntimeError" in out[1].reason
+    assert len(sink.stored) == 1

@@ -1,0 +1,397 @@
+"""The worker process: one per GPU (or CPU), owning one loaded model, draining the streams.
+
+Main loop (``Worker.step``), reading like the data flow:
+
+1. After a start or a Redis outage: re-create the group if Redis lost it, re-read this
+   consumer's own pending entries (id 0) and process them (dead-lettering over-delivered ones).
+2. Every ``janitor_interval_s``: reclaim entries idle past ``claim_idle_ms``, dead-letter
+   poison ones, trim acknowledged ones (``workers.janitor``).
+3. Block up to ``idle_block_ms`` for one online entry and one job shard at once.
+4. Online entries first: top the batch up to ``batch_size`` within ``batch_wait_ms``, drop
+   expired ones ("expired"), load / skip-cached / extract / seal (``Processor``), then LPUSH each
+   result and XACK.
+5. A job shard: skip it if its job was cancelled; otherwise process it ``batch_size`` images at
+   a time, recording progress after each sealed piece and acking after the last. Between pieces
+   the worker serves waiting online entries, refreshes its claim on the shard and, on SIGTERM,
+   hands the rest of the shard back to the stream.
+
+SIGTERM / SIGINT: stop reading, finish the batch in hand, ack, exit 0. Redis errors: back off
+(0.1 s doubling to ``reconnect_max_s``) and reconnect; pending entries survive in the PEL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from workers import queue as q
+from workers.batcher import (
+    ExtractorLike,
+    FeatureSink,
+    Outcome,
+    Processor,
+    chunks,
+    fill_batch,
+    tasks_from_online,
+    tasks_from_shard,
+)
+from workers.janitor import Janitor
+from workers.protocol import (
+    JOBS_STREAM,
+    ONLINE_STREAM,
+    STREAMS,
+    Heartbeat,
+    JobShard,
+    OnlineRequest,
+    OnlineResult,
+    ProtocolError,
+    worker_key,
+)
+from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    Client = redis.Redis[Any]
+
+log = logging.getLogger(__name__)
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+@dataclass
+class Counters:
+    """Since start: model batches run, images processed, items failed, handler crashes."""
+
+    batches: int = 0
+    images: int = 0
+    errors: int = 0
+
+
+class HeartbeatThread(threading.Thread):
+    """Refreshes the worker's heartbeat key every ``period_s`` on its own connection."""
+
+    def __init__(self, url: str, beat: Callable[[], Heartbeat], period_s: float, ttl_s: int):
+        super().__init__(name="heartbeat", daemon=True)
+        self.client = q.connect(url)
+        self.beat = beat
+        self.period_s = period_s
+        self.ttl_s = ttl_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                q.write_heartbeat(self.client, self.beat(), ttl_s=self.ttl_s)
+            except redis.RedisError as exc:
+                log.debug("heartbeat not written: %s", exc)
+            if self._stop_event.wait(self.period_s):
+                return
+
+    def stop(self, worker_id: str) -> None:
+        """Stop beating and delete the key, so the gateway stops counting this worker."""
+        self._stop_event.set()
+        self.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(worker_key(worker_id))
+
+
+class Worker:
+    """Drains ``butd:online`` and ``butd:jobs`` with one loaded model.
+
+    Args:
+        settings: worker settings.
+        extractor: the loaded model (``detector.extractor.Extractor`` or a fake).
+        sink: the feature store.
+        device: device description for the heartbeat.
+        model: model description for the heartbeat.
+        client: Redis client (default: ``connect(settings.redis_url)``).
+    """
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        extractor: ExtractorLike,
+        sink: FeatureSink,
+        *,
+        device: str = "cpu",
+        model: str = "",
+        client: Client | None = None,
+    ) -> None:
+        self.s = settings
+        self.r = client if client is not None else q.connect(settings.redis_url)
+        self.consumer = settings.worker_id
+        self.processor = Processor(extractor, sink, self._fetch, max_pixels=settings.max_pixels)
+        self.janitor = Janitor(
+            self.consumer,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            interval_s=settings.janitor_interval_s,
+            trim_keep_ms=settings.trim_keep_ms,
+            claim_counts={ONLINE_STREAM: settings.batch_size, JOBS_STREAM: 1},
+            on_dead=self._on_dead,
+        )
+        self.counters = Counters()
+        self.stopping = threading.Event()
+        self._recover = True
+        version = extractor.version_for(extractor.config)
+        self._beat = Heartbeat(
+            self.consumer, socket.gethostname(), os.getpid(), device, version, model, True
+        )
+
+    # -- process lifecycle -----------------------------------------------------------------
+
+    def heartbeat(self) -> Heartbeat:
+        """The current heartbeat record."""
+        c = self.counters
+        return replace(
+            self._beat, batches=c.batches, images=c.images, errors=c.errors, updated_at=time.time()
+        )
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        """Finish the batch in hand, then leave ``run`` (signal handler)."""
+        log.info("worker %s: signal %d, stopping after the batch in hand", self.consumer, signum)
+        self.stopping.set()
+
+    def run(self) -> int:
+        """Serve until ``request_stop``; returns the exit status (0)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self.request_stop)
+        self._beat = replace(self._beat, started_at=time.time())
+        beat = HeartbeatThread(
+            self.s.redis_url, self.heartbeat, self.s.heartbeat_s, self.s.heartbeat_ttl_s
+        )
+        beat.start()
+        log.info(
+            "worker %s: serving %s, model %s",
+            self.consumer,
+            self.s.redis_url,
+            self._beat.model_version,
+        )
+        delay = 0.1
+        try:
+            while not self.stopping.is_set():
+                try:
+                    self.step()
+                    delay = 0.1
+                except REDIS_DOWN as exc:
+                    log.warning(
+                        "worker %s: redis unreachable (%s); retry in %.1fs",
+                        self.consumer,
+                        exc,
+                        delay,
+                    )
+                    self._recover = True
+                    self.stopping.wait(delay)
+                    delay = min(delay * 2, self.s.reconnect_max_s)
+        finally:
+            beat.stop(self.consumer)
+        c = self.counters
+        log.info(
+            "worker %s stopped: %d batches, %d images, %d errors",
+            self.consumer,
+            c.batches,
+            c.images,
+            c.errors,
+        )
+        return 0
+
+    def step(self) -> None:
+        """One turn of the main loop (see the module docstring)."""
+        if self._recover:
+            q.ensure_groups(self.r)
+            own = q.read_entries(self.r, STREAMS, self.consumer, count=1000, pending=True)
+            self._recover = False
+            if own:
+                log.info("worker %s: %d own pending entries to finish", self.consumer, len(own))
+            self._dispatch(self.janitor.screen(self.r, own))
+        if self.janitor.due():
+            self._dispatch(self.janitor.run(self.r))
+        if self.stopping.is_set():
+            return
+        first = q.read_entries(
+            self.r, STREAMS, self.consumer, count=1, block_ms=self.s.idle_block_ms
+        )
+        self._dispatch(first, fill=True)
+
+    def _dispatch(self, entries: Sequence[q.Entry], *, fill: bool = False) -> None:
+        online = [e for e in entries if e.stream == ONLINE_STREAM]
+        if online:
+            self._serve_online(online, fill=fill)
+        for entry in entries:
+            if entry.stream == JOBS_STREAM:
+                self._guard(self.handle_shard, entry)
+
+    def _guard(self, handler: Callable[[Any], None], arg: Any) -> None:
+        """Run a handler; an unexpected error leaves its entries pending for the janitor."""
+        try:
+            handler(arg)
+        except REDIS_DOWN:
+            raise
+        except Exception:
+            self.counters.errors += 1
+            log.exception("worker %s: handler failed; entries stay pending", self.consumer)
+
+    def _fetch(self, key: str) -> bytes | None:
+        data = self.r.get(key)
+        return None if data is None else bytes(data)
+
+    # -- online ----------------------------------------------------------------------------
+
+    def _serve_online(self, entries: Sequence[q.Entry], *, fill: bool) -> None:
+        size = self.s.batch_size
+        if fill and len(entries) < size:
+            entries = fill_batch(
+                entries, self._read_online, max_items=size, max_wait_ms=self.s.batch_wait_ms
+            )
+        for piece in chunks(len(entries), size):
+            self._guard(self.handle_online, [entries[i] for i in piece])
+
+    def _read_online(self, count: int, block_ms: int) -> list[q.Entry]:
+        return q.read_entries(
+            self.r, [ONLINE_STREAM], self.consumer, count=count, block_ms=block_ms
+        )
+
+    def _serve_online_now(self) -> None:
+        """Online entries waiting right now (called between pieces of a long shard)."""
+        waiting = q.read_entries(self.r, [ONLINE_STREAM], self.consumer, count=self.s.batch_size)
+        if waiting:
+            self._serve_online(waiting, fill=False)
+
+    def handle_online(self, entries: Sequence[q.Entry]) -> None:
+        """Drop expired entries, process the rest as one batch, report each and ack."""
+        now_ms = int(time.time() * 1000)
+        finished: list[tuple[q.Entry, OnlineResult]] = []
+        tasks = []
+        for entry in entries:
+            try:
+                task = tasks_from_online(entry)
+            except ProtocolError as exc:
+                self._reject_online(entry, str(exc))
+                continue
+            if task.expired(now_ms):
+                late = now_ms - task.deadline_ms
+                reason = f"deadline passed {late} ms before a worker reached the request"
+                finished.append((entry, OnlineResult(task.request_id, "expired", reason=reason)))
+            else:
+                tasks.append(task)
+        if tasks:
+            outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}")
+            self._count(outcomes)
+            finished += [(o.task.entry, _online_result(o)) for o in outcomes]
+        self._finish_online(finished)
+
+    def _finish_online(self, finished: Sequence[tuple[q.Entry, OnlineResult]]) -> None:
+        """LPUSH each result, XACK, delete the uploaded bytes: one MULTI for the batch."""
+        if not finished:
+            return
+        pipe = self.r.pipeline(transaction=True)
+        for entry, result in finished:
+            key = f"butd:result:{result.request_id}"
+            pipe.lpush(key, result.to_json())
+            pipe.expire(key, self.s.result_ttl_s)
+            pipe.xack(entry.stream, q.GROUP, entry.entry_id)
+            image_key = (entry.fields or {}).get("image_key")
+            if image_key:
+                pipe.delete(image_key)
+        pipe.execute()
+
+    def _reject_online(self, entry: q.Entry, reason: str) -> None:
+        """A malformed online entry: report it if it has a request id, dead-letter it."""
+        log.error("worker %s: malformed online entry %s: %s", self.consumer, entry.entry_id, reason)
+        request_id = (entry.fields or {}).get("request_id")
+        if request_id:
+            q.post_result(self.r, OnlineResult(request_id, "error", reason=reason))
+        q.dead_letter(self.r, entry, 1, f"malformed entry: {reason}")
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def handle_shard(self, entry: q.Entry) -> None:
+        """Process one job shard piece by piece; ack after the last piece is recorded."""
+        try:
+            shard, tasks = tasks_from_shard(entry)
+        except ProtocolError as exc:
+            log.error("worker %s: malformed shard %s: %s", self.consumer, entry.entry_id, exc)
+            q.dead_letter(self.r, entry, 1, f"malformed entry: {exc}")
+            return
+        start = time.perf_counter()
+        pieces = chunks(len(tasks), self.s.batch_size)
+        for k, piece in enumerate(pieces):
+            state = q.mark_job_started(self.r, shard.job_id)
+            if state is None or state == "cancelled":
+                log.info("job %s shard %d: job %s, skipped", shard.job_id, shard.shard_no, state)
+                break
+            if k > 0 and self.stopping.is_set():
+                self._hand_off(entry, shard, piece.start)
+                return
+            if k > 0:
+                q.touch(self.r, entry, self.consumer)
+                self._serve_online_now()
+            name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
+            outcomes = self.processor.run([tasks[i] for i in piece], name)
+            self._count(outcomes)
+            done = [o.task.image_id for o in outcomes if o.ok]
+            failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
+            q.record_items(self.r, shard.job_id, done, failed)
+        q.ack(self.r, entry.stream, [entry.entry_id])
+        log.info(
+            "job %s shard %d (%s): %d items in %.3fs",
+            shard.job_id,
+            shard.shard_no,
+            entry.entry_id,
+            len(tasks),
+            time.perf_counter() - start,
+        )
+
+    def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
+        rest = replace(shard, items=shard.items[start:])
+        q.hand_off(self.r, entry, rest)
+        log.info(
+            "job %s shard %d: stopping, handed %d items back to the stream",
+            shard.job_id,
+            shard.shard_no,
+            len(rest.items),
+        )
+
+    # -- janitor callback ------------------------------------------------------------------
+
+    def _on_dead(self, entry: q.Entry, deliveries: int, reason: str) -> None:
+        """Fail a dead-lettered entry's online request or job items with ``reason``."""
+        try:
+            if entry.stream == ONLINE_STREAM:
+                req = OnlineRequest.from_fields(entry.fields or {})
+                q.post_result(self.r, OnlineResult(req.request_id, "error", reason=reason))
+            else:
+                shard = JobShard.from_fields(entry.fields or {})
+                failed = {item.image_id: reason for item in shard.items}
+                q.record_items(self.r, shard.job_id, [], failed)
+        except ProtocolError as exc:
+            log.error("dead entry %s is malformed (%s); nobody to tell", entry.entry_id, exc)
+
+    def _count(self, outcomes: Sequence[Outcome]) -> None:
+        self.counters.batches += 1
+        self.counters.images += len(outcomes)
+        self.counters.errors += sum(not o.ok for o in outcomes)
+
+
+def _online_result(o: Outcome) -> OnlineResult:
+    t = o.task
+    if not o.ok:
+        return OnlineResult(t.request_id, "error", content_sha256=o.content_sha256, reason=o.reason)
+    return OnlineResult(
+        t.request_id,
+        "ok",
+        model_version=o.model_version,
+        content_sha256=o.content_sha256,
+        num_boxes=o.num_boxes,
+        cached=o.cached,
+    )
