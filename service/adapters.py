@@ -1,0 +1,104 @@
+"""The real ``Queue`` over ``workers.queue`` (Redis Streams) for the gateway.
+
+The gateway shares one redis-py client (thread-safe connection pool) across request threads;
+``wait_result`` holds one connection for as long as it blocks, so the pool is sized for
+``max_queue_depth`` concurrent waits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from workers import queue as q
+from workers.protocol import (
+    ONLINE_STREAM,
+    ExtractOptions,
+    Heartbeat,
+    JobItem,
+    JobStatus,
+    OnlineRequest,
+    OnlineResult,
+)
+
+if TYPE_CHECKING:
+    Client = redis.Redis[Any]
+
+
+def connect(url: str, *, max_connections: int) -> Client:
+    """A bytes-reply client with a bounded pool (BLPOP needs no read timeout)."""
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=10, socket_connect_timeout=5
+    )
+    return redis.Redis(connection_pool=pool, health_check_interval=30)
+
+
+class RedisQueue:
+    """``service.backend.Queue`` on a Redis server.
+
+    Args:
+        client: a bytes-reply redis-py client.
+        heartbeat_max_age_s: a heartbeat older than this does not count as live.
+        job_shard_size: images per stream entry of a batch job.
+        image_ttl_s: lifetime of uploaded bytes waiting in Redis (covers the request timeout).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        heartbeat_max_age_s: float,
+        job_shard_size: int,
+        image_ttl_s: int,
+    ) -> None:
+        self.client = client
+        self._max_age = heartbeat_max_age_s
+        self._shard_size = job_shard_size
+        self._image_ttl = image_ttl_s
+        q.ensure_groups(client)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def live_workers(self) -> list[Heartbeat]:
+        now = time.time()
+        beats = q.live_workers(self.client)
+        return [b for b in beats if now - b.updated_at <= self._max_age]
+
+    def queue_depth(self) -> int:
+        waiting = q.queue_depth(self.client).get(ONLINE_STREAM, 0)
+        return waiting + q.pending_count(self.client).get(ONLINE_STREAM, 0)
+
+    def pending_count(self) -> int:
+        return sum(q.pending_count(self.client).values())
+
+    def enqueue_online(self, request: OnlineRequest, data: bytes) -> None:
+        q.enqueue_online(self.client, request, data, image_ttl_s=self._image_ttl)
+
+    def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
+        return q.wait_result(self.client, request_id, timeout_s)
+
+    def create_job(
+        self, job_id: str, items: Sequence[JobItem], *, namespace: str, options: ExtractOptions
+    ) -> JobStatus:
+        return q.create_job(
+            self.client,
+            job_id,
+            items,
+            options=options,
+            namespace=namespace,
+            shard_size=self._shard_size,
+        )
+
+    def job_status(self, job_id: str) -> JobStatus | None:
+        return q.job_status(self.client, job_id)
+
+    def cancel_job(self, job_id: str) -> str | None:
+        return q.cancel_job(self.client, job_id)
+
+    def close(self) -> None:
+        """Close the client's connections."""
+        self.client.close()

@@ -1,0 +1,113 @@
+"""What the gateway needs from the queue and the store, as two small protocols.
+
+Routes talk only to ``Queue`` and ``FeatureStore``; ``service.adapters`` implements them over
+``workers.queue`` (Redis Streams) and ``store.index`` / ``store.shards`` (sealed HDF5 shards),
+and unit tests substitute in-memory fakes. Every method is synchronous (redis-py, h5py); routes
+call the slow ones from a worker thread.
+
+Shapes: N regions of one image, D feature size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from store.records import FeatureRecord
+from workers.protocol import (
+    ExtractOptions,
+    Heartbeat,
+    JobItem,
+    JobStatus,
+    OnlineRequest,
+    OnlineResult,
+)
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A cached record with what is needed to render it.
+
+    Attributes:
+        record: the regions (features (N, D) float16 as stored).
+        sha256: content hash of the image bytes.
+        objects_vocab: names of the object ids (from the shard file).
+        attributes_vocab: names of the attribute ids (from the shard file).
+        description: human-readable description of the model.
+    """
+
+    record: FeatureRecord
+    sha256: str
+    objects_vocab: tuple[str, ...]
+    attributes_vocab: tuple[str, ...]
+    description: str = ""
+
+
+class Queue(Protocol):
+    """The Redis side: online requests, batch jobs, worker heartbeats."""
+
+    def ping(self) -> bool:
+        """True when Redis answers."""
+        ...
+
+    def live_workers(self) -> list[Heartbeat]:
+        """Heartbeats younger than the configured maximum age."""
+        ...
+
+    def queue_depth(self) -> int:
+        """Online requests waiting or being computed."""
+        ...
+
+    def pending_count(self) -> int:
+        """Stream entries delivered to a worker and not yet acknowledged (all streams)."""
+        ...
+
+    def enqueue_online(self, request: OnlineRequest, data: bytes) -> None:
+        """Queue one image for extraction now."""
+        ...
+
+    def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
+        """Block until the worker answers ``request_id``; None after ``timeout_s``."""
+        ...
+
+    def create_job(
+        self, job_id: str, items: Sequence[JobItem], *, namespace: str, options: ExtractOptions
+    ) -> JobStatus:
+        """Queue a batch job in shards (an existing ``job_id`` is returned unchanged)."""
+        ...
+
+    def job_status(self, job_id: str) -> JobStatus | None:
+        """Progress of a job; None when unknown."""
+        ...
+
+    def cancel_job(self, job_id: str) -> str | None:
+        """Cancel a job; returns its state afterwards, None when unknown."""
+        ...
+
+
+class FeatureStore(Protocol):
+    """The feature cache: (model_version, sha256) -> record, (namespace, image_id) -> sha256."""
+
+    def get(self, model_version: str, sha256: str) -> StoredRecord | None:
+        """The cached record, or None."""
+        ...
+
+    def resolve(self, namespace: str, image_id: str) -> str | None:
+        """The content hash an image id is an alias of, or None."""
+        ...
+
+    def add_alias(self, namespace: str, image_id: str, sha256: str) -> None:
+        """Record that (namespace, image_id) names the content ``sha256`` (idempotent)."""
+        ...
+
+    def export(
+        self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
+    ) -> int:
+        """Write the cached records of ``image_ids`` in format ``fmt`` to ``out``.
+
+        Returns:
+            The number of records written (ids with no cached record are left out).
+        """
+        ...

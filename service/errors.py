@@ -1,0 +1,162 @@
+"""Domain errors of the gateway and their one mapping to HTTP.
+
+Routes and helpers raise the exception that names the problem (with the rule and the value in
+its message); ``install_error_handlers`` turns each into a status code and a JSON body
+``{"error": CODE, "detail": MESSAGE, "request_id": ID?}``. Image errors come from
+``store.images`` and are mapped here as well, so there is exactly one table.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from store.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of the gateway's errors; subclasses set ``status_code`` and ``code``."""
+
+    status_code = 500
+    code = "internal"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+
+class BodyTooLargeError(ServiceError):
+    """The request body exceeds ``max_body_bytes``."""
+
+    status_code = 413
+    code = "body_too_large"
+
+
+class UnsupportedMediaError(ServiceError):
+    """The request carries no image part or an unsupported content type."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class InvalidRequestError(ServiceError):
+    """A parameter outside its range, a malformed body or archive."""
+
+    status_code = 422
+    code = "invalid_request"
+
+
+class PathNotAllowedError(ServiceError):
+    """A job path that resolves outside ``allowed_roots``."""
+
+    status_code = 403
+    code = "path_not_allowed"
+
+
+class NotFoundError(ServiceError):
+    """No cached record, job or export for the given key."""
+
+    status_code = 404
+    code = "not_found"
+
+
+class UnauthorizedError(ServiceError):
+    """Missing or wrong API key."""
+
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, detail: str):
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class OverloadedError(ServiceError):
+    """The online queue is full or no worker is live: retry after ``retry_after_s`` seconds."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, detail: str, *, retry_after_s: int):
+        super().__init__(detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class ResultTimeoutError(ServiceError):
+    """No worker answered within ``request_timeout_s``; the result is cached when it completes."""
+
+    status_code = 504
+    code = "timeout"
+
+
+class WorkerError(ServiceError):
+    """A worker reported a failure for this one request (e.g. it could not decode the image)."""
+
+    status_code = 422
+    code = "worker_error"
+
+    def __init__(self, detail: str, *, status_code: int = 422, **extra: Any):
+        super().__init__(detail, **extra)
+        self.status_code = status_code
+
+
+# store.images errors: (status, code). Order matters: subclasses before the base.
+_IMAGE_ERRORS: tuple[tuple[type[ImageError], int, str], ...] = (
+    (TooManyPixelsError, 413, "too_many_pixels"),
+    (NotAnImageError, 415, "not_an_image"),
+    (TruncatedImageError, 422, "corrupt_image"),
+    (ImageError, 422, "corrupt_image"),
+)
+
+
+def _body(code: str, detail: str, request: Request, extra: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": code, "detail": detail}
+    request_id = getattr(request.state, "request_id", None)
+    if request_id is not None:
+        body["request_id"] = request_id
+    body.update(extra)
+    return body
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    if exc.status_code >= 500:
+        logger.warning("%s %s -> %d %s", request.method, request.url.path, exc.status_code, exc)
+    body = _body(exc.code, exc.detail, request, exc.extra)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _image_error(request: Request, exc: Exception) -> JSONResponse:
+    for cls, status, code in _IMAGE_ERRORS:
+        if isinstance(exc, cls):
+            return JSONResponse(_body(code, str(exc), request, {}), status_code=status)
+    raise exc  # unreachable: registered for ImageError only
+
+
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("redis unavailable: %s", exc)
+    body = _body("redis_unavailable", f"the queue (Redis) is unavailable: {exc}", request, {})
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    body = _body("invalid_request", "; ".join(parts), request, {})
+    return JSONResponse(body, status_code=422)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the one mapping from domain errors to HTTP responses."""
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ImageError, _image_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _redis_down)

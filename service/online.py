@@ -1,0 +1,196 @@
+"""The online path: bytes in, a stored record out (cache first, then one worker round trip).
+
+``OnlineService.extract`` reads top to bottom like the data flow in ARCHITECTURE.md:
+cache lookup (same bytes, same model version: no worker involved) -> validate (pixels,
+decodability) -> admission (a live worker, room in the queue) -> enqueue -> wait -> read the
+record the worker stored. Everything here is synchronous; the route runs it in a thread.
+
+The current model version (the cache key of requests without options) comes from
+``Settings.model_version`` when set, else from the newest live heartbeat with a loaded model;
+the last one seen is remembered, so cached images are still served while no worker is up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+from service.backend import FeatureStore, Queue, StoredRecord
+from service.errors import (
+    OverloadedError,
+    ResultTimeoutError,
+    ServiceError,
+    WorkerError,
+)
+from service.metrics import Metrics
+from service.settings import Settings
+from store.images import decode_image, probe_image
+from workers.protocol import ExtractOptions, OnlineRequest, OnlineResult
+
+logger = logging.getLogger(__name__)
+
+
+class ModelVersions:
+    """The model version of the default extraction, from settings or worker heartbeats.
+
+    Args:
+        queue: where heartbeats are read.
+        pinned: ``Settings.model_version``; when set, heartbeats are not consulted.
+        refresh_s: how long a heartbeat read is reused, seconds.
+    """
+
+    def __init__(self, queue: Queue, pinned: str | None, refresh_s: float = 1.0) -> None:
+        self._queue = queue
+        self._pinned = pinned
+        self._refresh_s = refresh_s
+        self._last: str | None = pinned
+        self._read_at = float("-inf")
+        self._lock = threading.Lock()
+
+    def current(self) -> str | None:
+        """The pinned version, the newest loaded worker's, or the last one seen (None if never)."""
+        if self._pinned:
+            return self._pinned
+        with self._lock:
+            if time.monotonic() - self._read_at < self._refresh_s:
+                return self._last
+            self._read_at = time.monotonic()
+        try:
+            beats = [b for b in self._queue.live_workers() if b.loaded and b.model_version]
+        except Exception as exc:  # Redis down: keep serving the cache under the last version
+            logger.warning("model version: heartbeats unavailable: %s", exc)
+            return self._last
+        if beats:
+            self._last = max(beats, key=lambda b: b.started_at).model_version
+        return self._last
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image as the gateway received it."""
+
+    data: bytes
+    sha256: str
+    image_id: str
+    namespace: str
+    options: ExtractOptions
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """What ``OnlineService.extract`` returns."""
+
+    stored: StoredRecord
+    request_id: str
+    cached: bool
+
+
+class OnlineService:
+    """Cache lookup, validation, admission and the worker round trip of one upload."""
+
+    def __init__(
+        self,
+        queue: Queue,
+        store: FeatureStore,
+        settings: Settings,
+        metrics: Metrics,
+        models: ModelVersions,
+    ) -> None:
+        self.queue = queue
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.models = models
+
+    def extract(self, upload: Upload, request_id: str) -> Extracted:
+        """The record of ``upload``, from the cache or from a worker.
+
+        Raises:
+            ImageError: the bytes are not an acceptable image (mapped to 413/415/422).
+            OverloadedError: no live worker, or the online queue is full (503 + Retry-After).
+            ResultTimeoutError: no answer within ``request_timeout_s`` (504).
+            WorkerError: the worker failed this image (422).
+        """
+        hit = self.lookup(upload)
+        if hit is not None:
+            self.metrics.cache_hits.inc()
+            return Extracted(hit, request_id, cached=True)
+        self.validate(upload.data)
+        self.admit()
+        result = self.round_trip(upload, request_id)
+        return Extracted(self.read_result(upload, result), request_id, cached=result.cached)
+
+    def lookup(self, upload: Upload) -> StoredRecord | None:
+        """The cached record of these bytes under the current version (default options only)."""
+        if upload.options.overrides():
+            return None  # options change the model version: only a worker knows the result
+        version = self.models.current()
+        if version is None:
+            return None
+        hit = self.store.get(version, upload.sha256)
+        if hit is not None and upload.image_id != upload.sha256:
+            self.store.add_alias(upload.namespace, upload.image_id, upload.sha256)
+        return hit
+
+    def validate(self, data: bytes) -> None:
+        """Probe the header (pixel limit) and, when configured, decode the whole image."""
+        probe_image(data, max_pixels=self.settings.max_pixels)
+        if self.settings.full_decode_check:
+            decode_image(data, max_pixels=self.settings.max_pixels)
+
+    def admit(self) -> None:
+        """Refuse (503 + Retry-After) when no worker is live or the online queue is full."""
+        retry = self.settings.retry_after_s
+        if not any(b.loaded for b in self.queue.live_workers()):
+            raise OverloadedError("no worker with a loaded model is live", retry_after_s=retry)
+        depth, limit = self.queue.queue_depth(), self.settings.max_queue_depth
+        if depth >= limit:
+            raise OverloadedError(
+                f"online queue is full: {depth} requests waiting, limit {limit}",
+                retry_after_s=retry,
+            )
+
+    def round_trip(self, upload: Upload, request_id: str) -> OnlineResult:
+        """Enqueue the upload and wait for its worker's answer."""
+        timeout = self.settings.request_timeout_s
+        request = OnlineRequest(
+            request_id=request_id,
+            content_sha256=upload.sha256,
+            namespace=upload.namespace,
+            image_id=upload.image_id,
+            options=upload.options,
+            deadline_ms=int((time.time() + timeout) * 1000),
+        )
+        start = time.perf_counter()
+        self.queue.enqueue_online(request, upload.data)
+        result = self.queue.wait_result(request_id, timeout)
+        self.metrics.online_wait_seconds.observe(time.perf_counter() - start)
+        if result is None or result.status == "expired":
+            raise ResultTimeoutError(
+                f"no worker answered within {timeout:g} s; the result is cached when it "
+                f"completes: GET /v1/features/sha256/{upload.sha256}",
+                sha256=upload.sha256,
+            )
+        if result.status == "error":
+            raise WorkerError(f"the worker could not extract this image: {result.reason}")
+        return result
+
+    def read_result(self, upload: Upload, result: OnlineResult) -> StoredRecord:
+        """The record the worker reported stored."""
+        stored = self.store.get(result.model_version, upload.sha256)
+        if stored is None:
+            raise ServiceError(
+                f"worker reported ({result.model_version}, {upload.sha256}) stored, "
+                "but the store has no such record"
+            )
+        if upload.image_id != upload.sha256:
+            self.store.add_alias(upload.namespace, upload.image_id, upload.sha256)
+        return stored
+
+
+def new_request_id() -> str:
+    """A unique id for one HTTP request (and its online queue entry)."""
+    return uuid.uuid4().hex

@@ -1,0 +1,1 @@
+"""One router per resource: features, jobs, health (and metrics)."""

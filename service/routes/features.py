@@ -1,0 +1,206 @@
+"""/v1/features: extract one image now, or read cached regions by image id or content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service import encoding
+from service.auth import require_api_key
+from service.backend import StoredRecord
+from service.errors import InvalidRequestError, NotFoundError
+from service.online import OnlineService, Upload
+from service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
+from service.uploads import read_image_body
+from workers.protocol import ExtractOptions as QueueOptions
+
+router = APIRouter(
+    prefix="/v1/features", tags=["features"], dependencies=[Depends(require_api_key)]
+)
+
+DEFAULT_NAMESPACE = "default"
+_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_OPTION_NAMES = ("min_boxes", "max_boxes", "conf_thresh")
+
+_BINARY_CONTENT = {
+    encoding.NPZ: {"schema": {"type": "string", "format": "binary"}},
+    encoding.SAFETENSORS: {"schema": {"type": "string", "format": "binary"}},
+}
+_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": FeaturesResponse, "content": _BINARY_CONTENT},
+    404: {"model": ErrorBody},
+}
+_UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_RESPONSES,
+    **{code: {"model": ErrorBody} for code in (401, 413, 415, 422, 503, 504)},
+}
+
+Dtype = Annotated[
+    FeatureDtype | None, Query(description="feature dtype of the response (default float16)")
+]
+
+
+def _service(request: Request) -> OnlineService:
+    service: OnlineService = request.app.state.online
+    return service
+
+
+def _namespace(value: str | None) -> str:
+    namespace = value or DEFAULT_NAMESPACE
+    if not _NAMESPACE.match(namespace):
+        raise InvalidRequestError(f"namespace must match {_NAMESPACE.pattern}; got {namespace!r}")
+    return namespace
+
+
+def _options(query: Request, fields: dict[str, str]) -> QueueOptions:
+    """Options from form fields or the query string, range-checked (422 on a bad value)."""
+    raw = {k: fields.get(k, query.query_params.get(k)) for k in _OPTION_NAMES}
+    try:
+        options = ExtractOptions.model_validate({k: v for k, v in raw.items() if v is not None})
+    except ValidationError as exc:
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequestError(f"bad extraction options: {detail}") from None
+    return QueueOptions(**options.model_dump())
+
+
+def render(
+    request: Request, stored: StoredRecord, dtype: str | None, extra: dict[str, Any]
+) -> Response:
+    """The record in the format the ``Accept`` header asks for (JSON, npz or safetensors)."""
+    dtype = dtype or request.app.state.settings.json_feature_dtype
+    media = encoding.negotiate(request.headers.get("accept"))
+    headers = {"X-Model-Version": stored.record.model_version}
+    if media == encoding.NPZ:
+        data = encoding.to_npz(stored, dtype, extra)
+        return Response(data, media_type=media, headers=headers)
+    if media == encoding.SAFETENSORS:
+        data = encoding.to_safetensors(stored, dtype, extra)
+        return Response(data, media_type=media, headers=headers)
+    return JSONResponse(encoding.to_json(stored, dtype, extra), headers=headers)
+
+
+@router.post(
+    "",
+    summary="Extract the regions of one image",
+    response_model=None,
+    responses=_UPLOAD_RESPONSES,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def extract(
+    request: Request,
+    dtype: Dtype = None,
+    image_id: Annotated[str | None, Query(max_length=512)] = None,
+    namespace: Annotated[str | None, Query(max_length=64)] = None,
+    min_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    max_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    conf_thresh: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+) -> Response:
+    """Upload an image (multipart ``file``, or a raw ``image/*`` body) and get its regions.
+
+    Cached bytes (same sha256, same model version) are answered without a worker. ``image_id``
+    and ``namespace`` may also be form fields; any of ``min_boxes``, ``max_boxes``,
+    ``conf_thresh`` makes a different model version and always reaches a worker.
+    """
+    service = _service(request)
+    body = await read_image_body(request, service.settings.max_body_bytes)
+    sha = hashlib.sha256(body.data).hexdigest()
+    upload = Upload(
+        data=body.data,
+        sha256=sha,
+        image_id=body.fields.get("image_id") or image_id or sha,
+        namespace=_namespace(body.fields.get("namespace") or namespace),
+        options=_options(request, body.fields),
+    )
+    result = await run_in_threadpool(service.extract, upload, request.state.request_id)
+    extra = {
+        "request_id": result.request_id,
+        "image_id": upload.image_id,
+        "namespace": upload.namespace,
+        "cached": result.cached,
+    }
+    response = render(request, result.stored, dtype, extra)
+    response.headers["X-Cache"] = "hit" if result.cached else "miss"
+    return response
+
+
+@router.get(
+    "/sha256/{sha256}",
+    summary="Cached regions by content hash",
+    response_model=None,
+    responses=_RESPONSES,
+)
+async def get_by_sha256(
+    request: Request,
+    sha256: str,
+    dtype: Dtype = None,
+    model_version: str | None = None,
+) -> Response:
+    """The cached record of the image whose bytes hash to ``sha256`` (404 when not cached)."""
+    sha256 = sha256.lower()
+    if not _SHA256.match(sha256):
+        raise InvalidRequestError(f"not a sha256 hex digest: {sha256!r}")
+    stored = await run_in_threadpool(_cached, request, sha256, model_version)
+    extra = {"request_id": request.state.request_id, "cached": True}
+    return render(request, stored, dtype, extra)
+
+
+@router.get(
+    "/{image_id:path}",
+    summary="Cached regions by image id",
+    response_model=None,
+    responses=_RESPONSES,
+)
+async def get_by_id(
+    request: Request,
+    image_id: str,
+    namespace: str | None = None,
+    dtype: Dtype = None,
+    model_version: str | None = None,
+) -> Response:
+    """The cached record of ``(namespace, image_id)`` (404 when the id or record is unknown)."""
+    ns = _namespace(namespace)
+    store = _service(request).store
+    sha = await run_in_threadpool(store.resolve, ns, image_id)
+    if sha is None:
+        raise NotFoundError(f"no image {image_id!r} in namespace {ns!r}")
+    stored = await run_in_threadpool(_cached, request, sha, model_version)
+    extra = {
+        "request_id": request.state.request_id,
+        "image_id": image_id,
+        "namespace": ns,
+        "cached": True,
+    }
+    return render(request, stored, dtype, extra)
+
+
+def _cached(request: Request, sha256: str, model_version: str | None) -> StoredRecord:
+    service = _service(request)
+    version = model_version or service.models.current()
+    if version is None:
+        raise NotFoundError("no model version known yet (no worker has been seen)")
+    stored = service.store.get(version, sha256)
+    if stored is None:
+        raise NotFoundError(f"no cached record of sha256 {sha256} under model {version}")
+    return stored

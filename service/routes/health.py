@@ -1,0 +1,66 @@
+"""Liveness, readiness and Prometheus metrics (no API key: probes and scrapers are open)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from service.backend import Queue
+from service.schemas import ReadyResponse, WorkerInfo
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live", summary="The gateway process answers")
+async def live() -> dict[str, str]:
+    """Always 200 while the process serves HTTP (restart it when this fails)."""
+    return {"status": "alive"}
+
+
+def _readiness(queue: Queue) -> ReadyResponse:
+    try:
+        queue.ping()
+        beats = queue.live_workers()
+    except Exception as exc:
+        return ReadyResponse(ready=False, reason=f"redis does not answer: {exc}")
+    now = time.time()
+    workers = [
+        WorkerInfo(
+            worker_id=b.worker_id,
+            device=b.device,
+            model_version=b.model_version or None,
+            loaded=b.loaded,
+            age_s=round(max(now - b.updated_at, 0.0), 3),
+        )
+        for b in beats
+    ]
+    loaded = [w for w in workers if w.loaded]
+    if not loaded:
+        reason = "no worker heartbeat" if not workers else "no worker has its model loaded"
+        return ReadyResponse(ready=False, reason=reason, workers=workers)
+    return ReadyResponse(ready=True, model_version=loaded[0].model_version, workers=workers)
+
+
+@router.get(
+    "/health/ready",
+    response_model=ReadyResponse,
+    responses={503: {"model": ReadyResponse}},
+    summary="Redis answers and a worker with a loaded model has a fresh heartbeat",
+)
+async def ready(request: Request) -> JSONResponse:
+    """200 when requests can be served now; 503 with the reason otherwise."""
+    body = await run_in_threadpool(_readiness, request.app.state.queue)
+    content: dict[str, Any] = body.model_dump()
+    return JSONResponse(content, status_code=200 if body.ready else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Text exposition format (queue depth, pending, workers, latencies, responses)."""
+    data = await run_in_threadpool(request.app.state.metrics.render)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

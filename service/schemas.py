@@ -1,0 +1,145 @@
+"""Request and response bodies of the HTTP API (pydantic models; they also drive /docs).
+
+Shapes: N regions of one image, D feature size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+FeatureDtype = Literal["float16", "float32"]
+
+
+class ExtractOptions(BaseModel):
+    """Per-request selection options; None = the worker's extraction config.
+
+    Any option set makes a different ``model_version`` (it is part of the cache key), so such a
+    request always reaches a worker; the response names the version it was computed under.
+    """
+
+    min_boxes: int | None = Field(default=None, ge=1, le=1000, description="fewest regions kept")
+    max_boxes: int | None = Field(default=None, ge=1, le=1000, description="most regions kept")
+    conf_thresh: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="class-confidence threshold of the 10-100 rule"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExtractOptions:
+        lo, hi = self.min_boxes, self.max_boxes
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"need min_boxes <= max_boxes; got {lo} > {hi}")
+        return self
+
+    def as_dict(self) -> dict[str, int | float]:
+        """Only the options that were set."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class FeatureArray(BaseModel):
+    """A dense little-endian array, base64 encoded."""
+
+    dtype: FeatureDtype
+    shape: list[int] = Field(description="[N, D]")
+    encoding: Literal["base64"] = "base64"
+    byte_order: Literal["little"] = "little"
+    data: str
+
+
+class ModelInfo(BaseModel):
+    """Which weights and extraction config produced a record."""
+
+    model_version: str
+    description: str = ""
+
+
+class FeaturesResponse(BaseModel):
+    """Regions of one image (JSON rendering of a stored FeatureRecord)."""
+
+    request_id: str | None = None
+    image_id: str
+    namespace: str | None = None
+    sha256: str
+    image_w: int
+    image_h: int
+    num_boxes: int
+    boxes: list[list[float]] = Field(description="(N, 4) x1, y1, x2, y2 in original pixels")
+    objects_id: list[int] = Field(description="(N,) 0-based into the object vocabulary")
+    objects: list[str]
+    objects_conf: list[float]
+    attrs_id: list[int] = Field(description="(N,) 0-based into the attribute vocabulary")
+    attributes: list[str]
+    attrs_conf: list[float]
+    features: FeatureArray
+    model_version: str
+    model: ModelInfo
+    cached: bool = Field(description="served from the store without reaching a worker")
+
+
+class JobRequest(BaseModel):
+    """A batch job over server-side files: paths or directories under the allowed roots."""
+
+    paths: list[str] = Field(min_length=1, description="files or directories (recursed)")
+    namespace: str = Field(default="default", description="namespace of the image ids")
+    options: ExtractOptions = Field(default_factory=ExtractOptions)
+
+
+class JobItemError(BaseModel):
+    """One image of a job that failed, and why."""
+
+    image_id: str
+    reason: str
+
+
+class JobStatus(BaseModel):
+    """Progress of a batch job."""
+
+    job_id: str
+    state: str = Field(description="queued | running | done | failed | cancelled")
+    total: int
+    done: int
+    failed: int
+    errors: list[JobItemError] = Field(default_factory=list)
+    images_per_s: float | None = None
+    eta_s: float | None = None
+    namespace: str | None = None
+    model_version: str | None = None
+
+
+class JobCreated(BaseModel):
+    """Answer to POST /v1/jobs."""
+
+    job_id: str
+    total: int
+    shards: int
+    skipped: list[JobItemError] = Field(
+        default_factory=list, description="files found but not queued (not an image suffix)"
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    error: str
+    detail: str
+    request_id: str | None = None
+
+
+class WorkerInfo(BaseModel):
+    """One live worker, from its heartbeat."""
+
+    worker_id: str
+    device: str = ""
+    model_version: str | None = None
+    loaded: bool = False
+    age_s: float
+
+
+class ReadyResponse(BaseModel):
+    """GET /health/ready."""
+
+    ready: bool
+    reason: str = ""
+    model_version: str | None = None
+    workers: list[WorkerInfo] = Field(default_factory=list)

@@ -1,0 +1,106 @@
+"""Gateway settings: the only module of ``service`` that reads the environment.
+
+Every value comes from an environment variable (``BUTD_`` prefix, except ``REDIS_URL`` which is
+also accepted bare because that is what ``butd serve`` and docker-compose set) or a ``.env``
+file. ``docs/service.md`` lists them all; keep that table in step with this class.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+FeatureDtype = Literal["float16", "float32"]
+
+
+def _split_list(value: object) -> list[str]:
+    """Comma-separated string (or a list) to a list of non-empty, stripped items."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+class Settings(BaseSettings):
+    """Configuration of the HTTP gateway (``service.app.create_app``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BUTD_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        protected_namespaces=(),
+    )
+
+    # Redis URL of the queue. None = ``butd serve`` starts an embedded redis-server.
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("BUTD_REDIS_URL", "REDIS_URL")
+    )
+    # Root of the feature store (sealed shards, index, job uploads); shared with the workers.
+    store_dir: Path = Path("butd-store")
+    # Cache key of the default extraction. None = read it from live worker heartbeats (the
+    # newest heartbeat with a loaded model wins); set it to pin the gateway to one version.
+    model_version: str | None = None
+    # Largest accepted upload, bytes (20 MiB: a 50 MP JPEG is well below it). Over it: 413.
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    # Largest accepted image, pixels (w * h; 50 MP). Over it: 413 with the value and the limit.
+    max_pixels: int = Field(default=50_000_000, gt=0)
+    # Decode the whole image in the gateway before enqueueing (catches truncated files with a
+    # 422); False = header probe only and the worker reports decode errors.
+    full_decode_check: bool = True
+    # How long POST /v1/features waits for a worker, seconds. Past it: 504 with the request id.
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    # Online requests allowed in the queue (waiting + being computed). Over it: 503 + Retry-After.
+    max_queue_depth: int = Field(default=256, gt=0)
+    # Value of the Retry-After header on 503 (queue full, no worker), seconds.
+    retry_after_s: int = Field(default=2, ge=1)
+    # A worker heartbeat older than this is not "live", seconds (workers beat every few seconds).
+    heartbeat_max_age_s: float = Field(default=15.0, gt=0)
+    # Default dtype of base64 features in JSON responses (query ``dtype=`` overrides).
+    json_feature_dtype: FeatureDtype = "float16"
+    # API keys accepted as ``Authorization: Bearer KEY`` on /v1/*; empty = no authentication.
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Directories batch jobs may read from (comma-separated); empty = server paths refused.
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # Image references per queue shard of a batch job.
+    job_shard_size: int = Field(default=256, gt=0)
+    # Largest uploaded job archive (tar or zip), bytes, and its unpacked size and member count.
+    max_archive_bytes: int = Field(default=2 * 1024**3, gt=0)
+    max_archive_unpacked_bytes: int = Field(default=8 * 1024**3, gt=0)
+    max_archive_members: int = Field(default=200_000, gt=0)
+    # File name suffixes a directory scan treats as images (case-insensitive).
+    image_suffixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    )
+    # Listen address of ``butd serve``.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # Weights for the embedded worker of ``butd serve`` (a path or a registry name).
+    weights: str = "demo-synthetic"
+    # Device of the embedded worker ("cpu", "cuda", "cuda:1").
+    device: str = "cpu"
+
+    @field_validator("api_keys", "image_suffixes", mode="before")
+    @classmethod
+    def _parse_str_list(cls, value: object) -> list[str]:
+        return _split_list(value)
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: object) -> list[Path]:
+        return [Path(item).expanduser() for item in _split_list(value)]
+
+    @property
+    def jobs_upload_dir(self) -> Path:
+        """Where uploaded job archives are unpacked (inside the store)."""
+        return self.store_dir / "jobs" / "uploads"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()

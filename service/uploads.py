@@ -1,0 +1,89 @@
+"""Read an upload from a request: multipart ``file`` part or a raw image body, size-limited.
+
+The limit is checked on ``Content-Length`` before anything is read and again on the bytes
+actually received (a chunked body without a length is read only up to the limit + 1 byte).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+
+from service.errors import BodyTooLargeError, InvalidRequestError, UnsupportedMediaError
+
+# Content types accepted as a raw image body (besides image/*).
+RAW_TYPES = ("application/octet-stream",)
+
+
+@dataclass(frozen=True)
+class Body:
+    """The uploaded bytes and the other form fields (empty for a raw body)."""
+
+    data: bytes
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None
+
+
+def _too_large(size: int, limit: int) -> BodyTooLargeError:
+    return BodyTooLargeError(
+        f"request body is {size} bytes; the limit is {limit} bytes", size=size, limit=limit
+    )
+
+
+def check_length(request: Request, limit: int) -> None:
+    """Refuse a declared ``Content-Length`` over ``limit`` before reading anything."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(int(declared), limit)
+
+
+async def read_raw(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_multipart(request: Request, limit: int, part: str) -> Body:
+    """The file part named ``part`` of a multipart form and the text fields beside it."""
+    form = await request.form(max_files=1, max_fields=32)
+    upload = form.get(part)
+    if not isinstance(upload, UploadFile):
+        raise UnsupportedMediaError(f"multipart body has no file part named {part!r}")
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(upload.size or len(data), limit)
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    await form.close()
+    return Body(data=data, fields=fields, filename=upload.filename)
+
+
+async def read_image_body(request: Request, limit: int) -> Body:
+    """The uploaded image: multipart ``file`` part, or the whole body for image/* and octets.
+
+    Raises:
+        BodyTooLargeError: over ``limit`` bytes (413).
+        UnsupportedMediaError: another content type, or no ``file`` part (415).
+        InvalidRequestError: an empty upload (422).
+    """
+    check_length(request, limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        body = await read_multipart(request, limit, "file")
+    elif ctype.startswith("image/") or ctype in RAW_TYPES:
+        body = Body(data=await read_raw(request, limit))
+    else:
+        raise UnsupportedMediaError(
+            f"Content-Type {ctype or '(none)'!r} is not an image upload; send "
+            "multipart/form-data with a 'file' part, image/*, or application/octet-stream"
+        )
+    if not body.data:
+        raise InvalidRequestError("the uploaded image is empty (0 bytes)")
+    return body
