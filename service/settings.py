@@ -104,3 +104,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+class ClientSettings(BaseSettings):
+    """Where the ``butd jobs`` / ``butd get`` commands find the gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="BUTD_", env_file=".env", extra="ignore")
+
+    # Base URL of the gateway.
+    url: str = "http://127.0.0.1:8000"
+    # API key sent as ``Authorization: Bearer``; None = no header.
+    api_key: str | None = None
+    # HTTP timeout of one call, seconds (an online extraction waits up to the gateway's
+    # BUTD_REQUEST_TIMEOUT_S, 30 s by default).
+    timeout_s: float = Field(default=120.0, gt=0)
