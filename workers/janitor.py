@@ -10,23 +10,36 @@ Runs inside every worker as a periodic step of its main loop (no thread, no lock
    handed back to the worker to process.
 3. ``XTRIM MINID`` below the oldest pending and the first undelivered entry (``trim_acked``).
 
+``HeartbeatThread`` refreshes the worker's heartbeat key on its own connection, so a long batch
+never lets it expire.
+
 The same screening (``screen``) applies to the worker's own pending entries re-read after a
 restart, so an entry that crashes the worker on every attempt still reaches the DLQ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from workers.protocol import GROUP, JOBS_STREAM, ONLINE_STREAM, decode_fields, text
-from workers.queue import Entry, ack, dead_letter, trim_acked
+import redis
+
+from workers.protocol import (
+    GROUP,
+    JOBS_STREAM,
+    ONLINE_STREAM,
+    Heartbeat,
+    decode_fields,
+    text,
+    worker_key,
+)
+from workers.queue import Entry, ack, connect, dead_letter, trim_acked, write_heartbeat
 
 if TYPE_CHECKING:
-    import redis
-
     Client = redis.Redis[Any]
 
 log = logging.getLogger(__name__)
@@ -162,6 +175,34 @@ class Janitor:
             entry.stream,
             deliveries - 1,
         )
+
+
+class HeartbeatThread(threading.Thread):
+    """Refreshes the worker's heartbeat key every ``period_s`` on its own connection."""
+
+    def __init__(self, url: str, beat: Callable[[], Heartbeat], period_s: float, ttl_s: int):
+        super().__init__(name="heartbeat", daemon=True)
+        self.client = connect(url)
+        self.beat = beat
+        self.period_s = period_s
+        self.ttl_s = ttl_s
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                write_heartbeat(self.client, self.beat(), ttl_s=self.ttl_s)
+            except redis.RedisError as exc:
+                log.debug("heartbeat not written: %s", exc)
+            if self._stop_event.wait(self.period_s):
+                return
+
+    def stop(self, worker_id: str) -> None:
+        """Stop beating and delete the key, so the gateway stops counting this worker."""
+        self._stop_event.set()
+        self.join(timeout=5)
+        with contextlib.suppress(redis.RedisError):
+            self.client.delete(worker_key(worker_id))
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:

@@ -46,6 +46,9 @@ class WorkerSettings(BaseSettings):
     device: str = _env("device", "auto")
     # Precision of the model: fp32 is the reference; fp16/bf16 are opt-in fast modes (CUDA).
     precision: Literal["fp32", "fp16", "bf16"] = _env("precision", "fp32")
+    # ExtractionConfig fields replacing the checkpoint's defaults for this worker (JSON object,
+    # e.g. {"min_boxes": 36, "max_boxes": 36}); requests can still override the box counts.
+    extraction: dict[str, Any] = _env("extraction", {})
     # Most images per model call (online entries per read; job shards are cut into pieces of
     # this size). 8 fits a 600x1000 R101 batch in ~6 GB.
     batch_size: int = _env("batch_size", 8, ge=1, le=256)

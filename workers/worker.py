@@ -21,7 +21,6 @@ SIGTERM / SIGINT: stop reading, finish the batch in hand, ack, exit 0. Redis err
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -46,7 +45,7 @@ from workers.batcher import (
     tasks_from_online,
     tasks_from_shard,
 )
-from workers.janitor import Janitor
+from workers.janitor import HeartbeatThread, Janitor
 from workers.protocol import (
     JOBS_STREAM,
     ONLINE_STREAM,
@@ -56,7 +55,6 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
     ProtocolError,
-    worker_key,
 )
 from workers.settings import WorkerSettings
 
@@ -75,34 +73,6 @@ class Counters:
     batches: int = 0
     images: int = 0
     errors: int = 0
-
-
-class HeartbeatThread(threading.Thread):
-    """Refreshes the worker's heartbeat key every ``period_s`` on its own connection."""
-
-    def __init__(self, url: str, beat: Callable[[], Heartbeat], period_s: float, ttl_s: int):
-        super().__init__(name="heartbeat", daemon=True)
-        self.client = q.connect(url)
-        self.beat = beat
-        self.period_s = period_s
-        self.ttl_s = ttl_s
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while True:
-            try:
-                q.write_heartbeat(self.client, self.beat(), ttl_s=self.ttl_s)
-            except redis.RedisError as exc:
-                log.debug("heartbeat not written: %s", exc)
-            if self._stop_event.wait(self.period_s):
-                return
-
-    def stop(self, worker_id: str) -> None:
-        """Stop beating and delete the key, so the gateway stops counting this worker."""
-        self._stop_event.set()
-        self.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):
-            self.client.delete(worker_key(worker_id))
 
 
 class Worker:
@@ -395,3 +365,41 @@ def _online_result(o: Outcome) -> OnlineResult:
         num_boxes=o.num_boxes,
         cached=o.cached,
     )
+
+
+def build_worker(settings: WorkerSettings) -> Worker:
+    """Load the model and open the store named by ``settings`` (imports torch)."""
+    from detector.extractor import Extractor
+    from store.shards import ShardStore  # noqa: F401  (placeholder until the store lands)
+
+    device = settings.torch_device()
+    start = time.perf_counter()
+    extractor = Extractor.from_weights(
+        settings.weights,
+        device=device,
+        batch_size=settings.batch_size,
+        precision=settings.precision,
+        **settings.extraction,
+    )
+    log.info(
+        "worker %s: loaded %s (%s) on %s in %.1fs",
+        settings.worker_id,
+        settings.weights,
+        extractor.model_version,
+        device,
+        time.perf_counter() - start,
+    )
+    sink = store_sink(settings, extractor)
+    return Worker(settings, extractor, sink, device=device, model=extractor.spec.description)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m workers.worker``: settings from the environment only."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return build_worker(WorkerSettings()).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
