@@ -25,7 +25,9 @@ Conversions (each a fixed rule, never a per-image normalisation, so features sta
 The pixel limit is ours (``max_pixels``), checked on the header size. Pillow's own
 ``MAX_IMAGE_PIXELS`` is never modified: its warning is silenced around ``Image.open`` and its
 hard error (above twice its limit) is answered by re-reading the header without Pillow's check,
-so the configured limit is the one that decides, above or below Pillow's.
+so the configured limit is the one that decides, above or below Pillow's. (The warning filter
+is ``warnings.catch_warnings``, process-global before Python 3.14: a concurrent thread may, at
+worst, also not see a DecompressionBombWarning during that call.)
 """
 
 from __future__ import annotations
@@ -141,7 +143,11 @@ def _open(data: bytes, max_pixels: int) -> ImageFile.ImageFile:
         raise TruncatedImageError(
             f"the image header is corrupt ({len(raw)} bytes): {type(e).__name__}: {e}"
         ) from e
-    _check_pixels(im.size, max_pixels)
+    try:
+        _check_pixels(im.size, max_pixels)
+    except ImageError:
+        im.close()
+        raise
     return im
 
 
