@@ -115,36 +115,72 @@ def _per_image_sets(h5: h5py.File, ff: FeatureFile) -> None:
         h5.attrs[key] = json.dumps(getattr(ff, key))
 
 
+Arrays = dict[str, np.ndarray[Any, Any]]
+_BLOCK = 256  # images buffered per HDF5 write (few large writes instead of many small ones)
+
+
+def _stream(
+    ff: FeatureFile,
+    dsets: dict[str, h5py.Dataset],
+    arrays_of: Callable[[FeatureRecord], Arrays],
+    join: Callable[[list[np.ndarray[Any, Any]]], np.ndarray[Any, Any]],
+    progress: Progress | None,
+) -> None:
+    """Write ``arrays_of(rec)`` for every record, ``_BLOCK`` images per write along axis 0."""
+    pos, buf = 0, []
+    for i, rec in enumerate(ff):
+        buf.append(arrays_of(rec))
+        if len(buf) == _BLOCK or i == len(ff) - 1:
+            for name, dset in dsets.items():
+                data = join([item[name] for item in buf])
+                dset[pos : pos + len(data)] = data
+            pos += len(data)
+            if progress is not None:
+                progress(len(buf))
+            buf = []
+
+
+def _sizes(h5: h5py.File, ff: FeatureFile, **extra: np.ndarray[Any, Any]) -> None:
+    sizes = ff.image_sizes()
+    h5.create_dataset("image_w", data=sizes[:, 0])
+    h5.create_dataset("image_h", data=sizes[:, 1])
+    for name, data in extra.items():
+        h5.create_dataset(name, data=data)
+
+
+def _dense_arrays(rec: FeatureRecord, k: int) -> Arrays:
+    """One image's (K, ...) arrays: top-K regions, zero padded (ids padded with -1)."""
+    keep = select_top_k(rec, k)
+    m = len(keep)
+    out: Arrays = {
+        "image_features": np.zeros((k, rec.feature_dim), np.float32),
+        "image_bb": np.zeros((k, 4), np.float32),
+        "spatial_features": np.zeros((k, 6), np.float32),
+        **{name: np.full(k, -1 if dt == np.int64 else 0, dt) for name, dt in _LABELS.items()},
+    }
+    out["image_features"][:m] = rec.features[keep]
+    out["image_bb"][:m] = rec.boxes[keep]
+    out["spatial_features"][:m] = rec.spatial_features()[keep]
+    for name in _LABELS:
+        out[name][:m] = getattr(rec, name)[keep]
+    return out
+
+
 def export_h5_dense(
     ff: FeatureFile, out: str | os.PathLike[str], *, k: int = 36, progress: Progress | None = None
 ) -> int:
     """Write the hengyuan-hu fixed-K HDF5 file and its ``_imgid2idx.pkl``; returns N."""
     out, n, d = Path(out), len(ff), ff.feature_dim
-    truncated = 0
+    counts = ff.num_boxes()
+    truncated = int((counts > k).sum())
     with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
         _per_image_sets(h5, ff)
-        feats = h5.create_dataset("image_features", (n, k, d), dtype=np.float32)
-        bb = h5.create_dataset("image_bb", (n, k, 4), dtype=np.float32)
-        spatial = h5.create_dataset("spatial_features", (n, k, 6), dtype=np.float32)
-        labels = {
-            name: h5.create_dataset(name, (n, k), dtype=dt, fillvalue=-1 if dt == np.int64 else 0)
-            for name, dt in _LABELS.items()
-        }
-        sizes = np.zeros((n, 3), dtype=np.int32)  # num_boxes, image_w, image_h
-        for i, rec in enumerate(ff):
-            keep = select_top_k(rec, k)
-            truncated += int(len(keep) < rec.num_boxes)
-            m = len(keep)
-            feats[i, :m] = rec.features[keep].astype(np.float32)
-            bb[i, :m] = rec.boxes[keep]
-            spatial[i, :m] = rec.spatial_features()[keep]
-            for name, dset in labels.items():
-                dset[i, :m] = getattr(rec, name)[keep]
-            sizes[i] = (m, rec.image_w, rec.image_h)
-            if progress is not None:
-                progress(1)
-        for col, name in enumerate(("num_boxes", "image_w", "image_h")):
-            h5.create_dataset(name, data=sizes[:, col])
+        _sizes(h5, ff, num_boxes=np.minimum(counts, k).astype(np.int32))
+        tails = {"image_features": (k, d), "image_bb": (k, 4), "spatial_features": (k, 6)}
+        dsets = {name: h5.create_dataset(name, (n, *t), np.float32) for name, t in tails.items()}
+        for name, dt in _LABELS.items():
+            dsets[name] = h5.create_dataset(name, (n, k), dt)
+        _stream(ff, dsets, lambda rec: _dense_arrays(rec, k), np.stack, progress)
         h5.attrs["k"] = k
         h5.attrs["truncated_images"] = truncated
     if truncated:
@@ -152,6 +188,15 @@ def export_h5_dense(
                        "objects_conf", out, truncated, n, k, k)  # fmt: skip
     _write_imgid2idx(out, ff.ids())
     return n
+
+
+def _ragged_arrays(rec: FeatureRecord) -> Arrays:
+    return {
+        "image_features": rec.features.astype(np.float32),
+        "image_bb": rec.boxes,
+        "spatial_features": rec.spatial_features(),
+        **{name: getattr(rec, name) for name in _LABELS},
+    }
 
 
 def export_h5_ragged(
@@ -162,31 +207,15 @@ def export_h5_ragged(
     counts = ff.num_boxes()
     ends = np.cumsum(counts)
     r = int(ends[-1]) if n else 0
-    pos_dtype = np.int32 if r < 2**31 else np.int64
+    pos = np.stack([ends - counts, ends], axis=1).astype(np.int32 if r < 2**31 else np.int64)
     with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
         _per_image_sets(h5, ff)
-        h5.create_dataset(
-            "pos_boxes", data=np.stack([ends - counts, ends], axis=1).astype(pos_dtype)
-        )
-        rows = {
-            "image_features": h5.create_dataset("image_features", (r, d), dtype=np.float32),
-            "image_bb": h5.create_dataset("image_bb", (r, 4), dtype=np.float32),
-            "spatial_features": h5.create_dataset("spatial_features", (r, 6), dtype=np.float32),
-            **{name: h5.create_dataset(name, (r,), dtype=dt) for name, dt in _LABELS.items()},
-        }
-        sizes = np.zeros((n, 2), dtype=np.int32)
-        for i, rec in enumerate(ff):
-            r0, r1 = int(ends[i] - counts[i]), int(ends[i])
-            rows["image_features"][r0:r1] = rec.features.astype(np.float32)
-            rows["image_bb"][r0:r1] = rec.boxes
-            rows["spatial_features"][r0:r1] = rec.spatial_features()
-            for name in _LABELS:
-                rows[name][r0:r1] = getattr(rec, name)
-            sizes[i] = (rec.image_w, rec.image_h)
-            if progress is not None:
-                progress(1)
-        h5.create_dataset("image_w", data=sizes[:, 0])
-        h5.create_dataset("image_h", data=sizes[:, 1])
+        _sizes(h5, ff, pos_boxes=pos)
+        tails = {"image_features": (d,), "image_bb": (4,), "spatial_features": (6,)}
+        dsets = {name: h5.create_dataset(name, (r, *t), np.float32) for name, t in tails.items()}
+        for name, dt in _LABELS.items():
+            dsets[name] = h5.create_dataset(name, (r,), dt)
+        _stream(ff, dsets, _ragged_arrays, np.concatenate, progress)
     _write_imgid2idx(out, ff.ids())
     return n
 

@@ -383,6 +383,11 @@ class FeatureFile:
         counts: np.ndarray[Any, np.dtype[np.int64]] = np.diff(self._offsets)
         return counts
 
+    def image_sizes(self) -> np.ndarray[Any, np.dtype[np.int32]]:
+        """(N, 2) int32 original image width, height per image."""
+        sizes: np.ndarray[Any, np.dtype[np.int32]] = np.stack([self._w, self._h], axis=1)
+        return sizes.astype(np.int32)
+
     def __len__(self) -> int:
         return self._n
 
