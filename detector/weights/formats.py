@@ -25,6 +25,7 @@ correction would be wrong here. ``num_batches_tracked`` is dropped.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import importlib
 import logging
@@ -118,6 +119,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) == ("_codecs", "encode"):  # protocol-2 pickles store bytes this way
+            return codecs.encode
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         package, _, leaf = module.rpartition(".")
