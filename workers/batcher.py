@@ -229,8 +229,10 @@ class FeatureSink(Protocol):
         """True when (model_version, sha256) is stored."""
         ...
 
-    def seal(self, name: str, records: Sequence[StoredItem], model_version: str) -> None:
-        """Write ``records`` as one sealed shard named after ``name`` and index them."""
+    def seal(
+        self, name: str, records: Sequence[StoredItem], model_version: str, config: dict[str, Any]
+    ) -> None:
+        """Write ``records`` (made under ``config``) as one sealed shard and index them."""
         ...
 
     def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
@@ -323,7 +325,7 @@ class Processor:
         computed = self._compute(list(todo.values()), config)
         stored = [s for s in computed.values() if isinstance(s, StoredItem)]
         if stored:
-            self.sink.seal(f"{name}-{version}", stored, version)
+            self.sink.seal(f"{name}-{version}", stored, version, config.to_json())
         outcomes = [self._outcome(x, version, computed) for x in group]
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if aliases:

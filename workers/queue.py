@@ -129,10 +129,19 @@ class Entry:
     fields: dict[str, str] | None
 
 
-def connect(url: str, *, socket_connect_timeout: float = 5.0) -> Client:
-    """A client with bytes replies and a keep-alive health check (no read timeout: BLPOP)."""
+# Longest single blocking call (BLPOP, XREADGROUP BLOCK), seconds; below the read timeout.
+MAX_BLOCK_S = 10.0
+
+
+def connect(url: str, *, socket_timeout: float = 30.0, connect_timeout: float = 5.0) -> Client:
+    """A client with bytes replies and a read timeout above ``MAX_BLOCK_S`` (a dead host is
+    noticed; blocking calls here never block longer than ``MAX_BLOCK_S`` at once)."""
     return redis.Redis.from_url(
-        url, socket_connect_timeout=socket_connect_timeout, health_check_interval=30
+        url,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
     )
 
 
@@ -176,10 +185,14 @@ def enqueue_online(
 
 def wait_result(r: Client, request_id: str, timeout_s: float) -> OnlineResult | None:
     """Block until the worker reports on ``request_id``; None after ``timeout_s`` seconds."""
-    reply = r.blpop([result_key(request_id)], timeout=max(timeout_s, 0.01))
-    if reply is None:
-        return None
-    return OnlineResult.from_json(reply[1])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        reply = r.blpop([result_key(request_id)], timeout=min(max(left, 0.01), MAX_BLOCK_S))
+        if reply is not None:
+            return OnlineResult.from_json(reply[1])
+        if left <= MAX_BLOCK_S:
+            return None
 
 
 def queue_depth(r: Client) -> dict[str, int]:
@@ -245,6 +258,8 @@ def read_entries(
         pending: read this consumer's own pending entries (id 0) instead of new ones (``>``).
         block_ms: wait up to this long for new entries; None = return at once.
     """
+    if block_ms is not None and not 1 <= block_ms <= MAX_BLOCK_S * 1000:
+        raise ValueError(f"block_ms must be in [1, {MAX_BLOCK_S * 1000:.0f}]; got {block_ms}")
     start = "0" if pending else ">"
     reply = r.xreadgroup(
         GROUP, consumer, dict.fromkeys(streams, start), count=count, block=block_ms

@@ -56,7 +56,7 @@ class WorkerSettings(BaseSettings):
     batch_wait_ms: int = _env("batch_wait_ms", 10, ge=0, le=10_000)
     # Longest blocking read when the queues are empty, ms: bounds how late a worker notices
     # SIGTERM, the janitor's schedule and the heartbeat while idle.
-    idle_block_ms: int = _env("idle_block_ms", 1000, ge=1, le=60_000)
+    idle_block_ms: int = _env("idle_block_ms", 1000, ge=1, le=10_000)
     # An entry pending this long (ms) under any consumer is presumed lost and reclaimed. Must
     # exceed the worst batch time, or live work runs twice (long shards refresh their claim).
     claim_idle_ms: int = _env("claim_idle_ms", 60_000, ge=100)

@@ -21,6 +21,7 @@ SIGTERM / SIGINT: stop reading, finish the batch in hand, ack, exit 0. Redis err
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -57,6 +58,7 @@ from workers.protocol import (
     ProtocolError,
 )
 from workers.settings import WorkerSettings
+from workers.sink import ShardDirSink
 
 if TYPE_CHECKING:
     Client = redis.Redis[Any]
@@ -369,17 +371,16 @@ def _online_result(o: Outcome) -> OnlineResult:
 
 def build_worker(settings: WorkerSettings) -> Worker:
     """Load the model and open the store named by ``settings`` (imports torch)."""
-    from detector.extractor import Extractor
-    from store.shards import ShardStore  # noqa: F401  (placeholder until the store lands)
+    # Imported by name: torch stays out of this module's import graph (and out of mypy's).
+    extractor_cls: Any = importlib.import_module("detector.extractor").Extractor
 
     device = settings.torch_device()
     start = time.perf_counter()
-    extractor = Extractor.from_weights(
+    extractor = extractor_cls.from_weights(
         settings.weights,
         device=device,
         batch_size=settings.batch_size,
-        precision=settings.precision,
-        **settings.extraction,
+        **{"precision": settings.precision, **settings.extraction},
     )
     log.info(
         "worker %s: loaded %s (%s) on %s in %.1fs",
@@ -389,7 +390,15 @@ def build_worker(settings: WorkerSettings) -> Worker:
         device,
         time.perf_counter() - start,
     )
-    sink = store_sink(settings, extractor)
+    spec = extractor.spec
+    sink = ShardDirSink(
+        settings.store_dir,
+        {
+            "objects_vocab": spec.objects_vocab,
+            "attributes_vocab": spec.attributes_vocab,
+            "feature_dim": spec.arch.feature_dim,
+        },
+    )
     return Worker(settings, extractor, sink, device=device, model=extractor.spec.description)
 
 

@@ -8,6 +8,7 @@ import tarfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -88,7 +89,10 @@ class FakeSink:
     def has(self, model_version: str, sha256: str) -> bool:
         return (model_version, sha256) in self.stored
 
-    def seal(self, name: str, records: Sequence[StoredItem], model_version: str) -> None:
+    def seal(
+        self, name: str, records: Sequence[StoredItem], model_version: str, config: dict[str, Any]
+    ) -> None:
+        assert config["max_boxes"] >= config["min_boxes"]
         self.seals.append((name, [r.content_sha256 for r in records]))
         for r in records:
             assert r.record.model_version == model_version
