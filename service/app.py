@@ -79,7 +79,8 @@ def _echo_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
 
 def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
     """The real queue (Redis) and store (sealed shards + index) named by ``settings``."""
-    from service.adapters import RedisQueue, StoreAdapter, connect
+    from service.adapters import RedisQueue, connect
+    from service.shard_store import ShardDirStore
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (butd serve starts an embedded Redis)")
@@ -88,9 +89,9 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         client,
         heartbeat_max_age_s=settings.heartbeat_max_age_s,
         job_shard_size=settings.job_shard_size,
-        image_ttl_s=int(settings.request_timeout_s) + 60,
+        image_ttl_s=int(settings.request_timeout_s + settings.compute_grace_s) + 60,
     )
-    return queue, StoreAdapter(settings.store_dir)
+    return queue, ShardDirStore(settings.store_dir)
 
 
 def _wire(app: FastAPI, queue: Queue, store: FeatureStore) -> None:

@@ -38,7 +38,7 @@ class ModelVersions:
 
     Args:
         queue: where heartbeats are read.
-        pinned: ``Settings.model_version``; when set, heartbeats are not consulted.
+        pinned: ``Settings.model_version``; when set, heartbeats only supply descriptions.
         refresh_s: how long a heartbeat read is reused, seconds.
     """
 
@@ -47,13 +47,12 @@ class ModelVersions:
         self._pinned = pinned
         self._refresh_s = refresh_s
         self._last: str | None = pinned
+        self._descriptions: dict[str, str] = {}
         self._read_at = float("-inf")
         self._lock = threading.Lock()
 
     def current(self) -> str | None:
         """The pinned version, the newest loaded worker's, or the last one seen (None if never)."""
-        if self._pinned:
-            return self._pinned
         with self._lock:
             if time.monotonic() - self._read_at < self._refresh_s:
                 return self._last
@@ -63,9 +62,15 @@ class ModelVersions:
         except Exception as exc:  # Redis down: keep serving the cache under the last version
             logger.warning("model version: heartbeats unavailable: %s", exc)
             return self._last
-        if beats:
+        for beat in beats:
+            self._descriptions[beat.model_version] = beat.model
+        if beats and not self._pinned:
             self._last = max(beats, key=lambda b: b.started_at).model_version
         return self._last
+
+    def describe(self, version: str) -> str:
+        """The description a worker gave for ``version`` ("" if never seen)."""
+        return self._descriptions.get(version, "")
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ class OnlineService:
             namespace=upload.namespace,
             image_id=upload.image_id,
             options=upload.options,
-            deadline_ms=int((time.time() + timeout) * 1000),
+            deadline_ms=int((time.time() + timeout + self.settings.compute_grace_s) * 1000),
         )
         start = time.perf_counter()
         self.queue.enqueue_online(request, upload.data)

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     full_decode_check: bool = True
     # How long POST /v1/features waits for a worker, seconds. Past it: 504 with the request id.
     request_timeout_s: float = Field(default=30.0, gt=0)
+    # After a 504 the request stays in the queue: a worker that reaches it within this many
+    # more seconds still computes and caches it (a retry is then a cache hit); later, it is
+    # dropped unprocessed.
+    compute_grace_s: float = Field(default=30.0, ge=0)
     # Online requests allowed in the queue (waiting + being computed). Over it: 503 + Retry-After.
     max_queue_depth: int = Field(default=256, gt=0)
     # Value of the Retry-After header on 503 (queue full, no worker), seconds.

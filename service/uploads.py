@@ -7,12 +7,14 @@ actually received (a chunked body without a length is read only up to the limit 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from service.errors import BodyTooLargeError, InvalidRequestError, UnsupportedMediaError
 
+_CHUNK = 1 << 20
 # Content types accepted as a raw image body (besides image/*).
 RAW_TYPES = ("application/octet-stream",)
 
@@ -63,6 +65,37 @@ async def read_multipart(request: Request, limit: int, part: str) -> Body:
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     await form.close()
     return Body(data=data, fields=fields, filename=upload.filename)
+
+
+async def save_multipart(request: Request, part: str, dest: Path, limit: int) -> dict[str, str]:
+    """Copy the file part ``part`` to ``dest`` in chunks (never whole in memory).
+
+    Returns:
+        The text fields beside the file.
+
+    Raises:
+        UnsupportedMediaError: no such file part (415).
+        BodyTooLargeError: the file is over ``limit`` bytes (413); ``dest`` is removed.
+    """
+    form = await request.form(max_files=1, max_fields=32)
+    try:
+        upload = form.get(part)
+        if not isinstance(upload, UploadFile):
+            raise UnsupportedMediaError(f"multipart body has no file part named {part!r}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        size = 0
+        with dest.open("wb") as out:
+            while chunk := await upload.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    break
+                out.write(chunk)
+        if size > limit:
+            dest.unlink(missing_ok=True)
+            raise _too_large(size, limit)
+        return {k: v for k, v in form.items() if isinstance(v, str)}
+    finally:
+        await form.close()
 
 
 async def read_image_body(request: Request, limit: int) -> Body:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from typing import Annotated, Any
@@ -75,6 +76,9 @@ def render(
 ) -> Response:
     """The record in the format the ``Accept`` header asks for (JSON, npz or safetensors)."""
     dtype = dtype or request.app.state.settings.json_feature_dtype
+    if not stored.description:
+        described = _service(request).models.describe(stored.record.model_version)
+        stored = dataclasses.replace(stored, description=described)
     media = encoding.negotiate(request.headers.get("accept"))
     headers = {"X-Model-Version": stored.record.model_version}
     if media == encoding.NPZ:

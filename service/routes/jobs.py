@@ -19,7 +19,7 @@ from starlette.background import BackgroundTask
 from service import datasets
 from service.auth import require_api_key
 from service.backend import Queue
-from service.errors import BodyTooLargeError, InvalidRequestError, NotFoundError
+from service.errors import InvalidRequestError, NotFoundError
 from service.schemas import (
     ErrorBody,
     ExtractOptions,
@@ -29,7 +29,7 @@ from service.schemas import (
     JobStatus,
 )
 from service.settings import Settings
-from service.uploads import check_length, read_multipart
+from service.uploads import check_length, save_multipart
 from workers.protocol import ExtractOptions as QueueOptions
 from workers.protocol import JobStatus as QueueJobStatus
 
@@ -43,7 +43,7 @@ EXPORT_SUFFIXES = {
     "h5-ragged": ".h5",
     "tsv": ".tsv",
     "lxmert-tsv": ".tsv",
-    "npz": ".npz",
+    "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -100,14 +100,15 @@ async def _parse_job(request: Request, job_id: str) -> tuple[JobRequest, list[Pa
         except ValidationError as exc:
             raise InvalidRequestError(f"bad job request: {exc.errors()[0]['msg']}") from None
     check_length(request, settings.max_archive_bytes)
-    body = await read_multipart(request, settings.max_archive_bytes, "archive")
     dest = settings.jobs_upload_dir / job_id
-    await run_in_threadpool(_unpack_upload, body.data, dest, settings)
-    options = {k: v for k, v in body.fields.items() if k in ExtractOptions.model_fields}
+    archive = dest.parent / f"{dest.name}.upload"
+    fields = await save_multipart(request, "archive", archive, settings.max_archive_bytes)
+    await run_in_threadpool(_unpack_upload, archive, dest, settings)
+    options = {k: v for k, v in fields.items() if k in ExtractOptions.model_fields}
     try:
         job = JobRequest(
             paths=[str(dest)],
-            namespace=body.fields.get("namespace", "default"),
+            namespace=fields.get("namespace", "default"),
             options=ExtractOptions.model_validate(options),
         )
     except ValidationError as exc:
@@ -115,14 +116,10 @@ async def _parse_job(request: Request, job_id: str) -> tuple[JobRequest, list[Pa
     return job, [dest]
 
 
-def _unpack_upload(data: bytes, dest: Path, settings: Settings) -> None:
-    if len(data) > settings.max_archive_bytes:
-        raise BodyTooLargeError(f"archive is over {settings.max_archive_bytes} bytes (the limit)")
-    if dest.exists():  # the same Idempotency-Key again: unpack afresh
+def _unpack_upload(archive: Path, dest: Path, settings: Settings) -> None:
+    """Unpack the saved upload into ``dest`` (replacing an earlier try with the same id)."""
+    if dest.exists():
         shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    archive = dest.with_suffix(".upload")
-    archive.write_bytes(data)
     limits = datasets.ArchiveLimits(
         max_members=settings.max_archive_members,
         max_unpacked_bytes=settings.max_archive_unpacked_bytes,
@@ -232,8 +229,8 @@ async def export(
     version = model_version or request.app.state.online.models.current()
     if version is None:
         raise NotFoundError("no model version known yet (no worker has been seen)")
-    out = settings.store_dir / "exports" / f"{job_id}-{uuid.uuid4().hex[:8]}"
-    out = out.with_suffix(EXPORT_SUFFIXES[format])
+    suffix = EXPORT_SUFFIXES[format]
+    out = settings.store_dir / "exports" / f"{job_id}-{uuid.uuid4().hex[:8]}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     namespace, image_ids = manifest
     count = await run_in_threadpool(
