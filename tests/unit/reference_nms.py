@@ -101,9 +101,16 @@ def reference_select(
     max_conf = reference_max_conf(
         boxes, cls_prob, nms_thresh, plus_one=plus_one, suppress_equal=suppress_equal
     )
+    return reference_keep(max_conf, conf_thresh, min_boxes, max_boxes), max_conf.astype(np.float32)
+
+
+def reference_keep(
+    max_conf: npt.NDArray[np.float64], conf_thresh: float, min_boxes: int, max_boxes: int
+) -> npt.NDArray[np.int64]:
+    """generate_tsv.py's threshold and MIN/MAX clamp on ``max_conf`` (stable argsort for ties)."""
     keep_boxes = np.where(max_conf >= conf_thresh)[0]
     if len(keep_boxes) < min_boxes:
         keep_boxes = np.argsort(-max_conf, kind="stable")[:min_boxes]
     elif len(keep_boxes) > max_boxes:
         keep_boxes = np.argsort(-max_conf, kind="stable")[:max_boxes]
-    return keep_boxes.astype(np.int64), max_conf.astype(np.float32)
+    return keep_boxes.astype(np.int64)
