@@ -24,7 +24,6 @@ from detector.weights.registry import RegistryEntry, canonical_path, load_vocab
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # 1 MiB per read: progress updates without per-chunk overhead
 RETRIES = 5  # resumptions per URL after a dropped connection
 
 
@@ -75,7 +74,7 @@ def _download_once(client: httpx.Client, url: str, part: Path, progress: bool) -
                 disable=not progress,
             ) as bar,
         ):
-            for chunk in resp.iter_bytes(CHUNK_BYTES):
+            for chunk in resp.iter_bytes():  # as received: a cut loses nothing written
                 f.write(chunk)
                 bar.update(len(chunk))
     size = part.stat().st_size
