@@ -87,6 +87,8 @@ class FeatureFileWriter:
         attributes_vocab: the 400 attribute names (index = ``attrs_id``).
         feature_dtype: "float16" (default, max rel. error 5e-4) or "float32".
         feature_dim: D; every record must have ``features.shape[1] == D``.
+        unique_ids: refuse an image id already in the file (True); shard files, whose rows are
+            keyed by content and may repeat an id across namespaces, pass False.
 
     Raises:
         FeatureFileError: an existing file with another model_version, D or feature dtype.
@@ -102,6 +104,7 @@ class FeatureFileWriter:
         attributes_vocab: Sequence[str] = (),
         feature_dtype: str = "float16",
         feature_dim: int,
+        unique_ids: bool = True,
     ) -> None:
         if feature_dtype not in ("float16", "float32"):
             raise FeatureFileError(f"feature_dtype must be float16 or float32; got {feature_dtype}")
@@ -109,6 +112,7 @@ class FeatureFileWriter:
         self.model_version = model_version
         self.feature_dim = int(feature_dim)
         self.feature_dtype = np.dtype(feature_dtype)
+        self.unique_ids = unique_ids
         self._file = h5py.File(self.path, "a")
         if "offsets" in self._file:
             self._check_existing()
@@ -190,7 +194,7 @@ class FeatureFileWriter:
         return self._ids
 
     def _validate(self, records: Sequence[FeatureRecord]) -> None:
-        seen = self.ids()
+        seen = self.ids() if self.unique_ids else set()
         batch: set[str] = set()
         for rec in records:
             if rec.model_version != self.model_version:
@@ -203,6 +207,8 @@ class FeatureFileWriter:
                     f"record {rec.image_id!r} has D={rec.feature_dim}; file holds D="
                     f"{self.feature_dim}"
                 )
+            if not self.unique_ids:
+                continue
             if rec.image_id in seen or rec.image_id in batch:
                 raise FeatureFileError(f"image id {rec.image_id!r} is already in {self.path}")
             batch.add(rec.image_id)
@@ -239,7 +245,8 @@ class FeatureFileWriter:
         f["offsets"].resize((n0 + len(records),))
         f["offsets"][n0:] = r0 + np.cumsum(counts)
         f.flush()
-        self.ids().update(rec.image_id for rec in records)
+        if self._ids is not None:
+            self._ids.update(rec.image_id for rec in records)
 
     def _append_images(self, records: Sequence[FeatureRecord]) -> None:
         f = self._file
@@ -356,10 +363,21 @@ class FeatureFile:
         dtype: np.dtype[Any] = np.dtype(self._rows["features"].dtype)
         return dtype
 
+    def writer_meta(self) -> dict[str, Any]:
+        """Keyword arguments that make a ``FeatureFileWriter`` of the same kind (no version)."""
+        return {
+            "config": self.config,
+            "objects_vocab": self.objects_vocab,
+            "attributes_vocab": self.attributes_vocab,
+            "feature_dtype": self.feature_dtype.name,
+            "feature_dim": self.feature_dim,
+        }
+
     def _ids_index(self) -> dict[str, int]:
         if self._index is None:
-            ids = self.ids()
-            self._index = {image_id: i for i, image_id in enumerate(ids)}
+            self._index = {}
+            for i, image_id in enumerate(self.ids()):  # a repeated id (shards) maps to its first
+                self._index.setdefault(image_id, i)
         return self._index
 
     def ids(self) -> list[str]:
