@@ -21,13 +21,13 @@ import hashlib
 import json
 import logging
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from detector.config import ArchConfig, Conventions, ModelSpec
 
@@ -194,6 +194,37 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def _write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """Byte-deterministic safetensors writer (float32 only).
+
+    ``safetensors.torch.save_file`` orders the metadata through a hash map, so the same
+    weights give a different file (and sha256, hence ``model_version``) on every run. Here the
+    header is sorted JSON and the data follow in key order: equal inputs, equal bytes.
+
+    Layout (safetensors spec): u64 little-endian header length, JSON header padded with
+    spaces to a multiple of 8, then the raw little-endian tensor data.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * 4
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(tensors[key].shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for key in sorted(tensors):
+            f.write(tensors[key].numpy().astype("<f4", copy=False).tobytes())
+
+
 def save_canonical(
     path: str | os.PathLike[str],
     state_dict: Mapping[str, torch.Tensor],
@@ -207,7 +238,7 @@ def save_canonical(
     Args:
         path: destination ``.safetensors`` file.
         state_dict: canonical key -> tensor; checked against ``canonical_shapes(spec.arch)``.
-            Tensors are stored as contiguous float32 on CPU.
+            Tensors are stored as float32; the file is byte-deterministic.
         spec: stored as JSON in the metadata.
         source_sha256: hex digest of the file this was converted from (None if not a
             conversion, e.g. a trained demo model).
@@ -231,7 +262,7 @@ def save_canonical(
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    _write_safetensors(tmp, tensors, metadata)
     os.replace(tmp, path)
     logger.info("wrote %s (%d tensors, from %s)", path, len(tensors), source_format)
     return path

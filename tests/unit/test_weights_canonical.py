@@ -153,3 +153,18 @@ def test_plain_safetensors_is_not_canonical(tmp_path: Path) -> None:
     assert not is_canonical_file(tmp_path / "junk.safetensors")
     with pytest.raises(WeightsError, match="butd weights convert"):
         load(tmp_path / "plain.safetensors")
+
+
+def test_files_are_byte_deterministic(tmp_path: Path) -> None:
+    """Same tensors and spec -> same sha256 (it keys model_version), whatever the dict order."""
+    spec = _tiny_spec()
+    sd = random_canonical_state_dict(spec.arch, 0, spec.conventions)
+    backwards = dict(reversed(list(sd.items())))
+    digests = {
+        file_sha256(
+            save_canonical(tmp_path / f"{i}.safetensors", d, spec, source_sha256="x",
+                           source_format="t")
+        )
+        for i, d in enumerate((sd, backwards, sd))
+    }  # fmt: skip
+    assert len(digests) == 1
