@@ -89,6 +89,8 @@ class FeatureFileWriter:
         feature_dim: D; every record must have ``features.shape[1] == D``.
         unique_ids: refuse an image id already in the file (True); shard files, whose rows are
             keyed by content and may repeat an id across namespaces, pass False.
+        size_hint: (images, regions) of a file written once (a shard): chunks are capped at
+            that size so a small file stays small. None for files that grow.
 
     Raises:
         FeatureFileError: an existing file with another model_version, D or feature dtype.
@@ -105,6 +107,7 @@ class FeatureFileWriter:
         feature_dtype: str = "float16",
         feature_dim: int,
         unique_ids: bool = True,
+        size_hint: tuple[int, int] | None = None,
     ) -> None:
         if feature_dtype not in ("float16", "float32"):
             raise FeatureFileError(f"feature_dtype must be float16 or float32; got {feature_dtype}")
@@ -123,11 +126,18 @@ class FeatureFileWriter:
                 "objects_vocab": list(objects_vocab),
                 "attributes_vocab": list(attributes_vocab),
             }
-            self._create(meta)
+            self._create(meta, size_hint)
         self._ids: set[str] | None = None
 
-    def _create(self, meta: dict[str, Any]) -> None:
+    def _create(self, meta: dict[str, Any], size_hint: tuple[int, int] | None) -> None:
         f = self._file
+        itemsize = self.feature_dtype.itemsize
+        row_chunk = max(1, _FEATURE_CHUNK_BYTES // max(1, self.feature_dim * itemsize))
+        image_chunk = scalar_chunk = _IMAGE_CHUNK
+        if size_hint is not None:  # a small sealed file: chunks no larger than its data
+            image_chunk = max(1, min(image_chunk, size_hint[0] + 1))
+            scalar_chunk = max(1, min(scalar_chunk, size_hint[1]))
+            row_chunk = max(1, min(row_chunk, size_hint[1]))
         f.attrs["butd_format"] = FORMAT
         f.attrs["model_version"] = self.model_version
         f.attrs["feature_dtype"] = self.feature_dtype.name
@@ -135,12 +145,10 @@ class FeatureFileWriter:
         for key, value in meta.items():
             f.attrs[key] = json.dumps(value)
         for name, dtype in _IMAGE_SETS.items():
-            f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(_IMAGE_CHUNK,))
+            f.create_dataset(name, (0,), dtype=dtype, maxshape=(None,), chunks=(image_chunk,))
         f.create_dataset(
-            "offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(_IMAGE_CHUNK,)
+            "offsets", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(image_chunk,)
         )
-        itemsize = self.feature_dtype.itemsize
-        row_chunk = max(1, _FEATURE_CHUNK_BYTES // (self.feature_dim * itemsize))
         f.create_dataset(
             "features",
             (0, self.feature_dim),
@@ -150,7 +158,7 @@ class FeatureFileWriter:
         )
         for name, (dtype, tail) in _ROW_SETS.items():
             f.create_dataset(
-                name, (0, *tail), dtype=dtype, maxshape=(None, *tail), chunks=(_IMAGE_CHUNK, *tail)
+                name, (0, *tail), dtype=dtype, maxshape=(None, *tail), chunks=(scalar_chunk, *tail)
             )
         f.flush()
 

@@ -173,14 +173,15 @@ def seal_shard(
     for rec in records:
         if not rec.extra.get("content_sha256"):
             raise ValueError(f"record {rec.image_id!r} has no extra['content_sha256']")
-    meta.setdefault("feature_dim", records[0].feature_dim if records else 0)
+    meta.setdefault("feature_dim", records[0].feature_dim if records else 1)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = new_shard_name(worker_id)
     tmp = d / f"{TMP_PREFIX}{name}"
     try:
+        hint = (len(records), sum(rec.num_boxes for rec in records))
         with FeatureFileWriter(
-            tmp, model_version=model_version, unique_ids=False, **meta
+            tmp, model_version=model_version, unique_ids=False, size_hint=hint, **meta
         ) as writer:
             writer.append(records)
         with h5py.File(tmp, "a") as h5:
@@ -325,7 +326,7 @@ class ShardReaders:
                 ff.close()
 
 
-Relocate = Callable[[list[Move]], None]
+Relocate = Callable[[list[Move]], object]
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,16 @@ def _small_groups(directory: Path, min_rows: int, max_rows: int) -> list[list[st
     return [g for g in groups if len(g) >= 2]
 
 
+def _merge_meta(directory: Path, sources: list[str]) -> tuple[str, dict[str, Any]]:
+    """Model version and writer metadata for a merge, from the first source with images
+    (an alias-only shard may carry a placeholder feature size)."""
+    for name in sources:
+        with FeatureFile(directory / name) as ff:
+            if len(ff) or name == sources[-1]:
+                return ff.model_version, ff.writer_meta()
+    raise ValueError("nothing to merge")
+
+
 def _merge(
     directory: Path, sources: list[str], worker_id: str
 ) -> tuple[ShardInfo, list[Move], int]:
@@ -395,9 +406,7 @@ def _merge(
     aliases: list[Alias] = []
     moves: list[tuple[str, str, Location, int]] = []  # version, sha, old, new row
     seen: dict[str, int] = {}
-    with FeatureFile(directory / sources[0]) as first:
-        version = first.model_version
-        meta = first.writer_meta()
+    version, meta = _merge_meta(directory, sources)
     for name in sources:
         with FeatureFile(directory / name) as ff:
             for row, rec in enumerate(ff):

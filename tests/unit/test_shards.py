@@ -189,3 +189,23 @@ def test_compact_leaves_big_shards_and_other_versions(tmp_path: Path) -> None:
     result = compact(tmp_path, min_rows=5)
     assert result.merged == [] and sorted(list_shards(tmp_path)) == before
     assert big.name in before
+
+
+def test_alias_only_shard_is_scanned_and_merged(tmp_path: Path) -> None:
+    recs = sharded(20, 3)
+    sha = recs[0].extra["content_sha256"]
+    only = seal_shard(tmp_path, [], model_version=MV, meta=META, aliases=[Alias("u", "7", sha)])
+    assert scan_shard(tmp_path, only.name).aliases == [Alias("u", "7", sha)]
+    seal_shard(tmp_path, recs, model_version=MV, meta=META)
+    result = compact(tmp_path, min_rows=10)
+    (new,) = result.written
+    entries = scan_shard(tmp_path, new.name)
+    assert Alias("u", "7", sha) in entries.aliases and len(entries.contents) == 3
+
+
+def test_small_shard_stays_small(tmp_path: Path) -> None:
+    recs = make_records(2, dim=2048, min_boxes=10, max_boxes=10, with_sha=True)
+    info = seal_shard(tmp_path, recs, model_version=MV, meta=META)
+    size = (tmp_path / info.name).stat().st_size
+    payload = 20 * 2048 * 2  # 20 fp16 feature rows
+    assert size < payload + 64 * 1024, size  # chunks capped at the data: little overhead
