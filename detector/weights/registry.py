@@ -223,7 +223,11 @@ def resolve(name_or_path: str | os.PathLike[str], weights_dir: Path | None = Non
                 f"butd weights convert {path} --out NAME.safetensors"
             )
         return path
-    entry = get_entry(str(name_or_path))
+    if str(name_or_path) not in REGISTRY:
+        raise WeightsError(
+            f"{name_or_path!r} is neither a file nor a registry name (known: {', '.join(REGISTRY)})"
+        )
+    entry = REGISTRY[str(name_or_path)]
     target = canonical_path(entry, weights_dir)
     if target.is_file():
         return target

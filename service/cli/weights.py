@@ -69,10 +69,10 @@ def _list(args: argparse.Namespace) -> int:
         path = canonical_path(entry, args.dir)
         if is_canonical_file(path):
             state = "ready"
-        elif entry.convertible:
-            state = "not fetched"
+        elif entry.kind == "packaged":
+            state = "not built"
         else:
-            state = "packaged" if entry.kind == "packaged" else "unsupported"
+            state = "not fetched" if entry.convertible else "unsupported"
         print(
             f"{entry.name:<22} {entry.format:<11} {entry.boxes or '-':<7} {state:<11} "
             f"{entry.description}"

@@ -107,6 +107,11 @@ def test_resolve_a_fetched_name(tmp_path: Path) -> None:
     assert resolve("airsplay-attr-36", tmp_path) == target
 
 
+def test_resolve_neither_file_nor_name(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="neither a file nor a registry name"):
+        resolve(tmp_path / "missing.safetensors")
+
+
 def test_resolve_unsupported_entry_explains(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="Caffe protobuf"):
         resolve("caffe-36", tmp_path)
