@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from detector.anchors import detectron2_cell_anchors
 from detector.config import DETECTRON2_DELTA_CLAMP, ArchConfig, Conventions, ModelSpec
 from detector.weights import formats_d2 as d2
 from detector.weights.canonical import (
@@ -268,7 +269,7 @@ def _rename(
 def _anchors(stored: Any, sizes: tuple[float, ...], arch: ArchConfig) -> torch.Tensor:
     """Source-order cell anchors: the stored ones, else detectron2's from ``sizes``."""
     if stored is None:
-        anchors = d2.detectron2_cell_anchors(sizes, ANCHOR_RATIOS)
+        anchors = detectron2_cell_anchors(sizes, ANCHOR_RATIOS)
     else:
         anchors = torch.as_tensor(np.asarray(stored), dtype=torch.float32).reshape(-1, 4)
     if anchors.shape[0] != arch.num_anchors:

@@ -11,9 +11,8 @@ R_c RPN channels, G channel group per anchor (1 for objectness, 4 for deltas).
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -85,24 +84,6 @@ def insert_background_box_rows(t: torch.Tensor) -> torch.Tensor:
     """Prepend 4 zero rows (the background's box deltas): (4K, ...) -> (4(K+1), ...)."""
     zeros = torch.zeros((4, *t.shape[1:]), dtype=t.dtype)
     return torch.cat([zeros, t], dim=0)
-
-
-def detectron2_cell_anchors(sizes: Sequence[float], ratios: Sequence[float]) -> torch.Tensor:
-    """detectron2 ``DefaultAnchorGenerator`` cell anchors, SIZE-major, centred at 0.
-
-    ``w = sqrt(size^2 / ratio)``, ``h = ratio * w``, not rounded (reference §2.3). The grid
-    offset (0.0 in every published config) only shifts the grid, never the cell anchors.
-
-    Returns:
-        (len(sizes) * len(ratios), 4) float32, row = size_idx * len(ratios) + ratio_idx.
-    """
-    rows = []
-    for size in sizes:
-        for ratio in ratios:
-            w = math.sqrt(size * size / ratio)
-            h = ratio * w
-            rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
-    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
 
 
 def ratio_major_order(anchors: torch.Tensor) -> torch.Tensor:
