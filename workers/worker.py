@@ -143,39 +143,34 @@ class Worker:
             self.s.redis_url, self.heartbeat, self.s.heartbeat_s, self.s.heartbeat_ttl_s
         )
         beat.start()
-        log.info(
-            "worker %s: serving %s, model %s",
-            self.consumer,
-            self.s.redis_url,
-            self._beat.model_version,
-        )
-        delay = 0.1
+        log.info("worker %s: serving, model %s", self.consumer, self._beat.model_version)
         try:
-            while not self.stopping.is_set():
-                try:
-                    self.step()
-                    delay = 0.1
-                except REDIS_DOWN as exc:
-                    log.warning(
-                        "worker %s: redis unreachable (%s); retry in %.1fs",
-                        self.consumer,
-                        exc,
-                        delay,
-                    )
-                    self._recover = True
-                    self.stopping.wait(delay)
-                    delay = min(delay * 2, self.s.reconnect_max_s)
+            self._serve()
         finally:
             beat.stop(self.consumer)
-        c = self.counters
-        log.info(
-            "worker %s stopped: %d batches, %d images, %d errors",
-            self.consumer,
-            c.batches,
-            c.images,
-            c.errors,
-        )
+        log.info("worker %s stopped: %s", self.consumer, self.counters)
         return 0
+
+    def _serve(self) -> None:
+        """``step`` until stopped; a Redis outage is logged once and retried with backoff."""
+        delay, down_since = 0.1, 0.0
+        while not self.stopping.is_set():
+            try:
+                self.step()
+            except REDIS_DOWN as exc:
+                if not down_since:
+                    down_since = time.monotonic()
+                    log.warning(
+                        "worker %s: redis unreachable (%s); reconnecting", self.consumer, exc
+                    )
+                self._recover = True
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.s.reconnect_max_s)
+                continue
+            if down_since:
+                outage = time.monotonic() - down_since
+                log.info("worker %s: redis back after %.1fs", self.consumer, outage)
+                delay, down_since = 0.1, 0.0
 
     def step(self) -> None:
         """One turn of the main loop (see the module docstring)."""
@@ -315,24 +310,16 @@ class Worker:
             failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
             q.record_items(self.r, shard.job_id, done, failed)
         q.ack(self.r, entry.stream, [entry.entry_id])
+        took = time.perf_counter() - start
         log.info(
-            "job %s shard %d (%s): %d items in %.3fs",
-            shard.job_id,
-            shard.shard_no,
-            entry.entry_id,
-            len(tasks),
-            time.perf_counter() - start,
+            "job %s shard %d: %d items in %.3fs", shard.job_id, shard.shard_no, len(tasks), took
         )
 
     def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
         rest = replace(shard, items=shard.items[start:])
         q.hand_off(self.r, entry, rest)
-        log.info(
-            "job %s shard %d: stopping, handed %d items back to the stream",
-            shard.job_id,
-            shard.shard_no,
-            len(rest.items),
-        )
+        n = len(rest.items)
+        log.info("job %s shard %d: stopping, handed %d items back", shard.job_id, shard.shard_no, n)
 
     # -- janitor callback ------------------------------------------------------------------
 
@@ -382,13 +369,9 @@ def build_worker(settings: WorkerSettings) -> Worker:
         batch_size=settings.batch_size,
         **{"precision": settings.precision, **settings.extraction},
     )
+    took = time.perf_counter() - start
     log.info(
-        "worker %s: loaded %s (%s) on %s in %.1fs",
-        settings.worker_id,
-        settings.weights,
-        extractor.model_version,
-        device,
-        time.perf_counter() - start,
+        "loaded %s (%s) on %s in %.1fs", settings.weights, extractor.model_version, device, took
     )
     spec = extractor.spec
     sink = ShardDirSink(
