@@ -32,6 +32,22 @@ def _probabilities(rng: np.random.Generator, r: int, k: int, spread: float) -> n
     return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def _objects(rng: np.random.Generator, r: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Proposals around r/20 objects whose proposals share the object's two likeliest classes."""
+    n_obj = max(r // 20, 1)
+    obj = rng.integers(0, n_obj, r)
+    ctr = rng.uniform([40, 40], [600, 440], (n_obj, 2))[obj] + rng.normal(0, 15, (r, 2))
+    half = rng.uniform(10, 90, (r, 2))
+    boxes = np.clip(np.concatenate([ctr - half, ctr + half], axis=1), 0, [639, 479, 639, 479])
+    labels = rng.integers(1, k + 1, (n_obj, 2))
+    logits = rng.normal(0, 2.0, (r, k + 1))
+    logits[np.arange(r), labels[obj, 0]] += rng.uniform(2.0, 8.0, r)
+    logits[np.arange(r), labels[obj, 1]] += rng.uniform(0.0, 5.0, r)
+    logits[rng.random(r) < 0.2, 0] += 6.0
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return boxes.astype(np.float32), (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 def _check(boxes: np.ndarray, probs: np.ndarray, **kw) -> Selection:
     got = select_regions(torch.from_numpy(boxes), torch.from_numpy(probs), **kw)
     want_idx, want_conf = reference_select(boxes, probs, **kw)
@@ -47,7 +63,7 @@ def _check(boxes: np.ndarray, probs: np.ndarray, **kw) -> Selection:
         (0, 1, 1, True, 1.0),
         (1, 7, 5, True, 1.0),
         (2, 60, 40, True, 2.0),
-        (3, 120, 200, False, 1.0),
+        (3, 120, 100, False, 1.0),
         (4, 200, 50, True, 0.3),
         (5, 300, 30, True, 3.0),
     ],
@@ -59,9 +75,13 @@ def test_random_inputs_match_loop(seed, r, k, clustered, spread) -> None:
 
 def test_full_size_1600_classes() -> None:
     rng = np.random.default_rng(10)
-    boxes, probs = _proposals(rng, 300, True), _probabilities(rng, 300, 1600, 2.0)
-    got = _check(boxes, probs)
+    got = _check(*_objects(rng, 300, 1600))
     assert 10 <= got.indices.numel() <= 100
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_correlated_classes_match_loop(seed: int) -> None:
+    _check(*_objects(np.random.default_rng(seed), 160, 40))
 
 
 def test_flat_scores_with_many_classes() -> None:
@@ -100,7 +120,7 @@ def test_degenerate_boxes() -> None:
 def test_count_below_min_and_above_max() -> None:
     rng = np.random.default_rng(15)
     boxes = _proposals(rng, 120, False)
-    probs = _probabilities(rng, 120, 20, 1.0)
+    probs = _probabilities(rng, 120, 12, 1.0)
     want_conf = reference_max_conf(boxes, probs)
 
     def run(conf_thresh: float, max_boxes: int) -> Selection:
@@ -131,7 +151,7 @@ def test_fewer_proposals_than_min_and_empty() -> None:
 
 def test_modern_flavour_and_thresholds() -> None:
     rng = np.random.default_rng(17)
-    boxes, probs = _proposals(rng, 150, True), _probabilities(rng, 150, 40, 2.0)
+    boxes, probs = _proposals(rng, 100, True), _probabilities(rng, 100, 30, 2.0)
     _check(boxes, probs, plus_one=False, suppress_equal=False, nms_thresh=0.5)
     _check(boxes, probs, nms_thresh=0.7, conf_thresh=0.05, min_boxes=36, max_boxes=36)
 
@@ -147,8 +167,7 @@ def test_rejects_bad_inputs() -> None:
 
 @pytest.mark.gpu
 def test_cuda_equals_cpu() -> None:
-    rng = np.random.default_rng(18)
-    boxes, probs = _proposals(rng, 300, True), _probabilities(rng, 300, 1600, 2.0)
+    boxes, probs = _objects(np.random.default_rng(18), 300, 1600)
     cpu = select_regions(torch.from_numpy(boxes), torch.from_numpy(probs))
     gpu = select_regions(torch.from_numpy(boxes).cuda(), torch.from_numpy(probs).cuda())
     assert gpu.indices.device.type == "cuda"
@@ -169,7 +188,7 @@ def test_small_batches_and_weak_start_stay_exact(monkeypatch: pytest.MonkeyPatch
 
 def test_pruning_skips_classes(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(20)
-    boxes, probs = _proposals(rng, 300, True), _probabilities(rng, 300, 1600, 2.0)
+    boxes, probs = _objects(rng, 300, 1600)
     with caplog.at_level("DEBUG", logger="detector.select"):
         select_regions(torch.from_numpy(boxes), torch.from_numpy(probs))
     message = next(r.getMessage() for r in caplog.records if "classes solved" in r.getMessage())
