@@ -121,7 +121,7 @@ class WorkerSpec:
 
 
 def start_worker(redis_url: str, spec: WorkerSpec, index: int) -> Child:
-    """One ``butd worker`` subprocess (same interpreter) on ``redis_url``."""
+    """One worker subprocess (same interpreter, settings by environment) on ``redis_url``."""
     env = dict(os.environ)
     env.update(
         BUTD_REDIS_URL=redis_url,
@@ -132,7 +132,7 @@ def start_worker(redis_url: str, spec: WorkerSpec, index: int) -> Child:
         BUTD_WORKER_ID=f"{socket.gethostname()}-embedded-{index}",
         **spec.extra_env,
     )
-    argv = [sys.executable, "-m", "service.cli.main", "worker"]
+    argv = [sys.executable, "-m", "workers.worker"]  # the same loop as ``butd worker``
     log = spec.store_dir / "logs" / f"worker-{index}.log"
     return Child(f"worker-{index}", argv, env=env, log=log)
 

@@ -99,7 +99,7 @@ async def save_multipart(request: Request, part: str, dest: Path, limit: int) ->
 
 
 async def read_image_body(request: Request, limit: int) -> Body:
-    """The uploaded image: multipart ``file`` part, or the whole body for image/* and octets.
+    """The uploaded image: multipart ``file`` part, or the whole body (image/*, octets, none).
 
     Raises:
         BodyTooLargeError: over ``limit`` bytes (413).
@@ -110,7 +110,7 @@ async def read_image_body(request: Request, limit: int) -> Body:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         body = await read_multipart(request, limit, "file")
-    elif ctype.startswith("image/") or ctype in RAW_TYPES:
+    elif ctype.startswith("image/") or ctype in RAW_TYPES or not ctype:
         body = Body(data=await read_raw(request, limit))
     else:
         raise UnsupportedMediaError(

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,21 @@ def _settings(args: argparse.Namespace) -> Any:
     return settings.model_copy(update={"store_dir": settings.store_dir.resolve()})
 
 
+class _Stopped(Exception):
+    """SIGTERM arrived (uvicorn re-raises it after its own graceful shutdown)."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
 def _serve_http(settings: Any) -> None:
+    """Run uvicorn until SIGINT / SIGTERM; returns normally after its graceful shutdown.
+
+    uvicorn handles the signal itself, then re-raises it to the previous handler: ours turns
+    SIGTERM into ``_Stopped`` (the default action would kill the process before the embedded
+    children are stopped) and Python's turns SIGINT into ``KeyboardInterrupt``.
+    """
     import uvicorn
 
     from service.app import create_app
@@ -73,7 +89,13 @@ def _serve_http(settings: Any) -> None:
         access_log=False,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run()  # returns after SIGINT / SIGTERM
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        uvicorn.Server(config).run()
+    except (_Stopped, KeyboardInterrupt):
+        logger.info("gateway stopped by signal")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_serve(args: argparse.Namespace) -> int:
