@@ -1,0 +1,236 @@
+"""The synthetic learning benchmark (heads-reference §10): tasks, controls and scores.
+
+Shape glossary:
+    S   scenes,  K   regions (10..16),  D   feature size,  Q   questions
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from heads.ban import BAN, BANConfig
+from heads.captioners import CaptionerConfig
+from heads.data import (
+    CaptionExamples,
+    CaptionItem,
+    VQAExamples,
+    VQAItem,
+    caption_examples,
+    vqa_examples,
+)
+from heads.decoding import Captioner
+from heads.metrics.captions import bleu, cider_d
+from heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_predict
+from heads.regions import RegionBatch, collate_records
+from heads.synth import (
+    Scene,
+    SynthWorld,
+    content_f1,
+    make_questions,
+    make_scenes,
+    parse_pairs,
+    scene_captions,
+    scene_pairs,
+)
+from heads.train import TrainSettings, fit
+from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
+from heads.vqa import UpDownVQA, VQAConfig
+
+logger = logging.getLogger(__name__)
+VQA_HEADS = ("blind", "mean_pool", "updown", "updown_relu", "ban2", "ban2_counter")
+CAPTION_HEADS = ("blind", "mean_pool", "updown", "sat", "adaptive")
+
+
+@dataclass(frozen=True)
+class VQATask:
+    """Train/val regions and questions of the simulated VQA task."""
+
+    train_regions: RegionBatch
+    train: VQAExamples
+    val_regions: RegionBatch
+    val: VQAExamples
+    val_scenes: list[Scene]
+    vocab: Vocabulary
+    answers: list[str]
+
+
+def _regions(scenes: list[Scene], l2: bool) -> tuple[RegionBatch, dict[str, int]]:
+    regions = collate_records([s.record for s in scenes], l2_normalise=l2)
+    return regions, {s.record.image_id: i for i, s in enumerate(scenes)}
+
+
+def _vqa_items(scenes: list[Scene], seed: int) -> list[VQAItem]:
+    qs = make_questions(scenes, seed)
+    return [
+        VQAItem(
+            i,
+            scenes[q.scene].record.image_id,
+            q.text,
+            q.human_answers,
+            q.qtype,
+            f"{q.qtype}:{q.target_object}",
+        )
+        for i, q in enumerate(qs)
+    ]
+
+
+def vqa_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> VQATask:
+    """Scenes with 1–6 objects; features L2-normalised (Teney et al.)."""
+    world = SynthWorld(dim, seed)
+    tr, va = make_scenes(world, n_train, seed + 1), make_scenes(world, n_val, seed + 2)
+    tr_items, va_items = _vqa_items(tr, seed + 3), _vqa_items(va, seed + 4)
+    vocab = Vocabulary.build((tokenize_question(it.question) for it in tr_items), min_count=1)
+    answers = sorted({a for it in tr_items for a in it.answers})
+    (tr_r, tr_rows), (va_r, va_rows) = _regions(tr, True), _regions(va, True)
+    return VQATask(
+        tr_r, vqa_examples(tr_items, tr_rows, vocab, answers), va_r,
+        vqa_examples(va_items, va_rows, vocab, answers), va, vocab, answers,
+    )  # fmt: skip
+
+
+def vqa_model(name: str, task: VQATask, hidden: int) -> torch.nn.Module:
+    """A head of ``VQA_HEADS`` sized for CPU."""
+    d, v, n = task.train_regions.features.shape[2], len(task.vocab), len(task.answers)
+    if name.startswith("ban2"):
+        cfg = BANConfig(d, 100, hidden, glimpses=2, counter=name.endswith("counter"))
+        return BAN(v, n, cfg)
+    variant = "hengyuan" if name == "updown_relu" else "paper"
+    attention = "mean" if name == "mean_pool" else "top_down"
+    return UpDownVQA(v, n, VQAConfig(variant, attention, d, 100, hidden, hidden))
+
+
+def run_vqa(
+    name: str, task: VQATask, steps: int, hidden: int = 256, batch: int = 128, seed: int = 0
+) -> dict[str, Any]:
+    """Train one head and score it: official accuracy per question type, attention hit rate."""
+    torch.manual_seed(seed)
+    model = vqa_model(name, task, hidden)
+    train_r, val_r = task.train_regions, task.val_regions
+    if name == "blind":
+        train_r, val_r = train_r.zeroed(), val_r.zeroed()
+    settings = TrainSettings("adam", steps, batch, 1e-3, seed=seed)
+    fit(
+        model,
+        lambda idx: vqa_loss(model, train_r, task.train, idx),
+        len(task.train),
+        settings,
+        progress=False,
+    )
+    preds, att = vqa_predict(model, val_r, task.val, task.answers)
+    from heads.metrics.vqa_accuracy import vqa_accuracy
+
+    by_type: dict[str, list[float]] = {}
+    for p, it in zip(preds, task.val.items, strict=True):
+        by_type.setdefault(it.answer_type, []).append(vqa_accuracy(p, it.answers))
+    row = {t: 100 * sum(v) / len(v) for t, v in by_type.items()}
+    row["overall"] = 100 * sum(sum(v) for v in by_type.values()) / len(preds)
+    row["att_hit"] = attention_hit_rate(att, task)
+    return row
+
+
+def attention_hit_rate(att: torch.Tensor, task: VQATask) -> float:
+    """% of colour questions whose argmax region shows the asked object (or its duplicate)."""
+    hits = total = 0
+    for r, it in enumerate(task.val.items):
+        if it.answer_type != "color":
+            continue
+        target = int(it.question_type.split(":")[1])
+        owner = task.val_scenes[int(task.val.image_rows[r])].record.extra["object"]
+        hits += int(owner[int(att[r].argmax())] == target)
+        total += 1
+    return 100.0 * hits / max(total, 1)
+
+
+@dataclass(frozen=True)
+class CaptionTask:
+    """Train/val regions and captions of the simulated caption task."""
+
+    train_regions: RegionBatch
+    train: CaptionExamples
+    val_regions: RegionBatch
+    val_scenes: list[Scene]
+    val_refs: dict[str, list[str]]
+    vocab: Vocabulary
+
+
+def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTask:
+    """Scenes with 1–4 objects and 5 templated references each (raw, un-normalised features)."""
+    world = SynthWorld(dim, seed)
+    tr, va = make_scenes(world, n_train, seed + 1, 1, 4), make_scenes(world, n_val, seed + 2, 1, 4)
+    rng = random.Random(seed)
+    items = [CaptionItem(s.record.image_id, tuple(scene_captions(s, rng))) for s in tr]
+    vocab = Vocabulary.build(
+        (tokenize_caption(c, keep_commas=True) for it in items for c in it.captions), 1
+    )
+    (tr_r, rows), (va_r, _) = _regions(tr, False), _regions(va, False)
+    refs = {
+        str(i): [" ".join(tokenize_caption(c)) for c in scene_captions(s, rng)]
+        for i, s in enumerate(va)
+    }
+    ex = caption_examples(items, rows, vocab, max_len=24, keep_commas=True)
+    return CaptionTask(tr_r, ex, va_r, va, refs, vocab)
+
+
+def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
+    """A captioner of ``CAPTION_HEADS`` sized for CPU (att hidden = hidden / 2)."""
+    kind = name if name in ("sat", "adaptive") else "updown"
+    attention = "uniform" if name == "mean_pool" else "additive"
+    d = task.train_regions.features.shape[2]
+    return Captioner(
+        len(task.vocab),
+        CaptionerConfig(kind, attention, d, hidden, hidden // 2, hidden, init_std=0.0),
+    )
+
+
+def run_caption(
+    name: str, task: CaptionTask, steps: int, hidden: int = 256, batch: int = 100, seed: int = 0
+) -> dict[str, Any]:
+    """Train one captioner (XE) and score its greedy captions: content-F1, exact-set, BLEU-4, CIDEr-D."""
+    torch.manual_seed(seed)
+    model = caption_model(name, task, hidden)
+    train_r, val_r = task.train_regions, task.val_regions
+    if name == "blind":
+        train_r, val_r = train_r.zeroed(), val_r.zeroed()
+    lam = 1.0 if name == "sat" else 0.0
+    settings = TrainSettings("adam", steps, batch, 1e-3, seed=seed)
+    fit(
+        model,
+        lambda idx: caption_batch_loss(model, train_r, task.train, idx, lam),
+        len(task.train),
+        settings,
+        progress=False,
+    )
+    caps = caption_decode(model, val_r, list(range(len(task.val_scenes))), task.vocab, max_len=24)
+    return caption_scores(caps, task)
+
+
+def caption_scores(caps: list[str], task: CaptionTask) -> dict[str, Any]:
+    """Content-F1 / exact-set on (colour, shape) pairs, BLEU-4 and CIDEr-D (×100)."""
+    f1s, exact = [], []
+    for cap, scene in zip(caps, task.val_scenes, strict=True):
+        pred, truth = parse_pairs(cap.split()), scene_pairs(scene)
+        f1s.append(content_f1(pred, truth))
+        exact.append(float(pred == truth))
+    res = {str(i): " ".join(tokenize_caption(c)) for i, c in enumerate(caps)}
+    return {
+        "content_f1": 100 * sum(f1s) / len(f1s),
+        "exact_set": 100 * sum(exact) / len(exact),
+        "BLEU-4": 100 * bleu(task.val_refs, res)[3],
+        "CIDEr-D": 100 * cider_d(task.val_refs, res)[0],
+        "example": caps[0],
+    }
+
+
+def constant_caption_f1(task: CaptionTask) -> float:
+    """Content-F1 of the single best constant pair caption (calibration)."""
+    best = Counter(p for s in task.val_scenes for p in scene_pairs(s)).most_common(1)[0][0]
+    pred = Counter([best])
+    return (
+        100 * sum(content_f1(pred, scene_pairs(s)) for s in task.val_scenes) / len(task.val_scenes)
+    )

@@ -1,0 +1,135 @@
+"""Training heads on real feature files (``butd heads train caption|vqa``).
+
+Regions are read lazily per batch from the ragged HDF5 file (``store.h5.FeatureFile``): a COCO
+feature file does not fit in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heads.ban import BAN, BANConfig
+from heads.captioners import CaptionerConfig
+from heads.data import build_answer_set, caption_examples, read_coco_captions, read_karpathy, read_vqa, vqa_examples
+from heads.decoding import Captioner
+from heads.metrics.captions import CiderD
+from heads.objectives import caption_batch_loss, scst_loss, vqa_loss
+from heads.regions import RegionBatch, collate_records
+from heads.train import TrainSettings, fit
+from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
+from heads.vqa import UpDownVQA, VQAConfig
+
+logger = logging.getLogger(__name__)
+
+
+class FileRegions:
+    """Row-indexed view of a feature file: ``select(rows)`` reads and pads those images."""
+
+    def __init__(self, path: Path, image_ids: Sequence[str], l2_normalise: bool) -> None:
+        from store.h5 import FeatureFile
+
+        self.file = FeatureFile(path)
+        self.image_ids = list(image_ids)
+        self.l2 = l2_normalise
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> RegionBatch:
+        """Padded batch of images ``rows``."""
+        ids = [self.image_ids[int(r)] for r in torch.as_tensor(rows).tolist()]
+        return collate_records([self.file.get(i) for i in ids], l2_normalise=self.l2)
+
+
+def _available(path: Path, wanted: Sequence[str]) -> list[str]:
+    from store.h5 import FeatureFile
+
+    with FeatureFile(path) as ff:
+        have = [i for i in dict.fromkeys(wanted) if i in ff]
+        dim = ff.feature_dim
+    logger.info("%d of %d images have features in %s (D=%d)", len(have), len(set(wanted)), path, dim)
+    return have
+
+
+def _feature_dim(path: Path) -> int:
+    from store.h5 import FeatureFile
+
+    with FeatureFile(path) as ff:
+        return int(ff.feature_dim)
+
+
+def train_vqa(args: argparse.Namespace) -> None:
+    """Answer set (≥ 9 occurrences), question vocabulary, then BCE training."""
+    items = read_vqa(args.questions, args.annotations)
+    ids = _available(args.features, [it.image_id for it in items])
+    rows = {i: r for r, i in enumerate(ids)}
+    vocab = Vocabulary.build((tokenize_question(it.question) for it in items), min_count=1)
+    answers = build_answer_set((a for it in items for a in it.answers), args.min_count or 9)
+    ex = vqa_examples(items, rows, vocab, answers)
+    head = args.head or "updown"
+    d = _feature_dim(args.features)
+    if head == "ban":
+        cfg: Any = BANConfig(feature_dim=d)
+        model: torch.nn.Module = BAN(len(vocab), len(answers), cfg)
+    else:
+        cfg = VQAConfig(variant="hengyuan" if head == "updown_relu" else "paper", feature_dim=d)
+        model = UpDownVQA(len(vocab), len(answers), cfg)
+    recipe = args.recipe or ("ban" if head == "ban" else "hengyuan")
+    batch = args.batch_size or (256 if head == "ban" else 512)
+    settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
+    regions = FileRegions(args.features, ids, l2_normalise=True)
+    meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
+            "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    fit(model, lambda idx: vqa_loss(model, regions, ex, idx), len(ex), settings, args.out, meta)  # type: ignore[arg-type]
+
+
+def _caption_items(path: Path) -> list[Any]:
+    import json
+
+    head = json.loads(path.read_text())
+    return read_karpathy(path) if "images" in head and "annotations" not in head else read_coco_captions(path)
+
+
+def train_caption(args: argparse.Namespace) -> None:
+    """Vocabulary (≥ 5 occurrences), XE training, then optional SCST with train-set CIDEr-D."""
+    items = _caption_items(args.annotations)
+    ids = _available(args.features, [it.image_id for it in items])
+    rows = {i: r for r, i in enumerate(ids)}
+    vocab = Vocabulary.build((tokenize_caption(c) for it in items for c in it.captions), args.min_count or 5)
+    ex = caption_examples(items, rows, vocab)
+    cfg = CaptionerConfig(kind=args.head or "updown", feature_dim=_feature_dim(args.features))
+    model = Captioner(len(vocab), cfg)
+    recipe = args.recipe or "updown_caffe"
+    batch = args.batch_size or 100
+    settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
+    regions = FileRegions(args.features, ids, l2_normalise=False)
+    meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
+    args.out.mkdir(parents=True, exist_ok=True)
+    lam = 1.0 if cfg.kind == "sat" else 0.0
+    fit(model, lambda idx: caption_batch_loss(model, regions, ex, idx, lam), len(ex), settings, args.out, meta)  # type: ignore[arg-type]
+    if args.scst_steps > 0:
+        _scst(model, regions, ex.references, vocab, args, meta)
+
+
+def _scst(model: Captioner, regions: FileRegions, refs: dict[int, list[str]], vocab: Vocabulary,
+          args: argparse.Namespace, meta: dict[str, Any]) -> None:  # fmt: skip
+    """Anderson's SCST stage: beam-5 captions, mean-of-beam baseline, train-set CIDEr-D df."""
+    tok = {r: [" ".join(tokenize_caption(c)) for c in cs] for r, cs in refs.items()}
+    cider = CiderD(list(tok.values()))
+    row_list = sorted(tok)
+    settings = TrainSettings("scst_caffe", args.scst_steps, 12)
+    out = args.out / "scst"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        rows = [row_list[int(i)] for i in idx]
+        value, reward = scst_loss(model, regions.select(rows), [tok[r] for r in rows], cider, vocab)
+        logger.debug("scst mean CIDEr-D %.3f", reward)
+        return value
+
+    fit(model, loss, len(row_list), settings, out, meta)

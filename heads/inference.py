@@ -1,0 +1,94 @@
+"""Trained heads as objects: build from a checkpoint, caption regions, answer questions.
+
+A checkpoint (``DIR/last.pt``, written by ``heads.train.fit``) carries in ``meta``: ``task``
+("caption" | "vqa"), ``head``, ``config`` (the dataclass as a dict), ``vocab`` (word list),
+``answers`` (VQA) and ``l2_normalise``.
+
+Shape glossary:
+    K   regions,  T   words
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from heads.ban import BAN, BANConfig
+from heads.captioners import CaptionerConfig
+from heads.decoding import Captioner, strip_tokens
+from heads.regions import collate_records
+from heads.vocab import ALLOWED_MULTIPLE, BOS, Vocabulary, left_pad, tokenize_question
+from heads.vqa import UpDownVQA, VQAConfig
+from store.records import FeatureRecord
+
+
+def build_head(meta: dict[str, Any]) -> nn.Module:
+    """The untrained module a checkpoint's ``meta`` describes."""
+    v = len(meta["vocab"])
+    if meta["task"] == "caption":
+        return Captioner(v, CaptionerConfig(**meta["config"]))
+    n = len(meta["answers"])
+    if meta["head"] == "ban":
+        return BAN(v, n, BANConfig(**meta["config"]))
+    return UpDownVQA(v, n, VQAConfig(**meta["config"]))
+
+
+def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Model (eval mode) and meta from ``DIR`` or ``DIR/last.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = build_head(ckpt["meta"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["meta"]
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """caption words, log-prob of the caption, attention (T, K) per word over the regions."""
+
+    words: list[str]
+    log_prob: float
+    attention: torch.Tensor
+
+
+@torch.no_grad()
+def caption(
+    model: Captioner, meta: dict[str, Any], record: FeatureRecord, beam_size: int = 5, max_len: int = 20
+) -> CaptionResult:
+    """Beam search with Anderson's stop-word repetition rule; attention by re-running the caption."""
+    vocab = Vocabulary(meta["vocab"])
+    regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", False)))
+    decoded = model.beam_search(regions, beam_size, max_len, vocab.ids_of(ALLOWED_MULTIPLE))
+    ids = strip_tokens(decoded.tokens[:, 0])[0]
+    inputs = torch.tensor([[BOS, *ids]])
+    alphas = model(regions, inputs).alphas[0, : len(ids)]  # (T, K)
+    return CaptionResult(vocab.decode(ids), float(decoded.log_probs[0, 0]), alphas)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Top answers with sigmoid scores, and the attention over regions (K,)."""
+
+    answers: list[tuple[str, float]]
+    attention: torch.Tensor
+
+
+@torch.no_grad()
+def answer(model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5) -> Answer:
+    """Answer one question about one image."""
+    vocab = Vocabulary(meta["vocab"])
+    regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", True)))
+    q = torch.tensor([left_pad(vocab.encode(tokenize_question(question)), int(meta.get("max_question", 14)))])
+    out = model(regions, q)
+    probs = torch.sigmoid(out.logits[0])
+    best = probs.topk(min(top, probs.numel()))
+    att = out.attention[0] if out.attention.dim() == 2 else out.attention[0].sum(dim=(0, 2))
+    names: Sequence[str] = meta["answers"]
+    return Answer([(names[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)], att)

@@ -1,0 +1,97 @@
+"""``butd caption``, ``butd answer`` and ``butd heads train caption|vqa``.
+
+Features come from a feature file (ragged HDF5 of ``store.h5``) given with ``--features``, or
+from a single-image MILVLG ``.npz`` passed in place of the image id. Torch is imported lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``caption``, ``answer`` and ``heads`` commands."""
+    p = subparsers.add_parser("caption", help="caption one image from its stored region features")
+    _source_args(p)
+    p.add_argument("--beam", type=int, default=5, help="beam size (Up-Down: 5)")
+    p.add_argument("--max-len", type=int, default=20, help="maximum caption length in words")
+    p.set_defaults(handler=_caption)
+
+    p = subparsers.add_parser("answer", help="answer a question about one image")
+    _source_args(p)
+    p.add_argument("question", help='the question, e.g. "what color is the bus?"')
+    p.add_argument("--top", type=int, default=5, help="how many answers to print")
+    p.set_defaults(handler=_answer)
+
+    heads = subparsers.add_parser("heads", help="train caption / VQA heads").add_subparsers(dest="heads_cmd")
+    t = heads.add_parser("train", help="train a head on a feature file")
+    t.add_argument("task", choices=("caption", "vqa"))
+    t.add_argument("--features", required=True, type=Path, help="ragged HDF5 feature file")
+    t.add_argument("--annotations", required=True, type=Path,
+                   help="caption: Karpathy dataset_coco.json or COCO captions_*.json; vqa: VQA v2 annotations")
+    t.add_argument("--questions", type=Path, help="vqa: VQA v2 questions JSON")
+    t.add_argument("--out", required=True, type=Path, help="checkpoint directory (resumes from last.pt)")
+    t.add_argument("--head", default=None, help="caption: updown|sat|adaptive; vqa: updown|updown_relu|ban")
+    t.add_argument("--recipe", default=None, help="optimiser recipe (heads.train); default per head")
+    t.add_argument("--steps", type=int, default=60000, help="optimiser updates")
+    t.add_argument("--batch-size", type=int, default=None, help="default per recipe")
+    t.add_argument("--min-count", type=int, default=None, help="vocabulary / answer-set threshold")
+    t.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE")
+    t.set_defaults(handler=_train)  # fmt: skip
+
+
+def _source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", help="image id in --features, or a single-image .npz file")
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory or .pt file")
+    p.add_argument("--features", type=Path, help="ragged HDF5 feature file holding the image")
+
+
+def _record(args: argparse.Namespace) -> Any:
+    if args.image.endswith(".npz") and Path(args.image).is_file():
+        from store.readers import read_npz
+
+        return read_npz(args.image)
+    if args.features is None:
+        raise SystemExit("give --features FILE.h5 (the feature store lookup is not wired yet)")
+    from store.h5 import FeatureFile
+
+    with FeatureFile(args.features) as ff:
+        if args.image not in ff:
+            raise SystemExit(f"image id {args.image!r} is not in {args.features}")
+        return ff.get(args.image)
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from heads.inference import caption, load_head
+
+    model, meta = load_head(args.model)
+    res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
+    print(json.dumps({"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}))
+    return 0
+
+
+def _answer(args: argparse.Namespace) -> int:
+    from heads.inference import answer, load_head
+
+    model, meta = load_head(args.model)
+    res = answer(model, meta, _record(args), args.question, args.top)
+    print(json.dumps({"image_id": args.image, "question": args.question, "answers": res.answers}))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from heads.cli_train import train_caption, train_vqa
+
+    if args.task == "vqa":
+        if args.questions is None:
+            raise SystemExit("vqa training needs --questions")
+        train_vqa(args)
+    else:
+        train_caption(args)
+    return 0
