@@ -26,11 +26,13 @@ from detector.weights.formats import (
     Converted,
     convert,
     convert_airsplay,
+    convert_caffe,
     convert_hf,
     convert_milvlg,
     detect_format,
     read_source,
 )
+from detector.weights.formats_caffe import read_caffemodel
 from detector.weights.registry import (
     REGISTRY,
     RegistryEntry,
@@ -52,6 +54,7 @@ __all__ = [
     "check_shapes",
     "convert",
     "convert_airsplay",
+    "convert_caffe",
     "convert_hf",
     "convert_milvlg",
     "default_weights_dir",
@@ -61,6 +64,7 @@ __all__ = [
     "is_canonical_file",
     "load",
     "load_vocab",
+    "read_caffemodel",
     "read_metadata",
     "read_source",
     "resolve",

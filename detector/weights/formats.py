@@ -13,8 +13,8 @@ Formats (reference §2.5, §3.3, §4.1, §9.2):
   tensor}}``; Caffe class order (background 0), 6404-row ``bbox_pred``, 2A objectness
   channels (``view(2, A)``: background block, foreground block), detectron2 anchors with
   sizes 4..32 (size-major); res4/res5 BatchNorms carry ``num_batches_tracked``.
-* ``caffe``: the original ``.caffemodel``; not converted here (needs the Caffe protobuf
-  schema): convert it with a detectron2-format port first.
+* ``caffe``: the original ``.caffemodel`` (``formats_caffe.py``): Caffe conventions and
+  anchors, every tensor already in canonical order.
 
 BatchNorm statistics are copied verbatim and used with eps 1e-5. detectron2's
 ``FrozenBatchNorm2d`` subtracts eps from ``running_var`` only for checkpoints whose module
@@ -51,15 +51,16 @@ from detector.weights.canonical import (
     is_canonical_file,
     save_canonical,
 )
+from detector.weights.formats_caffe import (
+    CAFFE_CONVENTIONS,
+    CaffeLayers,
+    caffe_state_dict,
+    read_caffemodel,
+)
 
 logger = logging.getLogger(__name__)
 
-CONVERTIBLE_FORMATS = ("airsplay", "hf", "milvlg")
-CAFFE_MESSAGE = (
-    "the original Caffe .caffemodel is not converted by butd (it needs the Caffe protobuf "
-    "schema); convert it with a detectron2-format port first, or fetch the airsplay/MILVLG "
-    "conversion of the same model (see docs/weights.md)"
-)
+CONVERTIBLE_FORMATS = ("airsplay", "hf", "milvlg", "caffe")
 
 # airsplay and HF run detectron2's test path (reference §2.3, §4.1).
 DETECTRON2_CONVENTIONS = Conventions(
@@ -140,7 +141,7 @@ def read_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
     """Load a published checkpoint without executing arbitrary pickled code.
 
     Args:
-        path: ``.pkl`` (numpy pickle), ``.bin`` / ``.pth`` (``torch.save``).
+        path: ``.pkl`` (numpy pickle), ``.bin`` / ``.pth`` (``torch.save``), ``.caffemodel``.
         trust_pickle: allow a full, unrestricted ``torch.load`` (only for files you trust)
             when the restricted loaders refuse the file.
 
@@ -148,11 +149,11 @@ def read_source(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> 
         The unpickled object (a dict).
 
     Raises:
-        WeightsError: a ``.caffemodel``, or a file none of the loaders accepts.
+        WeightsError: a file none of the loaders accepts.
     """
     path = Path(path)
     if path.suffix == ".caffemodel":
-        raise WeightsError(f"{path}: {CAFFE_MESSAGE}")
+        return read_caffemodel(path)
     if not zipfile.is_zipfile(path):
         try:
             with path.open("rb") as f:
@@ -197,7 +198,7 @@ def detect_format(obj_or_path: Any) -> str:
     """Which format a checkpoint object or file is in.
 
     Returns:
-        "airsplay", "hf", "milvlg", "caffe" (by file suffix) or "canonical" (a butd file).
+        "airsplay", "hf", "milvlg", "caffe" (``.caffemodel``) or "canonical" (a butd file).
 
     Raises:
         WeightsError: none of them.
@@ -210,6 +211,8 @@ def detect_format(obj_or_path: Any) -> str:
             return "canonical"
         obj_or_path = read_source(path)
     obj = obj_or_path
+    if isinstance(obj, CaffeLayers):
+        return "caffe"
     wrapped = isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping)
     sd = obj["model"] if wrapped else obj
     if not isinstance(sd, Mapping):
@@ -374,10 +377,17 @@ def convert_milvlg(raw: Any, *, arch: ArchConfig | None = None) -> Converted:
     return _finish(out, arch, MILVLG_CONVENTIONS, "milvlg")
 
 
+def convert_caffe(raw: CaffeLayers, *, arch: ArchConfig | None = None) -> Converted:
+    """Original Caffe model (``read_caffemodel`` output) -> canonical, Caffe conventions."""
+    arch = arch or ArchConfig()
+    return _finish(caffe_state_dict(raw, arch=arch), arch, CAFFE_CONVENTIONS, "caffe")
+
+
 CONVERTERS: dict[str, Callable[..., Converted]] = {
     "airsplay": convert_airsplay,
     "hf": convert_hf,
     "milvlg": convert_milvlg,
+    "caffe": convert_caffe,
 }
 
 
@@ -421,8 +431,6 @@ def convert(
         ``out_path``.
     """
     arch = arch or ArchConfig()
-    if fmt == "caffe" or Path(src_path).suffix == ".caffemodel":
-        raise WeightsError(f"{src_path}: {CAFFE_MESSAGE}")
     raw = read_source(src_path, trust_pickle=trust_pickle)
     if fmt == "auto":
         fmt = detect_format(raw)

@@ -26,10 +26,7 @@ VG_ATTRIBUTES_VOCAB = PACKAGE_DIR / "vocab" / "attributes_vocab.txt"
 DEFAULT_WEIGHTS_DIR = "~/.cache/butd/weights"
 
 _SHAREPOINT = "https://awma1-my.sharepoint.com/:u:/g/personal/yuz_l0_tn/"
-_CAFFE_NOTE = (
-    "Caffe .caffemodel: not converted by butd (needs the Caffe protobuf schema); use the "
-    "airsplay or MILVLG conversion of the same model"
-)
+_CAFFE_NOTE = "the ground truth: Caffe conventions (+1 boxes, Caffe anchors, 2-way RPN softmax)"
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class RegistryEntry:
     @property
     def convertible(self) -> bool:
         """True when ``fetch`` can turn the download into a canonical file."""
-        return self.format in ("airsplay", "hf", "milvlg")
+        return self.format in ("airsplay", "hf", "milvlg", "caffe")
 
 
 _ENTRIES = (

@@ -2,7 +2,7 @@
 
     butd weights list
     butd weights fetch NAME [--dir DIR] [--keep-source] [--no-progress]
-    butd weights convert SRC --out DST [--format auto|airsplay|hf|milvlg] [--trust-pickle]
+    butd weights convert SRC --out DST [--format auto|airsplay|hf|milvlg|caffe] [--trust-pickle]
 
 Handlers import ``detector.weights`` (torch) lazily so ``butd --help`` stays light.
 """
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-FORMAT_CHOICES = ("auto", "airsplay", "hf", "milvlg")
+FORMAT_CHOICES = ("auto", "airsplay", "hf", "milvlg", "caffe")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     p_fetch.set_defaults(handler=_fetch)
 
     p_conv = actions.add_parser("convert", help="convert a downloaded checkpoint to canonical")
-    p_conv.add_argument("src", type=Path, help=".pkl / .bin / .pth checkpoint")
+    p_conv.add_argument("src", type=Path, help=".pkl / .bin / .pth / .caffemodel checkpoint")
     p_conv.add_argument("--out", type=Path, required=True, help="canonical .safetensors to write")
     p_conv.add_argument("--format", choices=FORMAT_CHOICES, default="auto", dest="fmt")
     p_conv.add_argument(

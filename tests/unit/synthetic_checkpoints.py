@@ -290,3 +290,116 @@ def random_canonical_state_dict(
         else:  # linear and embedding
             out[key] = 0.01 * noise
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The original Caffe model (layer names of models/vg/ResNet-101/.../test.prototxt)
+
+
+def caffe_block_ids(arch: ArchConfig) -> list[tuple[str, int, int]]:
+    """(Caffe block id, stage index 0..3, block index): res2a..c, res3a, res3b1..b3, ..."""
+    ids = []
+    for i, n in enumerate(arch.stage_blocks):
+        stage = i + 2
+        for b in range(n):
+            if b == 0:
+                ids.append((f"{stage}a", i, b))
+            elif n > 3:
+                ids.append((f"{stage}b{b}", i, b))
+            else:
+                ids.append((f"{stage}{'abc'[b]}", i, b))
+    return ids
+
+
+def caffe_layer_shapes(arch: ArchConfig) -> dict[str, list[tuple[int, ...]]]:
+    """Layer name -> blob shapes (conv W; BatchNorm mean, var, factor; Scale gamma, beta)."""
+    layers: dict[str, list[tuple[int, ...]]] = {}
+
+    def conv_bn(conv: str, bn: str, scale: str, shape: tuple[int, ...]) -> None:
+        layers[conv] = [shape]
+        layers[bn] = [(shape[0],), (shape[0],), (1,)]
+        layers[scale] = [(shape[0],), (shape[0],)]
+
+    c0 = arch.stem_channels
+    conv_bn("conv1", "bn_conv1", "scale_conv1", (c0, 3, 7, 7))
+    cin = c0
+    for block, i, b in caffe_block_ids(arch):
+        width = arch.stage_widths[i]
+        out = 4 * width
+        block_in = cin if b == 0 else out
+        for branch, shape in (
+            ("2a", (width, block_in, 1, 1)),
+            ("2b", (width, width, 3, 3)),
+            ("2c", (out, width, 1, 1)),
+        ):
+            conv_bn(f"res{block}_branch{branch}", f"bn{block}_branch{branch}",
+                    f"scale{block}_branch{branch}", shape)  # fmt: skip
+        if b == 0:
+            conv_bn(f"res{block}_branch1", f"bn{block}_branch1", f"scale{block}_branch1",
+                    (out, block_in, 1, 1))  # fmt: skip
+        if b == arch.stage_blocks[i] - 1:
+            cin = out
+    a, rc, k1, d = arch.num_anchors, arch.rpn_channels, arch.num_classes + 1, arch.feature_dim
+    e, h = arch.attr_embed_dim, arch.attr_hidden
+    layers["rpn_conv/3x3"] = [(rc, arch.res4_channels, 3, 3), (rc,)]
+    layers["rpn_cls_score"] = [(2 * a, rc, 1, 1), (2 * a,)]
+    layers["rpn_bbox_pred"] = [(4 * a, rc, 1, 1), (4 * a,)]
+    layers["cls_score"] = [(k1, d), (k1,)]
+    layers["bbox_pred"] = [(4 * k1, d), (4 * k1,)]
+    layers["cls_embedding"] = [(k1, e)]
+    layers["fc_attr"] = [(h, d + e), (h,)]
+    layers["attr_score"] = [(arch.num_attributes + 1, h), (arch.num_attributes + 1,)]
+    return layers
+
+
+def caffe_layers(arch: ArchConfig | None = None, seed: int = 3) -> dict[str, list[np.ndarray]]:
+    """Random Caffe blobs; BatchNorm factors ~1000 (Caffe's moving-average normaliser)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shapes in caffe_layer_shapes(arch or ArchConfig()).items():
+        blobs = [rng.standard_normal(s, dtype=np.float32) for s in shapes]
+        if name.startswith("bn"):
+            blobs[1] = np.abs(blobs[1]) * 999.0 + 1.0  # var * factor, positive
+            blobs[2] = np.array([999.982], dtype=np.float32)
+        out[name] = blobs
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def encode_blob(arr: np.ndarray, *, legacy_shape: bool = False) -> bytes:
+    """A BlobProto: packed float data (5) and BlobShape (7), or legacy num/ch/h/w (1..4)."""
+    data = _field(5, arr.astype("<f4").tobytes())
+    if legacy_shape:
+        dims = (1,) * (4 - arr.ndim) + arr.shape
+        return b"".join(_varint(i << 3) + _varint(d) for i, d in enumerate(dims, 1)) + data
+    shape = _field(1, b"".join(_varint(d) for d in arr.shape))
+    return _field(7, shape) + data
+
+
+def encode_caffemodel(
+    layers: dict[str, list[np.ndarray]], *, v1: frozenset[str] = frozenset()
+) -> bytes:
+    """A NetParameter: ``layer`` (100) messages, or V1 ``layers`` (2) for names in ``v1``."""
+    out = [_field(1, b"synthetic-butd")]
+    for name, blobs in layers.items():
+        legacy = name in v1
+        name_field, blob_field, number = (4, 6, 2) if legacy else (1, 7, 100)
+        body = _field(name_field, name.encode())
+        body += _field(2, b"Convolution") if not legacy else _varint(5 << 3) + _varint(4)
+        body += b"".join(_field(blob_field, encode_blob(b, legacy_shape=legacy)) for b in blobs)
+        out.append(_field(number, body))
+    out.append(_field(100, _field(1, b"relu1") + _field(2, b"ReLU")))  # a layer without blobs
+    return b"".join(out)

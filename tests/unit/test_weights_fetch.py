@@ -183,8 +183,8 @@ def test_all_urls_failing_is_one_error(server: str, tmp_path: Path) -> None:
 
 
 def test_unsupported_entries_fail_before_downloading(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="Caffe protobuf"):
-        fetch(REGISTRY["caffe-10-100"], tmp_path, progress=False)
+    with pytest.raises(WeightsError, match="no attribute head"):
+        fetch(REGISTRY["airsplay-noattr-36"], tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -257,11 +257,11 @@ def test_files_are_detected_converted_and_loadable(tmp_path: Path, fmt: str) -> 
     assert all(torch.equal(loaded.state_dict[k], v) for k, v in expected.items())
 
 
-def test_caffemodel_is_detected_and_refused_with_advice(tmp_path: Path) -> None:
+def test_caffemodel_without_layers_names_the_missing_blobs(tmp_path: Path) -> None:
     path = tmp_path / "resnet101_faster_rcnn_final.caffemodel"
-    path.write_bytes(b"\x0a\x03abc")
+    path.write_bytes(b"\x0a\x03abc")  # NetParameter with only a name
     assert detect_format(path) == "caffe"
-    with pytest.raises(WeightsError, match="detectron2-format port"):
+    with pytest.raises(WeightsError, match=r"conv1\[0\] -> backbone.stem.conv.weight"):
         convert(path, tmp_path / "out.safetensors")
 
 

@@ -113,8 +113,8 @@ def test_resolve_neither_file_nor_name(tmp_path: Path) -> None:
 
 
 def test_resolve_unsupported_entry_explains(tmp_path: Path) -> None:
-    with pytest.raises(WeightsError, match="Caffe protobuf"):
-        resolve("caffe-36", tmp_path)
+    with pytest.raises(WeightsError, match="no attribute head"):
+        resolve("airsplay-noattr-36", tmp_path)
 
 
 def test_resolve_the_packaged_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
