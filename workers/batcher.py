@@ -230,13 +230,15 @@ class FeatureSink(Protocol):
         ...
 
     def seal(
-        self, name: str, records: Sequence[StoredItem], model_version: str, config: dict[str, Any]
+        self,
+        name: str,
+        records: Sequence[StoredItem],
+        model_version: str,
+        config: dict[str, Any],
+        aliases: Sequence[tuple[str, str, str]] = (),
     ) -> None:
-        """Write ``records`` (made under ``config``) as one sealed shard and index them."""
-        ...
-
-    def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
-        """Record (namespace, image_id) -> content sha256 for each triple (idempotent)."""
+        """Store new ``records`` (made under ``config``) and bind every (namespace, image_id,
+        sha256) of ``aliases``; on return both are durable and indexed."""
         ...
 
 
@@ -324,12 +326,10 @@ class Processor:
                 todo[x.content_sha256] = x
         computed = self._compute(list(todo.values()), config)
         stored = [s for s in computed.values() if isinstance(s, StoredItem)]
-        if stored:
-            self.sink.seal(f"{name}-{version}", stored, version, config.to_json())
         outcomes = [self._outcome(x, version, computed) for x in group]
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
-        if aliases:
-            self.sink.add_aliases(aliases)
+        if stored or aliases:
+            self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:

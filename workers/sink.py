@@ -1,13 +1,15 @@
-"""The worker's view of the feature store: sealed shard files plus a lookup by content.
+"""The worker's side of the feature store: seal shards, then index them (``store.shards``,
+``store.index``).
 
-``ShardDirSink`` seals each batch's new records as one ragged HDF5 file
-(``store.h5.write_feature_file``: temp name, then atomic rename) under ``STORE/shards/`` and
-finds stored (model_version, content_sha256) pairs by reading the per-image datasets of the
-sealed files, rescanning the directory for files other workers sealed since. Aliases go to
-``STORE/aliases/NAMESPACE.tsv`` lines (append-only, idempotent on read).
+``StoreSink.seal`` writes one batch's new records as a sealed shard under ``STORE/shards``
+(temp name, atomic rename; each row carries its content sha256 and the (namespace, image_id)
+alias it was computed for), plus an alias table for ids whose content is stored elsewhere (a
+cached image under a new id). Only then does it put the shard into the Redis index (first wins,
+idempotent), so an indexed record is always on disk and the index can be rebuilt from the files.
+``has`` answers from the index: a redelivered entry finds its records and computes nothing.
 
-File names come from the stream entry (``job-J-S-ENTRY-K-VERSION.h5``), so a redelivered entry
-that recomputes after a crash replaces its own earlier file instead of adding duplicate rows.
+Aliases are also appended to ``STORE/aliases/NAMESPACE.tsv`` (``image_id TAB sha256``), the
+layout ``service.shard_store`` reads today.
 """
 
 from __future__ import annotations
@@ -20,63 +22,86 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from store.h5 import FeatureFile, write_feature_file
+from store.index import FeatureIndex
 from store.records import FeatureRecord
+from store.shards import Alias, ShardEntries, seal_shard
 from workers.batcher import StoredItem
 
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 
-class ShardDirSink:
-    """Seal records under ``root/shards`` and look them up by (model_version, sha256).
+class StoreSink:
+    """Seal records under ``root/shards`` and index them in Redis.
 
     Args:
         root: the store directory shared with the gateway.
-        meta: FeatureFileWriter keyword arguments besides model_version and config
-            (vocabularies, feature_dim, feature_dtype).
+        index: the Redis feature index.
+        worker_id: prefix of the shard names this worker writes.
+        meta: ``seal_shard`` metadata besides the config (vocabularies, feature_dim, dtype).
     """
 
-    def __init__(self, root: str | os.PathLike[str], meta: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        index: FeatureIndex,
+        *,
+        worker_id: str,
+        meta: dict[str, Any],
+    ) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.aliases_dir = self.root / "aliases"
         self.shards.mkdir(parents=True, exist_ok=True)
         self.aliases_dir.mkdir(parents=True, exist_ok=True)
+        self.index = index
+        self.worker_id = worker_id
         self.meta = meta
-        self._known: set[tuple[str, str]] = set()
-        self._scanned: dict[str, float] = {}
 
     def has(self, model_version: str, sha256: str) -> bool:
-        """True when a sealed file holds this content for this model version."""
-        if (model_version, sha256) not in self._known:
-            self._rescan()
-        return (model_version, sha256) in self._known
-
-    def _rescan(self) -> None:
-        for path in self.shards.glob("*.h5"):
-            mtime = path.stat().st_mtime
-            if self._scanned.get(path.name) == mtime:
-                continue
-            with FeatureFile(path) as f:
-                version = f.model_version
-                self._known.update((version, sha) for sha in f.content_sha256() if sha)
-            self._scanned[path.name] = mtime
+        """True when the index holds this content for this model version."""
+        return self.index.lookup_content(model_version, sha256) is not None
 
     def seal(
-        self, name: str, records: Sequence[StoredItem], model_version: str, config: dict[str, Any]
+        self,
+        name: str,
+        records: Sequence[StoredItem],
+        model_version: str,
+        config: dict[str, Any],
+        aliases: Sequence[AliasTriple] = (),
     ) -> None:
-        """Write one sealed file of ``records`` (image id = content sha256)."""
-        path = self.shards / f"{_UNSAFE.sub('_', name)}.h5"
-        recs = [_with_key(item) for item in records]
-        write_feature_file(path, recs, model_version=model_version, config=config, **self.meta)
-        self._known.update((model_version, item.content_sha256) for item in records)
-        self._scanned[path.name] = path.stat().st_mtime
-        log.debug("sealed %d records in %s", len(recs), path)
+        """Seal new records and the aliases not yet bound as one shard, then index it.
 
-    def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
-        """Append ``image_id TAB sha256`` lines to the namespace's alias file."""
+        Args:
+            name: the batch's name, for the log.
+            records: new records with their content key and the alias they were computed for.
+            aliases: every (namespace, image_id, sha256) the batch resolved, cached ones too.
+        """
+        rows = [_row(item) for item in records]
+        row_aliases = {(i.namespace, i.image_id, i.content_sha256) for i in records}
+        extra = [a for a in dict.fromkeys(aliases) if a not in row_aliases and self._unbound(a)]
+        if rows or extra:
+            info = seal_shard(
+                self.shards,
+                rows,
+                model_version=model_version,
+                meta={**self.meta, "config": config},
+                aliases=[Alias(*a) for a in extra],
+                worker_id=self.worker_id,
+            )
+            bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
+            contents = [(item.content_sha256, row) for row, item in enumerate(records)]
+            self.index.put_shard(ShardEntries(info.name, model_version, 0, contents, bound))
+            log.debug("%s: sealed %s (%d rows, %d aliases)", name, info.name, len(rows), len(extra))
+        self._append_alias_files([*row_aliases, *extra])
+
+    def _unbound(self, alias: AliasTriple) -> bool:
+        namespace, image_id, sha = alias
+        return bool(namespace) and self.index.lookup_alias(namespace, image_id) != sha
+
+    def _append_alias_files(self, aliases: Sequence[AliasTriple]) -> None:
         by_ns: dict[str, list[str]] = {}
         for namespace, image_id, sha in aliases:
             by_ns.setdefault(namespace, []).append(f"{image_id}\t{sha}\n")
@@ -86,6 +111,6 @@ class ShardDirSink:
                 fh.writelines(lines)
 
 
-def _with_key(item: StoredItem) -> FeatureRecord:
+def _row(item: StoredItem) -> FeatureRecord:
     extra = {"content_sha256": item.content_sha256, "namespace": item.namespace}
-    return replace(item.record, image_id=item.content_sha256, extra=extra)
+    return replace(item.record, image_id=item.image_id, extra=extra)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from store.index import FeatureIndex
 from workers import queue as q
 from workers.batcher import (
     ExtractorLike,
@@ -58,7 +59,7 @@ from workers.protocol import (
     ProtocolError,
 )
 from workers.settings import WorkerSettings
-from workers.sink import ShardDirSink
+from workers.sink import StoreSink
 
 if TYPE_CHECKING:
     Client = redis.Redis[Any]
@@ -374,15 +375,18 @@ def build_worker(settings: WorkerSettings) -> Worker:
         "loaded %s (%s) on %s in %.1fs", settings.weights, extractor.model_version, device, took
     )
     spec = extractor.spec
-    sink = ShardDirSink(
+    client = q.connect(settings.redis_url)
+    sink = StoreSink(
         settings.store_dir,
-        {
+        FeatureIndex(client),
+        worker_id=settings.worker_id,
+        meta={
             "objects_vocab": spec.objects_vocab,
             "attributes_vocab": spec.attributes_vocab,
             "feature_dim": spec.arch.feature_dim,
         },
     )
-    return Worker(settings, extractor, sink, device=device, model=extractor.spec.description)
+    return Worker(settings, extractor, sink, device=device, model=spec.description, client=client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

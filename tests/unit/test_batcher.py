@@ -90,15 +90,19 @@ class FakeSink:
         return (model_version, sha256) in self.stored
 
     def seal(
-        self, name: str, records: Sequence[StoredItem], model_version: str, config: dict[str, Any]
+        self,
+        name: str,
+        records: Sequence[StoredItem],
+        model_version: str,
+        config: dict[str, Any],
+        aliases: Sequence[tuple[str, str, str]] = (),
     ) -> None:
         assert config["max_boxes"] >= config["min_boxes"]
-        self.seals.append((name, [r.content_sha256 for r in records]))
+        if records:
+            self.seals.append((name, [r.content_sha256 for r in records]))
         for r in records:
             assert r.record.model_version == model_version
             self.stored[(model_version, r.content_sha256)] = r.record
-
-    def add_aliases(self, aliases: Sequence[tuple[str, str, str]]) -> None:
         self.aliases.extend(aliases)
 
 

@@ -1,0 +1,68 @@
+"""The worker's store sink on a real redis-server: seal, then index; aliases; rebuildable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from store.h5 import FeatureFile
+from store.index import FeatureIndex, reindex
+from store.records import FeatureRecord
+from store.shards import list_shards, read_aliases
+from workers import queue as q
+from workers.batcher import StoredItem
+from workers.sink import StoreSink
+
+META = {"objects_vocab": ["a"], "attributes_vocab": ["b"], "feature_dim": 4}
+
+
+def item(sha: str, image_id: str, namespace: str = "ns", n: int = 3) -> StoredItem:
+    rec = FeatureRecord(
+        image_id="ignored",
+        image_w=10,
+        image_h=8,
+        boxes=np.tile(np.array([[0, 0, 5, 5]], np.float32), (n, 1)),
+        features=np.full((n, 4), 0.5, np.float32),
+        objects_id=np.zeros(n, np.int64),
+        objects_conf=np.ones(n, np.float32),
+        attrs_id=np.zeros(n, np.int64),
+        attrs_conf=np.ones(n, np.float32),
+        model_version="mv",
+    )
+    return StoredItem(rec, sha, namespace, image_id)
+
+
+def test_seal_indexes_rows_and_only_new_aliases(redis_url: str, tmp_path: Path) -> None:
+    r = q.connect(redis_url)
+    index = FeatureIndex(r)
+    sink = StoreSink(tmp_path, index, worker_id="w1", meta=META)
+    a, b = "a" * 64, "b" * 64
+    assert not sink.has("mv", a)
+    sink.seal("batch1", [item(a, "x.jpg"), item(b, "y.jpg")], "mv", {"max_boxes": 10})
+    assert sink.has("mv", a) and sink.has("mv", b) and not sink.has("other", a)
+    (first,) = list_shards(tmp_path / "shards")
+    with FeatureFile(tmp_path / "shards" / first) as f:
+        assert f.content_sha256() == [a, b] and f.ids() == ["x.jpg", "y.jpg"]
+        assert f.config == {"max_boxes": 10} and f.model_version == "mv"
+    assert index.lookup("mv", "ns", "y.jpg") is not None
+
+    # A cached image under a new id: no rows, one alias-only shard; the same again: nothing.
+    sink.seal("batch2", [], "mv", {}, [("ns", "x.jpg", a), ("ns2", "copy.jpg", a)])
+    shards = list_shards(tmp_path / "shards")
+    assert len(shards) == 2
+    (alias_shard,) = set(shards) - {first}
+    assert [(x.namespace, x.image_id) for x in read_aliases(tmp_path / "shards" / alias_shard)] == [
+        ("ns2", "copy.jpg")
+    ]
+    sink.seal("batch3", [], "mv", {}, [("ns2", "copy.jpg", a)])
+    assert len(list_shards(tmp_path / "shards")) == 2
+    assert index.lookup_alias("ns2", "copy.jpg") == a
+    assert (tmp_path / "aliases" / "ns2.tsv").read_text() == f"copy.jpg\t{a}\n"
+
+    # The index is rebuilt from the files alone.
+    r.flushdb()
+    assert not sink.has("mv", a)
+    result = reindex(tmp_path / "shards", r)
+    assert (result.contents, result.aliases) == (2, 3)
+    assert sink.has("mv", b) and index.lookup_alias("ns2", "copy.jpg") == a
