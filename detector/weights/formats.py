@@ -431,7 +431,10 @@ def convert(
         ``out_path``.
     """
     arch = arch or ArchConfig()
-    raw = read_source(src_path, trust_pickle=trust_pickle)
+    if fmt == "caffe":
+        raw: Any = read_caffemodel(src_path)
+    else:
+        raw = read_source(src_path, trust_pickle=trust_pickle)
     if fmt == "auto":
         fmt = detect_format(raw)
     if fmt not in CONVERTERS:
