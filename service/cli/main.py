@@ -14,7 +14,17 @@ import sys
 from collections.abc import Sequence
 
 # Command-group modules, in the order ``butd --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("extract",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "serve",
+    "worker",
+    "extract",
+    "export",
+    "jobs",
+    "store",
+    "weights",
+    "train",
+    "heads",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
