@@ -1,6 +1,7 @@
 """Time of the selection rule: vectorised ``select_regions`` versus the loop of 1600 NMS calls.
 
     python bench/select.py [--proposals 300] [--classes 1600] [--repeats 7] [--loop-repeats 3]
+                           [--threads N]
 
 Inputs are realistic in shape and statistics: 300 proposals clustered around 15 "objects" in a
 640x480 image (so per-class NMS has suppression chains), and class probabilities = softmax of
@@ -82,13 +83,37 @@ def run(
     classes: int = 1600,
     repeats: int = 7,
     loop_repeats: int = 3,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Time the vectorised rule on ``device`` against the NumPy loop on the CPU.
 
+    Args:
+        device: torch device of the vectorised run ("cpu", "cuda").
+        proposals: R.
+        classes: K (the probabilities get K + 1 columns).
+        repeats: timed runs of the vectorised rule.
+        loop_repeats: timed runs of the loop.
+        threads: torch intra-op threads during the run (None = leave as is); restored after.
+
     Returns:
-        ``device``, ``proposals``, ``classes``, ``kept``, ``vectorised_ms`` and ``loop_ms``
-        (medians), ``speedup`` (loop / vectorised), ``identical`` (same indices and max_conf).
+        ``device``, ``threads``, ``proposals``, ``classes``, ``kept``, ``vectorised_ms`` and
+        ``loop_ms`` (medians), ``speedup`` (loop / vectorised), ``identical`` (same indices and
+        max_conf as the loop).
     """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        result = _run(device, proposals, classes, repeats, loop_repeats)
+    finally:
+        torch.set_num_threads(previous)
+    return result
+
+
+def _run(device: str, proposals: int, classes: int, repeats: int, loop_repeats: int) -> dict:
+    """:func:`run` with the thread count already set."""
     import torch
 
     from detector.select import select_regions
@@ -107,6 +132,7 @@ def run(
     )
     return {
         "device": device,
+        "threads": torch.get_num_threads(),
         "proposals": proposals,
         "classes": classes,
         "kept": int(selection.indices.numel()),
@@ -127,6 +153,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1600)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--loop-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
@@ -136,6 +163,7 @@ def main() -> None:
             classes=args.classes,
             repeats=args.repeats,
             loop_repeats=args.loop_repeats,
+            threads=args.threads,
         )
         print(f"selection {device}: {result}")
 
