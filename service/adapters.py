@@ -1,8 +1,10 @@
 """The real ``Queue`` over ``workers.queue`` (Redis Streams) for the gateway.
 
-The gateway shares one redis-py client (thread-safe connection pool) across request threads;
-``wait_result`` holds one connection for as long as it blocks, so the pool is sized for
-``max_queue_depth`` concurrent waits.
+Two redis-py clients (thread-safe connection pools) are shared across request threads: one for
+quick commands, with a short read timeout so a hung Redis surfaces as a 503 within seconds, and
+one for ``wait_result``'s BLPOP, whose read timeout covers the longest wait (redis-py 8 defaults
+``socket_timeout`` to 5 s, which would cut a longer BLPOP short). The blocking pool is sized
+for ``max_queue_depth`` concurrent waits.
 """
 
 from __future__ import annotations
@@ -28,19 +30,30 @@ if TYPE_CHECKING:
     Client = redis.Redis[Any]
 
 
-def connect(url: str, *, max_connections: int) -> Client:
-    """A bytes-reply client with a bounded pool (BLPOP needs no read timeout)."""
+def connect(url: str, *, max_connections: int, socket_timeout: float = 5.0) -> Client:
+    """A bytes-reply client on a bounded pool; a command waits ``socket_timeout`` s at most.
+
+    Args:
+        max_connections: pool size; a thread waits up to 10 s for a free connection.
+        socket_timeout: read timeout of one command, seconds.
+    """
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=10, socket_connect_timeout=5
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_connect_timeout=5,
+        socket_timeout=socket_timeout,
+        health_check_interval=30,
     )
-    return redis.Redis(connection_pool=pool, health_check_interval=30)
+    return redis.Redis(connection_pool=pool)
 
 
 class RedisQueue:
     """``service.backend.Queue`` on a Redis server.
 
     Args:
-        client: a bytes-reply redis-py client.
+        client: a bytes-reply redis-py client for quick commands.
+        blocking: the client ``wait_result`` blocks on (read timeout above the longest wait).
         heartbeat_max_age_s: a heartbeat older than this does not count as live.
         job_shard_size: images per stream entry of a batch job.
         image_ttl_s: lifetime of uploaded bytes waiting in Redis (covers the request timeout).
@@ -49,12 +62,14 @@ class RedisQueue:
     def __init__(
         self,
         client: Client,
+        blocking: Client,
         *,
         heartbeat_max_age_s: float,
         job_shard_size: int,
         image_ttl_s: int,
     ) -> None:
         self.client = client
+        self.blocking = blocking
         self._max_age = heartbeat_max_age_s
         self._shard_size = job_shard_size
         self._image_ttl = image_ttl_s
@@ -79,7 +94,7 @@ class RedisQueue:
         q.enqueue_online(self.client, request, data, image_ttl_s=self._image_ttl)
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
-        return q.wait_result(self.client, request_id, timeout_s)
+        return q.wait_result(self.blocking, request_id, timeout_s)
 
     def create_job(
         self, job_id: str, items: Sequence[JobItem], *, namespace: str, options: ExtractOptions
@@ -100,5 +115,6 @@ class RedisQueue:
         return q.cancel_job(self.client, job_id)
 
     def close(self) -> None:
-        """Close the client's connections."""
+        """Close both clients' connections."""
         self.client.close()
+        self.blocking.close()

@@ -84,9 +84,15 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (butd serve starts an embedded Redis)")
-    client = connect(settings.redis_url, max_connections=settings.max_queue_depth + 64)
+    client = connect(settings.redis_url, max_connections=64)
+    blocking = connect(
+        settings.redis_url,
+        max_connections=settings.max_queue_depth + 16,
+        socket_timeout=settings.request_timeout_s + 10,
+    )
     queue = RedisQueue(
         client,
+        blocking,
         heartbeat_max_age_s=settings.heartbeat_max_age_s,
         job_shard_size=settings.job_shard_size,
         image_ttl_s=int(settings.request_timeout_s + settings.compute_grace_s) + 60,
