@@ -47,6 +47,13 @@ end
 return 0
 """
 
+# KEYS[1] alias hash, KEYS[2] loc hash; ARGV[1] image_id. Alias then content in one round trip.
+_LOOKUP_LUA = """
+local sha = redis.call('HGET', KEYS[1], ARGV[1])
+if not sha then return false end
+return redis.call('HGET', KEYS[2], sha)
+"""
+
 
 def _encode(location: Location) -> str:
     return f"{location.shard}:{location.row}"
@@ -85,6 +92,7 @@ class FeatureIndex:
         self.client = client
         self.prefix = prefix
         self._relocate = client.register_script(_RELOCATE_LUA)
+        self._lookup = client.register_script(_LOOKUP_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX) -> FeatureIndex:
@@ -109,9 +117,10 @@ class FeatureIndex:
         return _text(self.client.hget(self.alias_key(namespace), image_id))
 
     def lookup(self, model_version: str, namespace: str, image_id: str) -> Location | None:
-        """Alias, then content: the location of a user id's record, or None."""
-        sha = self.lookup_alias(namespace, image_id)
-        return None if sha is None else self.lookup_content(model_version, sha)
+        """Alias, then content: the location of a user id's record, or None (one round trip)."""
+        keys = [self.alias_key(namespace), self.loc_key(model_version)]
+        value = self._lookup(keys=keys, args=[image_id])
+        return None if value is None else _decode(cast(bytes, value))
 
     def put(
         self,
