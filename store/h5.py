@@ -36,8 +36,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import h5py
 import numpy as np
@@ -64,6 +63,8 @@ _ROW_SETS: dict[str, tuple[Any, tuple[int, ...]]] = {
     "attrs_id": (np.int64, ()),
     "attrs_conf": (np.float32, ()),
 }
+_KEY_SETS = ("content_sha256", "namespace")
+_VOCABS = ("objects_vocab", "attributes_vocab")
 _IMAGE_CHUNK = 4096  # rows per chunk of the per-image datasets (small scalars)
 _FEATURE_CHUNK_BYTES = 256 * 1024  # a feature chunk holds ~256 KiB (64 rows of 2048 fp16)
 
@@ -76,7 +77,24 @@ def _attr_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class FeatureFileWriter:
+class _Handle:
+    """Close-once context manager around ``self._file``."""
+
+    _file: h5py.File
+
+    def close(self) -> None:
+        """Close the HDF5 file (idempotent; the writer flushes on every append)."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FeatureFileWriter(_Handle):
     """Append FeatureRecords to a ragged HDF5 file; creates it or resumes an existing one.
 
     Args:
@@ -116,7 +134,7 @@ class FeatureFileWriter:
         self.feature_dim = int(feature_dim)
         self.feature_dtype = np.dtype(feature_dtype)
         self.unique_ids = unique_ids
-        self._file = h5py.File(self.path, "a")
+        self._file: h5py.File = h5py.File(self.path, "a")
         if "offsets" in self._file:
             self._check_existing()
             self._trim_partial_append()
@@ -270,23 +288,6 @@ class FeatureFileWriter:
             f[name].resize((n0 + len(records),))
             f[name][n0:] = np.array(values, dtype=object if f[name].dtype == _STR else None)
 
-    def close(self) -> None:
-        """Flush and close the file."""
-        if self._file.id.valid:
-            self._file.flush()
-            self._file.close()
-
-    def __enter__(self) -> FeatureFileWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def write_feature_file(
     path: str | os.PathLike[str],
@@ -327,7 +328,7 @@ def write_feature_file(
     return count
 
 
-class FeatureFile:
+class FeatureFile(_Handle):
     """Read-only view of a ragged feature file; each ``get`` reads one image's rows.
 
     The small per-image arrays (offsets, sizes) are read once at open; the id -> position map
@@ -350,16 +351,13 @@ class FeatureFile:
         self._h = f["image_h"][: self._n]
         self._rows = {name: f[name] for name in ("features", *_ROW_SETS)}
         self._id_dset = f["image_ids"].asstr()
-        self._sha_dset = f["content_sha256"].asstr() if "content_sha256" in f else None
-        self._ns_dset = f["namespace"].asstr() if "namespace" in f else None
         self._key_cache: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
         self._index: dict[str, int] | None = None
         self.model_version = _attr_str(f.attrs["model_version"])
         self.config: dict[str, Any] = json.loads(_attr_str(f.attrs.get("config", "{}")))
-        self.objects_vocab: list[str] = json.loads(_attr_str(f.attrs.get("objects_vocab", "[]")))
-        self.attributes_vocab: list[str] = json.loads(
-            _attr_str(f.attrs.get("attributes_vocab", "[]"))
-        )
+        vocabs = [json.loads(_attr_str(f.attrs.get(k, "[]"))) for k in _VOCABS]
+        self.objects_vocab: list[str] = vocabs[0]
+        self.attributes_vocab: list[str] = vocabs[1]
 
     @property
     def feature_dim(self) -> int:
@@ -393,26 +391,22 @@ class FeatureFile:
         """Image ids in file order."""
         return list(self._id_dset[: self._n].tolist())
 
-    def _keys(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None:
-        """(sha, namespace) columns as compact bytes arrays, read once (vlen strings are slow
-        to read one by one: ~0.1 ms each; 64 B per image in memory)."""
-        if self._key_cache is None and self._sha_dset is not None and self._ns_dset is not None:
-            sha = self._file["content_sha256"][: self._n].astype("S")
-            ns = self._file["namespace"][: self._n].astype("S")
-            self._key_cache = (sha, ns)
+    def _keys(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(sha, namespace) columns as compact bytes arrays, read once: a vlen string costs
+        ~0.1 ms to read alone, the cache 64 B per image. Empty strings when absent."""
+        if self._key_cache is None:
+            f, n = self._file, self._n
+            cols = [f[k][:n].astype("S") if k in f else np.full(n, b"", "S1") for k in _KEY_SETS]
+            self._key_cache = (cols[0], cols[1])
         return self._key_cache
 
     def content_sha256(self) -> list[str]:
         """Per-image sha256 of the image bytes, in file order ("" when unknown)."""
-        if self._sha_dset is None:
-            return [""] * self._n
-        return list(self._sha_dset[: self._n].tolist())
+        return [value.decode() for value in self._keys()[0]]
 
     def namespaces(self) -> list[str]:
         """Per-image alias namespace, in file order ("" when none)."""
-        if self._ns_dset is None:
-            return [""] * self._n
-        return list(self._ns_dset[: self._n].tolist())
+        return [value.decode() for value in self._keys()[1]]
 
     def num_boxes(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """(N,) int64 region count per image."""
@@ -444,10 +438,8 @@ class FeatureFile:
             raise IndexError(f"position {i} out of range for {self._n} images in {self.path}")
         r0, r1 = int(self._offsets[i]), int(self._offsets[i + 1])
         arrays = {name: dset[r0:r1] for name, dset in self._rows.items()}
-        extra = {}
-        keys = self._keys()
-        if keys is not None:
-            extra = {"content_sha256": keys[0][i].decode(), "namespace": keys[1][i].decode()}
+        sha, namespace = self._keys()
+        extra = {"content_sha256": sha[i].decode(), "namespace": namespace[i].decode()}
         return FeatureRecord(
             image_id=str(self._id_dset[i]),
             image_w=int(self._w[i]),
@@ -460,19 +452,3 @@ class FeatureFile:
     def __iter__(self) -> Iterator[FeatureRecord]:
         for i in range(self._n):
             yield self.read_row(i)
-
-    def close(self) -> None:
-        """Close the HDF5 handle (idempotent)."""
-        if self._file.id.valid:
-            self._file.close()
-
-    def __enter__(self) -> FeatureFile:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
