@@ -283,3 +283,45 @@ def write_csv(result: EvalResult, path: str | Path) -> None:
         writer.writerow(["kind", "index", "name", "ap", "num_gt"])
         for r in result.rows:
             writer.writerow([r.kind, r.index, r.name, f"{r.ap:.6f}", r.num_gt])
+
+
+def evaluate_weights(
+    weights: str | Path,
+    data: str | Path,
+    *,
+    device: str = "cpu",
+    limit: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Runs a canonical weight file over a VG-format directory and scores it.
+
+    The data's vocabularies are read from ``data`` when present, else the weights' own; the
+    image scale is the weights' ``extraction_defaults``.
+    """
+    import torch
+    from tqdm import tqdm
+
+    from detector.model import Detector
+    from detector.train.detect import detect
+    from detector.train.vg import Vocab, load_vg
+    from detector.weights.canonical import load
+    from store.images import decode_image
+
+    loaded = load(weights)
+    spec = loaded.spec
+    model = Detector(spec)
+    model.load_state_dict(loaded.state_dict, strict=True)
+    model.to(torch.device(device)).eval()
+    images = load_vg(
+        data, Vocab.from_lines(spec.objects_vocab), Vocab.from_lines(spec.attributes_vocab)
+    )[:limit]
+    config = spec.default_extraction()
+    dets, gts = [], []
+    for im in tqdm(images, disable=not progress, desc="evaluate"):
+        dets.append(detect(model, decode_image(im.path.read_bytes()), config))
+        gts.append(GroundTruth(im.boxes, im.classes, im.attributes))
+    result = evaluate(
+        dets, gts, spec.objects_vocab, spec.attributes_vocab, plus_one=spec.conventions.plus_one
+    )
+    logger.info("evaluated %s on %d images: %s", weights, len(images), result.summary())
+    return result
