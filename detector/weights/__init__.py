@@ -29,10 +29,9 @@ from detector.weights.formats import (
     convert_caffe,
     convert_hf,
     convert_milvlg,
-    detect_format,
-    read_source,
 )
 from detector.weights.formats_caffe import read_caffemodel
+from detector.weights.formats_read import detect_format, read_source
 from detector.weights.registry import (
     REGISTRY,
     RegistryEntry,

@@ -136,6 +136,19 @@ def download(
     raise WeightsError(f"download failed: {'; '.join(errors)} (partial data kept in {part})")
 
 
+def _verified_sha256(entry: RegistryEntry, src: Path) -> str:
+    """sha256 of the download, checked against the entry when recorded (mismatch: deleted)."""
+    digest = file_sha256(src)
+    if entry.sha256 is not None and digest != entry.sha256:
+        src.unlink()
+        raise WeightsError(
+            f"{entry.name}: sha256 of {src.name} is {digest}, expected {entry.sha256}; "
+            "the download was deleted"
+        )
+    logger.info("%s sha256 %s%s", src.name, digest, "" if entry.sha256 else " (not published)")
+    return digest
+
+
 def fetch(
     entry: RegistryEntry,
     dest_dir: Path | None = None,
@@ -177,26 +190,12 @@ def fetch(
     src = dest_dir / entry.filename
     if not src.is_file():
         download(entry.urls, src, client=client, progress=progress, retries=retries)
-    digest = file_sha256(src)
-    if entry.sha256 is not None and digest != entry.sha256:
-        src.unlink()
-        raise WeightsError(
-            f"{entry.name}: sha256 of {src.name} is {digest}, expected {entry.sha256}; "
-            "the download was deleted"
-        )
-    logger.info("%s sha256 %s%s", src.name, digest, "" if entry.sha256 else " (not published)")
+    digest = _verified_sha256(entry, src)
     vocab = None
     if entry.vocab is not None:
         vocab = (load_vocab(entry.vocab[0]), load_vocab(entry.vocab[1]))
-    convert(
-        src,
-        out,
-        fmt=entry.format,
-        arch=entry.arch,
-        vocab=vocab,
-        description=entry.description,
-        source_sha256=digest,
-    )
+    convert(src, out, fmt=entry.format, arch=entry.arch, vocab=vocab,
+            description=entry.description, source_sha256=digest)  # fmt: skip
     if not keep_source:
         src.unlink()
     return out
