@@ -35,6 +35,9 @@ from store.records import FeatureRecord
 
 log = logging.getLogger(__name__)
 
+# Registry name used when no weights are configured: the packaged demo model.
+DEFAULT_WEIGHTS = "demo-synthetic"
+
 
 @dataclass(frozen=True)
 class _Kept:
@@ -87,7 +90,7 @@ class Extractor:
         """
         from detector.weights import load, resolve
 
-        loaded = load(resolve(weights))
+        loaded = load(resolve(DEFAULT_WEIGHTS if weights is None else weights))
         model = Detector(loaded.spec)
         model.load_state_dict(loaded.state_dict, strict=True)
         config = (config or loaded.spec.default_extraction()).replace(**overrides)
