@@ -190,3 +190,39 @@ def test_index_survives_redis_restart_with_aof(redis_proc: RedisProcess) -> None
     index = FeatureIndex.from_url(redis_proc.url)
     assert index.lookup(MV, "ns", "one") == Location("a.h5", 1)
     index.client.close()
+
+
+def test_cli_store_reindex_compact_stats(
+    redis_url: str, client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+    import json
+
+    from service.cli import store as store_cli
+
+    recs = [r for seed in range(3) for r in make_records(3, seed=seed, with_sha=True)]
+    for start in range(0, len(recs), 3):
+        seal_shard(tmp_path, recs[start : start + 3], model_version=MV, meta=META)
+    parser = argparse.ArgumentParser()
+    store_cli.register(parser.add_subparsers())
+
+    def run(*argv: str) -> dict:
+        args = parser.parse_args(["store", *argv, "--dir", str(tmp_path), "--redis-url", redis_url])
+        assert args.handler(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert run("reindex") == {"shards": 3, "contents": 9, "aliases": 9}
+    index = FeatureIndex(client)
+    assert index.lookup(MV, "ns", recs[4].image_id) is not None
+    stats = run("stats")
+    assert stats["files"][MV]["shards"] == 3 and stats["files"][MV]["images"] == 9
+    assert stats["files"][MV]["regions"] == sum(r.num_boxes for r in recs)
+    assert stats["index"] == {"contents": {MV: 9}, "aliases": {"ns": 9}}
+    summary = run("compact", "--min-rows", "5")
+    assert summary["merged"] == 3 and len(summary["written"]) == 1
+    readers = ShardReaders(tmp_path)
+    for rec in recs:
+        loc = index.lookup(MV, "ns", rec.image_id)
+        assert loc is not None and loc.shard == summary["written"][0]
+        assert readers.get(loc).image_id == rec.image_id
+    readers.close()

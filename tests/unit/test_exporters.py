@@ -196,3 +196,31 @@ def test_registry_names() -> None:
     assert set(EXPORTERS) == {"h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"}
     with pytest.raises(ValueError):
         npz_name("")
+
+
+def test_cli_export_every_format(tmp_path: Path, source) -> None:
+    import argparse
+
+    from service.cli import export
+
+    path, recs = source
+    parser = argparse.ArgumentParser()
+    export.register(parser.add_subparsers())
+    readers = {
+        "h5-dense": read_h5_dense,
+        "h5-ragged": read_h5_ragged,
+        "lxmert-tsv": read_lxmert_tsv,
+        "npz": read_npz_dir,
+    }
+    for fmt in export.FORMATS:
+        out = tmp_path / f"out-{fmt}"
+        args = parser.parse_args(["export", str(path), "--format", fmt, "--out", str(out)])
+        assert args.handler(args) == 0
+        if fmt == "tsv":
+            assert [r["image_id"] for r in read_tsv(out)] == [r.image_id for r in recs]
+            continue
+        got = sorted(readers[fmt](out), key=lambda r: r.image_id)
+        for g, want in zip(got, sorted(recs, key=lambda r: r.image_id), strict=True):
+            assert_record(g, want)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", str(path), "--format", "parquet", "--out", "x"])
