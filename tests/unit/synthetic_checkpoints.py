@@ -61,62 +61,45 @@ def d2_resnet_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def airsplay_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
-    """airsplay ``.pkl`` / HF ``.bin`` keys (HF adds anchors and num_batches_tracked)."""
+def _d2_shapes(arch: ArchConfig, milvlg: bool) -> dict[str, tuple[int, ...]]:
     a, rc, k, d = arch.num_anchors, arch.rpn_channels, arch.num_classes, arch.feature_dim
     e, h, at = arch.attr_embed_dim, arch.attr_hidden, arch.num_attributes
+    rpn, bp = "proposal_generator.rpn_head", "roi_heads.box_predictor"
+    score = 2 * a if milvlg else a  # MILVLG: 2-way softmax; airsplay/HF: one sigmoid logit
+    box = 4 * (k + 1) if milvlg else 4 * k  # airsplay/HF: no background box row
+    emb, fc, out = ("cls_embed", "attr_linear1", "attr_linear2") if milvlg else (
+        "cls_embedding", "fc_attr", "attr_score")  # fmt: skip
     shapes = d2_resnet_shapes(arch)
-    rpn = "proposal_generator.rpn_head"
-    bp = "roi_heads.box_predictor"
     shapes.update(
         {
             f"{rpn}.conv.weight": (rc, arch.res4_channels, 3, 3),
             f"{rpn}.conv.bias": (rc,),
-            f"{rpn}.objectness_logits.weight": (a, rc, 1, 1),
-            f"{rpn}.objectness_logits.bias": (a,),
+            f"{rpn}.objectness_logits.weight": (score, rc, 1, 1),
+            f"{rpn}.objectness_logits.bias": (score,),
             f"{rpn}.anchor_deltas.weight": (4 * a, rc, 1, 1),
             f"{rpn}.anchor_deltas.bias": (4 * a,),
             f"{bp}.cls_score.weight": (k + 1, d),
             f"{bp}.cls_score.bias": (k + 1,),
-            f"{bp}.bbox_pred.weight": (4 * k, d),
-            f"{bp}.bbox_pred.bias": (4 * k,),
-            f"{bp}.cls_embedding.weight": (k + 1, e),
-            f"{bp}.fc_attr.weight": (h, d + e),
-            f"{bp}.fc_attr.bias": (h,),
-            f"{bp}.attr_score.weight": (at + 1, h),
-            f"{bp}.attr_score.bias": (at + 1,),
+            f"{bp}.bbox_pred.weight": (box, d),
+            f"{bp}.bbox_pred.bias": (box,),
+            f"{bp}.{emb}.weight": (k + 1, e),
+            f"{bp}.{fc}.weight": (h, d + e),
+            f"{bp}.{fc}.bias": (h,),
+            f"{bp}.{out}.weight": (at + 1, h),
+            f"{bp}.{out}.bias": (at + 1,),
         }
     )
     return shapes
+
+
+def airsplay_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
+    """airsplay ``.pkl`` / HF ``.bin`` keys (HF adds anchors and num_batches_tracked)."""
+    return _d2_shapes(arch, milvlg=False)
 
 
 def milvlg_shapes(arch: ArchConfig) -> dict[str, tuple[int, ...]]:
     """MILVLG ``.pth`` keys: 2A objectness, 4(K+1) bbox rows, cls_embed / attr_linear1/2."""
-    a, rc, k, d = arch.num_anchors, arch.rpn_channels, arch.num_classes, arch.feature_dim
-    e, h, at = arch.attr_embed_dim, arch.attr_hidden, arch.num_attributes
-    shapes = d2_resnet_shapes(arch)
-    rpn = "proposal_generator.rpn_head"
-    bp = "roi_heads.box_predictor"
-    shapes.update(
-        {
-            f"{rpn}.conv.weight": (rc, arch.res4_channels, 3, 3),
-            f"{rpn}.conv.bias": (rc,),
-            f"{rpn}.objectness_logits.weight": (2 * a, rc, 1, 1),
-            f"{rpn}.objectness_logits.bias": (2 * a,),
-            f"{rpn}.anchor_deltas.weight": (4 * a, rc, 1, 1),
-            f"{rpn}.anchor_deltas.bias": (4 * a,),
-            f"{bp}.cls_score.weight": (k + 1, d),
-            f"{bp}.cls_score.bias": (k + 1,),
-            f"{bp}.bbox_pred.weight": (4 * (k + 1), d),
-            f"{bp}.bbox_pred.bias": (4 * (k + 1),),
-            f"{bp}.cls_embed.weight": (k + 1, e),
-            f"{bp}.attr_linear1.weight": (h, d + e),
-            f"{bp}.attr_linear1.bias": (h,),
-            f"{bp}.attr_linear2.weight": (at + 1, h),
-            f"{bp}.attr_linear2.bias": (at + 1,),
-        }
-    )
-    return shapes
+    return _d2_shapes(arch, milvlg=True)
 
 
 def _random_arrays(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:
