@@ -191,7 +191,7 @@ def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
 def run_caption(
     name: str, task: CaptionTask, steps: int, hidden: int = 256, batch: int = 100, seed: int = 0
 ) -> dict[str, Any]:
-    """Train one captioner (XE) and score its greedy captions: content-F1, exact-set, BLEU-4, CIDEr-D."""
+    """Train one captioner (XE); score greedy captions: content-F1, exact-set, BLEU-4, CIDEr-D."""
     torch.manual_seed(seed)
     model = caption_model(name, task, hidden)
     train_r, val_r = task.train_regions, task.val_regions

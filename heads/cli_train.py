@@ -17,7 +17,14 @@ import torch
 
 from heads.ban import BAN, BANConfig
 from heads.captioners import CaptionerConfig
-from heads.data import build_answer_set, caption_examples, read_coco_captions, read_karpathy, read_vqa, vqa_examples
+from heads.data import (
+    build_answer_set,
+    caption_examples,
+    read_coco_captions,
+    read_karpathy,
+    read_vqa,
+    vqa_examples,
+)
 from heads.decoding import Captioner
 from heads.metrics.captions import CiderD
 from heads.objectives import caption_batch_loss, scst_loss, vqa_loss
@@ -51,7 +58,9 @@ def _available(path: Path, wanted: Sequence[str]) -> list[str]:
     with FeatureFile(path) as ff:
         have = [i for i in dict.fromkeys(wanted) if i in ff]
         dim = ff.feature_dim
-    logger.info("%d of %d images have features in %s (D=%d)", len(have), len(set(wanted)), path, dim)
+    logger.info(
+        "%d of %d images have features in %s (D=%d)", len(have), len(set(wanted)), path, dim
+    )
     return have
 
 
@@ -92,7 +101,11 @@ def _caption_items(path: Path) -> list[Any]:
     import json
 
     head = json.loads(path.read_text())
-    return read_karpathy(path) if "images" in head and "annotations" not in head else read_coco_captions(path)
+    return (
+        read_karpathy(path)
+        if "images" in head and "annotations" not in head
+        else read_coco_captions(path)
+    )
 
 
 def train_caption(args: argparse.Namespace) -> None:
@@ -100,7 +113,9 @@ def train_caption(args: argparse.Namespace) -> None:
     items = _caption_items(args.annotations)
     ids = _available(args.features, [it.image_id for it in items])
     rows = {i: r for r, i in enumerate(ids)}
-    vocab = Vocabulary.build((tokenize_caption(c) for it in items for c in it.captions), args.min_count or 5)
+    vocab = Vocabulary.build(
+        (tokenize_caption(c) for it in items for c in it.captions), args.min_count or 5
+    )
     ex = caption_examples(items, rows, vocab)
     cfg = CaptionerConfig(kind=args.head or "updown", feature_dim=_feature_dim(args.features))
     model = Captioner(len(vocab), cfg)
@@ -111,7 +126,14 @@ def train_caption(args: argparse.Namespace) -> None:
     meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
     args.out.mkdir(parents=True, exist_ok=True)
     lam = 1.0 if cfg.kind == "sat" else 0.0
-    fit(model, lambda idx: caption_batch_loss(model, regions, ex, idx, lam), len(ex), settings, args.out, meta)  # type: ignore[arg-type]
+    fit(
+        model,
+        lambda idx: caption_batch_loss(model, regions, ex, idx, lam),
+        len(ex),
+        settings,
+        args.out,
+        meta,
+    )  # type: ignore[arg-type]
     if args.scst_steps > 0:
         _scst(model, regions, ex.references, vocab, args, meta)
 

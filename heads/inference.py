@@ -60,9 +60,13 @@ class CaptionResult:
 
 @torch.no_grad()
 def caption(
-    model: Captioner, meta: dict[str, Any], record: FeatureRecord, beam_size: int = 5, max_len: int = 20
+    model: Captioner,
+    meta: dict[str, Any],
+    record: FeatureRecord,
+    beam_size: int = 5,
+    max_len: int = 20,
 ) -> CaptionResult:
-    """Beam search with Anderson's stop-word repetition rule; attention by re-running the caption."""
+    """Beam search with Anderson's stop-word rule; attention from re-running the caption."""
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", False)))
     decoded = model.beam_search(regions, beam_size, max_len, vocab.ids_of(ALLOWED_MULTIPLE))
@@ -81,14 +85,20 @@ class Answer:
 
 
 @torch.no_grad()
-def answer(model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5) -> Answer:
+def answer(
+    model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5
+) -> Answer:
     """Answer one question about one image."""
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", True)))
-    q = torch.tensor([left_pad(vocab.encode(tokenize_question(question)), int(meta.get("max_question", 14)))])
+    q = torch.tensor(
+        [left_pad(vocab.encode(tokenize_question(question)), int(meta.get("max_question", 14)))]
+    )
     out = model(regions, q)
     probs = torch.sigmoid(out.logits[0])
     best = probs.topk(min(top, probs.numel()))
     att = out.attention[0] if out.attention.dim() == 2 else out.attention[0].sum(dim=(0, 2))
     names: Sequence[str] = meta["answers"]
-    return Answer([(names[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)], att)
+    return Answer(
+        [(names[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)], att
+    )

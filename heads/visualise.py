@@ -41,7 +41,10 @@ def attention_panels(
     scale = panel_width / rgb.width
     size = (panel_width, max(1, round(rgb.height * scale)))
     base = rgb.resize(size)
-    panels = [_panel(base, np.asarray(boxes, np.float32) * scale, w, wt) for w, wt in zip(words, weights, strict=True)]
+    panels = [
+        _panel(base, np.asarray(boxes, np.float32) * scale, w, wt)
+        for w, wt in zip(words, weights, strict=True)
+    ]
     rows = max(1, -(-len(panels) // columns))
     grid = Image.new("RGB", (columns * size[0], rows * size[1]))
     for i, p in enumerate(panels):

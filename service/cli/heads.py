@@ -29,20 +29,34 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top", type=int, default=5, help="how many answers to print")
     p.set_defaults(handler=_answer)
 
-    heads = subparsers.add_parser("heads", help="train caption / VQA heads").add_subparsers(dest="heads_cmd")
+    heads = subparsers.add_parser("heads", help="train caption / VQA heads").add_subparsers(
+        dest="heads_cmd"
+    )
     t = heads.add_parser("train", help="train a head on a feature file")
     t.add_argument("task", choices=("caption", "vqa"))
     t.add_argument("--features", required=True, type=Path, help="ragged HDF5 feature file")
-    t.add_argument("--annotations", required=True, type=Path,
-                   help="caption: Karpathy dataset_coco.json or COCO captions_*.json; vqa: VQA v2 annotations")
+    t.add_argument(
+        "--annotations",
+        required=True,
+        type=Path,
+        help="caption: Karpathy dataset_coco.json or COCO captions_*.json; vqa: VQA v2 annotations",
+    )
     t.add_argument("--questions", type=Path, help="vqa: VQA v2 questions JSON")
-    t.add_argument("--out", required=True, type=Path, help="checkpoint directory (resumes from last.pt)")
-    t.add_argument("--head", default=None, help="caption: updown|sat|adaptive; vqa: updown|updown_relu|ban")
-    t.add_argument("--recipe", default=None, help="optimiser recipe (heads.train); default per head")
+    t.add_argument(
+        "--out", required=True, type=Path, help="checkpoint directory (resumes from last.pt)"
+    )
+    t.add_argument(
+        "--head", default=None, help="caption: updown|sat|adaptive; vqa: updown|updown_relu|ban"
+    )
+    t.add_argument(
+        "--recipe", default=None, help="optimiser recipe (heads.train); default per head"
+    )
     t.add_argument("--steps", type=int, default=60000, help="optimiser updates")
     t.add_argument("--batch-size", type=int, default=None, help="default per recipe")
     t.add_argument("--min-count", type=int, default=None, help="vocabulary / answer-set threshold")
-    t.add_argument("--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE")
+    t.add_argument(
+        "--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE"
+    )
     t.set_defaults(handler=_train)  # fmt: skip
 
 
@@ -72,7 +86,11 @@ def _caption(args: argparse.Namespace) -> int:
 
     model, meta = load_head(args.model)
     res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
-    print(json.dumps({"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}))
+    print(
+        json.dumps(
+            {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
+        )
+    )
     return 0
 
 

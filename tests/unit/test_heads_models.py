@@ -53,7 +53,12 @@ def _captioner(kind: str, attention: str = "additive") -> Captioner:
     return Captioner(V, cfg).eval()
 
 
-CAPTIONERS = [("updown", "additive"), ("updown", "uniform"), ("sat", "additive"), ("adaptive", "additive")]
+CAPTIONERS = [
+    ("updown", "additive"),
+    ("updown", "uniform"),
+    ("sat", "additive"),
+    ("adaptive", "additive"),
+]
 
 
 @pytest.mark.parametrize(("kind", "attention"), CAPTIONERS)
@@ -119,7 +124,9 @@ VQA_HEADS = [
 ]
 
 
-@pytest.mark.parametrize("make", VQA_HEADS, ids=["paper", "relu_wn", "mean", "ban2", "ban3_counter"])
+@pytest.mark.parametrize(
+    "make", VQA_HEADS, ids=["paper", "relu_wn", "mean", "ban2", "ban3_counter"]
+)
 def test_vqa_heads_invariant_to_padding_and_order(make: object) -> None:
     torch.manual_seed(0)
     model = make().eval()  # type: ignore[operator]

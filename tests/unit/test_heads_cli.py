@@ -1,0 +1,158 @@
+"""Readers, vocabularies and the command line end to end on a tiny simulated feature file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heads.data import build_answer_set, read_coco_captions, read_karpathy, read_vqa, vqa_examples
+from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
+from heads.visualise import attention_panels
+from heads.vocab import EOS, PAD, Vocabulary, left_pad, pad_captions, tokenize_question
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """12 simulated scenes as a ragged feature file + Karpathy and VQA v2 JSON files."""
+    from store.h5 import write_feature_file
+
+    root = tmp_path_factory.mktemp("heads")
+    scenes = make_scenes(SynthWorld(32, seed=0), 12, seed=1, max_objects=3)
+    write_feature_file(
+        root / "f.h5", [s.record for s in scenes], model_version="synthetic", feature_dim=32
+    )
+    rng = random.Random(0)
+    images = [
+        {"split": "train", "cocoid": s.record.image_id,
+         "sentences": [{"raw": c, "tokens": c.split()} for c in scene_captions(s, rng)]}
+        for s in scenes
+    ]  # fmt: skip
+    (root / "karpathy.json").write_text(json.dumps({"images": images}))
+    qs = make_questions(scenes, seed=2)
+    questions = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "question": q.text}
+                 for i, q in enumerate(qs)]  # fmt: skip
+    anns = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "answer_type": q.qtype,
+             "question_type": q.qtype, "multiple_choice_answer": q.answer,
+             "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(q.human_answers)]}
+            for i, q in enumerate(qs)]  # fmt: skip
+    (root / "q.json").write_text(json.dumps({"questions": questions}))
+    (root / "a.json").write_text(json.dumps({"annotations": anns}))
+    return {"root": root, "features": root / "f.h5", "karpathy": root / "karpathy.json",
+            "questions": root / "q.json", "annotations": root / "a.json"}  # fmt: skip
+
+
+def test_readers_and_soft_targets(dataset: dict[str, Path]) -> None:
+    items = read_vqa(dataset["questions"], dataset["annotations"])
+    assert len(items[0].answers) == 10
+    answers = build_answer_set((a for it in items for a in it.answers), min_count=3)
+    vocab = Vocabulary.build((tokenize_question(it.question) for it in items), min_count=1)
+    ex = vqa_examples(items, {it.image_id: 0 for it in items}, vocab, answers)
+    assert (
+        ex.questions.shape == (len(items), 14) and ex.questions[:, 0].eq(PAD).all()
+    )  # left-padded
+    row = ex.targets[0]
+    first = items[0]
+    for a in set(first.answers):
+        if a in answers:
+            n = first.answers.count(a)
+            assert row[answers.index(a)].item() == pytest.approx(
+                min(1.0, 0.3 * n) if n < 4 else 1.0
+            )
+    caps = read_karpathy(dataset["karpathy"])
+    assert len(caps) == 12 and len(caps[0].captions) == 5
+
+
+def test_answer_set_threshold_counts_normalised_answers() -> None:
+    answers = ["Two", "2", "two.", "red", "red", "blue"]
+    assert build_answer_set(answers, min_count=2) == ["2", "red"]
+
+
+def test_coco_caption_reader(tmp_path: Path) -> None:
+    (tmp_path / "c.json").write_text(json.dumps({"annotations": [
+        {"image_id": 1, "caption": "A cat."}, {"image_id": 1, "caption": "A dog."},
+        {"image_id": 2, "caption": "A bus."}]}))  # fmt: skip
+    items = {it.image_id: it.captions for it in read_coco_captions(tmp_path / "c.json")}
+    assert items == {"1": ("A cat.", "A dog."), "2": ("A bus.",)}
+
+
+def test_padding_helpers() -> None:
+    inputs, targets = pad_captions([[5, 6, 7]], 6)
+    assert inputs == [[1, 5, 6, 7, 0, 0]] and targets == [[5, 6, 7, EOS, 0, 0]]
+    assert left_pad([4, 5], 4) == [0, 0, 4, 5]
+
+
+def _run(argv: list[str]) -> None:
+    from service.cli import heads as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    assert args.handler(args) == 0
+
+
+def test_cli_train_caption_and_answer(
+    dataset: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = dataset["root"]
+    _run(["heads", "train", "caption", "--features", str(dataset["features"]), "--annotations",
+          str(dataset["karpathy"]), "--out", str(out / "cap"), "--steps", "3", "--batch-size", "8",
+          "--min-count", "1", "--scst-steps", "1"])  # fmt: skip
+    assert (out / "cap" / "last.pt").exists() and (out / "cap" / "scst" / "last.pt").exists()
+    _run(["heads", "train", "vqa", "--features", str(dataset["features"]), "--annotations",
+          str(dataset["annotations"]), "--questions", str(dataset["questions"]), "--out",
+          str(out / "vqa"), "--steps", "2", "--batch-size", "8", "--min-count", "1"])  # fmt: skip
+    capsys.readouterr()
+    _run(
+        [
+            "caption",
+            "synth-1-0",
+            "--model",
+            str(out / "cap"),
+            "--features",
+            str(dataset["features"]),
+            "--beam",
+            "2",
+        ]
+    )
+    cap = json.loads(capsys.readouterr().out)
+    assert cap["image_id"] == "synth-1-0" and isinstance(cap["caption"], str)
+    _run(["answer", "synth-1-0", "what color is the star?", "--model", str(out / "vqa"),
+          "--features", str(dataset["features"]), "--top", "3"])  # fmt: skip
+    ans = json.loads(capsys.readouterr().out)
+    assert len(ans["answers"]) == 3
+
+
+def test_training_resumes_from_checkpoint(dataset: dict[str, Path]) -> None:
+    out = dataset["root"] / "resume"
+    base = ["heads", "train", "vqa", "--features", str(dataset["features"]), "--annotations",
+            str(dataset["annotations"]), "--questions", str(dataset["questions"]),
+            "--out", str(out),
+            "--batch-size", "8", "--min-count", "1"]  # fmt: skip
+    _run([*base, "--steps", "2"])
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    _run([*base, "--steps", "4"])
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+
+
+def test_attention_panels_shade_the_attended_region() -> None:
+    image = np.full((100, 200, 3), 200, np.uint8)
+    boxes = np.array([[0, 0, 50, 50], [100, 50, 200, 100]], np.float32)
+    weights = np.array([[1, 0], [0, 1], [0.5, 0.5]])
+    grid = attention_panels(
+        image, boxes, ["red", "circle", "x"], weights, columns=2, panel_width=200
+    )
+    assert grid.shape == (200, 400, 3) and grid.dtype == np.uint8
+    first = grid[:100, :200]
+    assert first[30:45, 30:45].mean() > first[60:90, 120:180].mean() + 50  # attended is brighter
+    second = grid[:100, 200:]
+    assert second[60:90, 120:180].mean() > second[30:45, 30:45].mean() + 50
+    with pytest.raises(ValueError, match="weights must be"):
+        attention_panels(image, boxes, ["a"], np.ones((2, 2)))
