@@ -25,8 +25,8 @@ Formats (reference heads §1, butd §1.7, §3.2):
   ``urllib.parse.unquote``), fields ``x (N,D) f32``, ``bbox (N,4)``, ``num_bbox``, ``image_h``,
   ``image_w``, ``info`` (a pickled dict: ``np.load(..., allow_pickle=True)``).
 
-``imgid2idx`` keys are ints when every id is a decimal integer (COCO ids, as the original
-converters wrote them), strings otherwise. Features leave as float32 (fp16 widens exactly).
+``imgid2idx`` keys are ints when every id is a canonical decimal integer (COCO ids, as the
+original converters wrote them), strings otherwise. Features leave as float32 (fp16 widens exactly).
 Every exporter streams one image at a time from a ``FeatureFile`` and writes under a temp name
 that is renamed into place when complete.
 """
@@ -84,8 +84,9 @@ def imgid2idx_path(out: str | os.PathLike[str]) -> Path:
 
 
 def imgid2idx(ids: list[str]) -> dict[Any, int]:
-    """image id -> row; int keys when every id is a decimal integer, else str keys."""
-    if ids and all(i.isdigit() and i.isascii() for i in ids):
+    """image id -> row; int keys when every id is a canonical decimal integer ("42", not
+    "042", so no two ids share a key), else str keys."""
+    if ids and all(i.isascii() and i.isdigit() and str(int(i)) == i for i in ids):
         return {int(i): row for row, i in enumerate(ids)}
     return {i: row for row, i in enumerate(ids)}
 

@@ -192,6 +192,14 @@ def test_integer_ids_give_int_keys(tmp_path: Path) -> None:
         assert pickle.load(fh) == {1000: 0, 1001: 1, 1002: 2}
 
 
+def test_imgid2idx_keys_never_collide() -> None:
+    from store.exporters import imgid2idx
+
+    assert imgid2idx(["42", "7"]) == {42: 0, 7: 1}
+    assert imgid2idx(["42", "042"]) == {"42": 0, "042": 1}  # 042 is not canonical: str keys
+    assert imgid2idx(["1", "a.jpg"]) == {"1": 0, "a.jpg": 1}
+
+
 def test_registry_names() -> None:
     assert set(EXPORTERS) == {"h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"}
     with pytest.raises(ValueError):
