@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     parser = subparsers.add_parser(
         "weights",
         help="list, fetch and convert weight files",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Known weight files, download + verify + convert, and conversion of files "
+        "you downloaded yourself into butd's canonical .safetensors format (docs/weights.md).",
     )
     actions = parser.add_subparsers(dest="weights_action", metavar="ACTION")
     parser.set_defaults(handler=lambda _args: _print_help(parser))
