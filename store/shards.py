@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,28 +195,15 @@ def seal_shard(
     return ShardInfo(name=name, rows=len(records))
 
 
+@dataclass(frozen=True)
 class ShardWriter:
-    """Seal shards for one worker: fixed directory, worker id and metadata.
+    """Seal shards for one worker: fixed directory, worker id, model version and metadata
+    (``meta``: see ``seal_shard``)."""
 
-    Args:
-        directory: the store directory.
-        worker_id: goes into every shard name.
-        model_version: of every record this worker writes.
-        meta: see ``seal_shard``.
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        worker_id: str,
-        model_version: str,
-        meta: dict[str, Any] | None = None,
-    ) -> None:
-        self.directory = Path(directory)
-        self.worker_id = worker_id
-        self.model_version = model_version
-        self.meta = dict(meta or {})
+    directory: str | os.PathLike[str]
+    worker_id: str
+    model_version: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def seal(self, records: Iterable[FeatureRecord], aliases: Sequence[Alias] = ()) -> ShardInfo:
         """Write one shard; see ``seal_shard``."""
