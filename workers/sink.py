@@ -6,7 +6,9 @@
 alias it was computed for), plus an alias table for ids whose content is stored elsewhere (a
 cached image under a new id). Only then does it put the shard into the Redis index (first wins,
 idempotent), so an indexed record is always on disk and the index can be rebuilt from the files.
-``has`` answers from the index: a redelivered entry finds its records and computes nothing.
+``has`` answers from the index: a redelivered entry finds its records and computes nothing. A
+shard sealed while Redis is down is kept in memory and indexed first thing once Redis answers,
+before any lookup, so the worker re-reading its pending entries does not compute them again.
 
 Aliases are also appended to ``STORE/aliases/NAMESPACE.tsv`` (``image_id TAB sha256``), the
 layout ``service.shard_store`` reads today.
@@ -59,9 +61,11 @@ class StoreSink:
         self.index = index
         self.worker_id = worker_id
         self.meta = meta
+        self._unindexed: list[ShardEntries] = []
 
     def has(self, model_version: str, sha256: str) -> bool:
         """True when the index holds this content for this model version."""
+        self._flush()
         return self.index.lookup_content(model_version, sha256) is not None
 
     def seal(
@@ -93,9 +97,16 @@ class StoreSink:
             )
             bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
             contents = [(item.content_sha256, row) for row, item in enumerate(records)]
-            self.index.put_shard(ShardEntries(info.name, model_version, 0, contents, bound))
+            self._unindexed.append(ShardEntries(info.name, model_version, 0, contents, bound))
             log.debug("%s: sealed %s (%d rows, %d aliases)", name, info.name, len(rows), len(extra))
         self._append_alias_files([*row_aliases, *extra])
+        self._flush()
+
+    def _flush(self) -> None:
+        """Index the sealed shards not yet indexed (Redis was down when they were sealed)."""
+        while self._unindexed:
+            self.index.put_shard(self._unindexed[0])
+            self._unindexed.pop(0)
 
     def _unbound(self, alias: AliasTriple) -> bool:
         namespace, image_id, sha = alias

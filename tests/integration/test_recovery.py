@@ -13,7 +13,11 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import redis
+
+from store.index import FeatureIndex
 from tests.integration.test_worker_e2e import (  # noqa: F401  (fixtures used by name)
     WorkerProc,
     client,
@@ -29,11 +33,17 @@ from workers import queue as q
 from workers.protocol import JOBS_STREAM, JobItem, JobShard
 
 
-def assert_each_stored_once(store: Path, items: list[JobItem], version: str) -> None:
+def assert_each_stored_once(
+    r: redis.Redis[Any], store: Path, items: list[JobItem], version: str
+) -> None:
+    """One row per image over all shard files, and the index points at each of them."""
     rows = stored_rows(store)
     assert set(rows) == {(version, file_sha(it)) for it in items}
     duplicated = {key: n for key, n in rows.items() if n != 1}
     assert duplicated == {}
+    index = FeatureIndex(r)
+    unindexed = [sha for _, sha in rows if index.lookup_content(version, sha) is None]
+    assert unindexed == []
 
 
 def test_sigkill_mid_batch_is_recovered_by_the_other_worker(
@@ -60,7 +70,7 @@ def test_sigkill_mid_batch_is_recovered_by_the_other_worker(
     status = q.job_status(r, "kill")
     assert status is not None and (status.state, status.done, status.failed) == ("done", 48, 0)
     assert "reclaimed" in survivor.log()
-    assert_each_stored_once(tmp_path / "store", items, q.live_workers(r)[0].model_version)
+    assert_each_stored_once(r, tmp_path / "store", items, q.live_workers(r)[0].model_version)
     assert q.pending_count(r)[JOBS_STREAM] == 0 and q.dlq_length(r) == 0
 
 
@@ -84,7 +94,7 @@ def test_redis_restart_mid_job_loses_no_item(
     assert status is not None and (status.state, status.done, status.failed) == ("done", 40, 0)
     assert "redis unreachable" in worker.log()
     version = q.live_workers(r)[0].model_version
-    assert_each_stored_once(tmp_path / "store", items, version)
+    assert_each_stored_once(r, tmp_path / "store", items, version)
     assert q.pending_count(r)[JOBS_STREAM] == 0 and q.dlq_length(r) == 0
 
 
@@ -111,4 +121,4 @@ def test_sigterm_finishes_the_batch_in_hand_and_exits_zero(
     done_ids = {it.image_id for it in items[: status.done]}
     assert len(left) == 32 - status.done and not done_ids & set(left)  # handed back, not lost
     assert status.done == 32 or "handed" in worker.log()
-    assert_each_stored_once(tmp_path / "store", items[: status.done], version)
+    assert_each_stored_once(r, tmp_path / "store", items[: status.done], version)

@@ -25,12 +25,14 @@ import redis
 from PIL import Image
 
 from store.h5 import FeatureFile
+from store.index import FeatureIndex
 from workers import queue as q
 from workers.protocol import DLQ_STREAM, JOBS_STREAM, JobItem, OnlineRequest
 
 REPO = Path(__file__).resolve().parents[2]
-# A smaller proposal budget than the tiny model's defaults: ~0.1 s per image on a busy core.
-FAST_EXTRACTION = {"rpn_pre_nms_topk": 300, "rpn_post_nms_topk": 20}
+# A smaller input and proposal budget than the tiny model's defaults: ~0.1 s per image on a
+# busy core (the default budget costs ~0.5 s).
+FAST_EXTRACTION = {"rpn_pre_nms_topk": 100, "rpn_post_nms_topk": 10, "min_size": 48, "max_size": 64}
 
 
 @pytest.fixture(scope="session")
@@ -241,6 +243,12 @@ def test_online_requests_expire_and_poison_entries_are_dead_lettered(
     assert res.num_boxes >= 4 and not res.cached
     rows = stored_rows(tmp_path / "store")
     assert rows == {(res.model_version, sha): 1}  # the expired image was never computed
+    index = FeatureIndex(r)
+    assert index.lookup_alias("ns", "good") == sha
+    assert index.lookup(res.model_version, "ns", "good") == index.lookup_content(
+        res.model_version, sha
+    )
+    assert index.lookup_content(res.model_version, sha) is not None
 
     wait_for(lambda: q.job_status(r, "poison").finished, 30, "poison job failed", worker)
     status = q.job_status(r, "poison")

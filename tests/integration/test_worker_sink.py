@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import redis
 
 from store.h5 import FeatureFile
 from store.index import FeatureIndex, reindex
 from store.records import FeatureRecord
 from store.shards import list_shards, read_aliases
+from tests.redis_proc import RedisProcess
 from workers import queue as q
 from workers.batcher import StoredItem
 from workers.sink import StoreSink
@@ -66,3 +69,18 @@ def test_seal_indexes_rows_and_only_new_aliases(redis_url: str, tmp_path: Path) 
     result = reindex(tmp_path / "shards", r)
     assert (result.contents, result.aliases) == (2, 3)
     assert sink.has("mv", b) and index.lookup_alias("ns2", "copy.jpg") == a
+
+
+def test_a_shard_sealed_while_redis_is_down_is_indexed_once_it_is_back(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    r = q.connect(redis_proc.url)
+    sink = StoreSink(tmp_path, FeatureIndex(r), worker_id="w1", meta=META)
+    sink.seal("warm", [item("c" * 64, "warm.jpg")], "mv", {})
+    redis_proc.stop()
+    with pytest.raises(redis.ConnectionError):
+        sink.seal("outage", [item("d" * 64, "z.jpg")], "mv", {})
+    assert len(list_shards(tmp_path / "shards")) == 2  # sealed on disk, not yet indexed
+    redis_proc.start()
+    assert sink.has("mv", "d" * 64)  # indexed before the lookup: a retry computes nothing
+    assert FeatureIndex(r).lookup_alias("ns", "z.jpg") == "d" * 64
