@@ -178,12 +178,12 @@ def _sure_lower_bound(suppress: torch.Tensor, scores: torch.Tensor, top: int) ->
     best, cls = torch.topk(scores, top, dim=1)  # (R, T)
     others = scores.T[cls]  # (R, T, R): [i, t, j] = scores[j, cls[i, t]]
     idx = torch.arange(r, device=scores.device)
+    # j outranks i in class cls[i, t]: a higher score, or an equal one and a lower index.
     outranks = (others > best[:, :, None]) | (
         (others == best[:, :, None]) & (idx[None, None, :] < idx[:, None, None])
     )
     beaten = (outranks & suppress.T[:, None, :]).any(dim=2)  # (R, T)
-    sure = torch.where(beaten, torch.zeros_like(best), best)
-    return sure.amax(dim=1).clamp(min=0.0)
+    return best.masked_fill(beaten, 0.0).amax(dim=1).clamp(min=0.0)
 
 
 def _next_classes(
@@ -195,13 +195,10 @@ def _next_classes(
         (Q,) int64 class columns, ascending; empty when no unsolved class matters.
     """
     useful = (scores > max_conf[:, None]) & ~solved[None, :]  # (R, K)
-    if not bool(useful.any()):
-        return torch.zeros(0, dtype=torch.int64, device=scores.device)
-    masked = torch.where(useful, scores, torch.full_like(scores, -1.0))
+    # A useful score is > max_conf >= 0, so -1 marks exactly the slots that are not useful.
+    masked = scores.masked_fill(~useful, -1.0)
     top = torch.topk(masked, min(per_box, scores.shape[1]), dim=1)  # (R, per_box)
-    picked = top.indices[top.values >= 0.0]
-    # A useful score is > max_conf >= 0, so -1 marks exactly the non-useful slots.
-    return torch.unique(picked)
+    return torch.unique(top.indices[top.values >= 0.0])
 
 
 def _solve_depth(order: torch.Tensor, ranked: torch.Tensor, max_conf: torch.Tensor) -> torch.Tensor:
