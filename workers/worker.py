@@ -57,6 +57,7 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
     ProtocolError,
+    result_key,
 )
 from workers.settings import WorkerSettings
 from workers.sink import StoreSink
@@ -264,7 +265,7 @@ class Worker:
             return
         pipe = self.r.pipeline(transaction=True)
         for entry, result in finished:
-            key = f"butd:result:{result.request_id}"
+            key = result_key(result.request_id)
             pipe.lpush(key, result.to_json())
             pipe.expire(key, self.s.result_ttl_s)
             pipe.xack(entry.stream, q.GROUP, entry.entry_id)

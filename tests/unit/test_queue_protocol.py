@@ -98,3 +98,16 @@ def test_job_states_and_sharding() -> None:
 def test_queue_module_does_not_import_torch() -> None:
     code = "import sys, workers.queue, workers.jobs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_worker_settings_read_prefixed_and_bare_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.settings import WorkerSettings
+
+    monkeypatch.setenv("BATCH_SIZE", "4")
+    monkeypatch.setenv("BUTD_CLAIM_IDLE_MS", "2500")
+    monkeypatch.setenv("BUTD_EXTRACTION", '{"max_boxes": 36}')
+    s = WorkerSettings(_env_file=None)
+    assert (s.batch_size, s.claim_idle_ms, s.max_deliveries) == (4, 2500, 3)
+    assert s.extraction == {"max_boxes": 36} and s.worker_id  # host-pid by default
+    with pytest.raises(ValueError, match="heartbeat_ttl_s"):
+        WorkerSettings(_env_file=None, heartbeat_s=10, heartbeat_ttl_s=5)
