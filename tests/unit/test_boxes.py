@@ -253,3 +253,21 @@ def test_keep_min_size_conventions() -> None:
     assert keep_min_size(boxes, 16.0, plus_one=True, inclusive=False).tolist() == [2]
     assert keep_min_size(boxes, 15.0, plus_one=False, inclusive=True).tolist() == [0, 2]
     assert keep_min_size(boxes, 0.0, plus_one=False, inclusive=False).tolist() == [0, 1, 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flavour", [(True, True), (False, False)])
+def test_nms_cuda_equals_reference(flavour) -> None:
+    plus_one, suppress_equal = flavour
+    boxes, scores = _nms_cases(5, 2000)
+    scores = (np.round(scores * 8) / 8).astype(np.float32)  # ties: CUDA sorts must not matter
+    got = nms(
+        torch.from_numpy(boxes).cuda(),
+        torch.from_numpy(scores).cuda(),
+        0.7,
+        plus_one=plus_one,
+        suppress_equal=suppress_equal,
+    )
+    assert got.device.type == "cuda"
+    want = reference_nms(boxes, scores, 0.7, plus_one=plus_one, suppress_equal=suppress_equal)
+    assert got.cpu().tolist() == want
