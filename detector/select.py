@@ -13,14 +13,19 @@ which it survived (0 if none). Selection keeps ``max_conf >= conf_thresh`` in pr
 the top ``min_boxes`` / ``max_boxes`` by ``max_conf`` when the count falls outside that range.
 
 Vectorised form, exactly equal to the loop:
-  * The suppression relation ``IoU >= thresh`` is computed once for the R proposals.
+  * The suppression relation (``IoU >= thresh``) is computed once for the R proposals.
   * A class is solved as :func:`detector.boxes.greedy_keep` on its ranking, batched over classes.
   * ``max_conf`` only grows, and a class can only raise ``max_conf[i]`` through a score
     ``cls_prob[i, c] > max_conf[i]``. So a class with no such "beneficiary" box can be skipped,
     and a class need only be solved down to the rank of its lowest beneficiary (later ranks
-    cannot suppress earlier ones). Classes are solved in rounds, most promising first (each box's
-    best still-relevant classes, 1, then 4, 16, ... per box), until no class can change anything.
-    Every solved class is solved exactly, so the pruning never changes the result.
+    cannot suppress earlier ones).
+  * A valid starting bound needs no NMS: a box that no overlapping box outranks in class c
+    survives class c. This is checked for each box's best few classes.
+  * Classes are then solved in rounds, most promising first (each box's best still-relevant
+    classes, 1, then 4, 16, ... per box), until no class can change anything. Every solved class
+    is solved exactly, so the pruning never changes the result. On detector-like scores a few
+    dozen of the 1600 classes get solved; with all scores tied nothing can be pruned and every
+    class is solved (seconds on one CPU core, still exact).
 """
 
 from __future__ import annotations
@@ -36,10 +41,10 @@ logger = logging.getLogger(__name__)
 
 # Bound on Q * m * m, the pairwise booleans of one batch of classes (float32 copy: 4 bytes each).
 _BATCH_ELEMENTS = 4_000_000
-# Classes per box taken in the first round; multiplied by _GROWTH each round.
-_FIRST_ROUND = 1
 # Best classes per box checked for survivals that need no NMS (a cheap starting lower bound).
 _SURE_CLASSES = 8
+# Classes per box taken in the first round; multiplied by _GROWTH each round.
+_FIRST_ROUND = 1
 _GROWTH = 4
 
 
