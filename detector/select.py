@@ -203,7 +203,8 @@ def _next_classes(
     # A useful score is > max_conf >= 0, so -1 marks exactly the slots that are not useful.
     masked = scores.masked_fill(~useful, -1.0)
     top = torch.topk(masked, min(per_box, scores.shape[1]), dim=1)  # (R, per_box)
-    return torch.unique(top.indices[top.values >= 0.0])
+    classes: torch.Tensor = torch.unique(top.indices[top.values >= 0.0])
+    return classes
 
 
 def _solve_depth(order: torch.Tensor, ranked: torch.Tensor, max_conf: torch.Tensor) -> torch.Tensor:
