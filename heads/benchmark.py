@@ -80,14 +80,14 @@ def _vqa_items(scenes: list[Scene], seed: int) -> list[VQAItem]:
     ]
 
 
-def vqa_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> VQATask:
+def vqa_task(dim: int, n_train: int, n_val: int, seed: int = 0, l2: bool = False) -> VQATask:
     """Scenes with 1–6 objects; features L2-normalised (Teney et al.)."""
     world = SynthWorld(dim, seed)
     tr, va = make_scenes(world, n_train, seed + 1), make_scenes(world, n_val, seed + 2)
     tr_items, va_items = _vqa_items(tr, seed + 3), _vqa_items(va, seed + 4)
     vocab = Vocabulary.build((tokenize_question(it.question) for it in tr_items), min_count=1)
     answers = sorted({a for it in tr_items for a in it.answers})
-    (tr_r, tr_rows), (va_r, va_rows) = _regions(tr, True), _regions(va, True)
+    (tr_r, tr_rows), (va_r, va_rows) = _regions(tr, l2), _regions(va, l2)
     return VQATask(
         tr_r, vqa_examples(tr_items, tr_rows, vocab, answers), va_r,
         vqa_examples(va_items, va_rows, vocab, answers), va, vocab, answers,

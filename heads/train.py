@@ -8,7 +8,7 @@ Recipes (heads-reference §2–4):
     "hengyuan":      Adamax lr 2e-3, clip norm 0.25
     "ban":           Adamax, warm-up 0.5/1/1.5/2 × 1e-3 over epochs 0–3, × 0.25 at epochs 10, 12,
                      clip norm 0.25
-    "adam":          Adam with a constant lr (the synthetic benchmark)
+    "adam":          Adam with a constant lr, clip norm 0.25 (the synthetic benchmark)
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def clip(model: nn.Module, recipe: str) -> None:
     if recipe == "selfcritical":
         torch.nn.utils.clip_grad_value_(params, 0.1)
     elif recipe in ("hengyuan", "ban", "adam"):
-        torch.nn.utils.clip_grad_norm_(params, 0.25 if recipe != "adam" else 10.0)
+        torch.nn.utils.clip_grad_norm_(params, 0.25)
     else:
         torch.nn.utils.clip_grad_norm_(params, 10.0)
 

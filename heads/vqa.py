@@ -21,6 +21,7 @@ Both fuse h = f_q(q) ∘ f_v(v̂) and return logits for the multi-label sigmoid 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,8 @@ class UpDownVQA(nn.Module):
                 wn_linear(2 * h, num_answers),
             )
 
+        _prior_bias_(self.classifier[-1], num_answers)
+
     def attend(self, v: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, K, D), (B, Q), (B, K) -> α (B, K), 0 on padded regions."""
         if self.cfg.attention == "mean":
@@ -116,6 +119,16 @@ class UpDownVQA(nn.Module):
         v_hat = torch.bmm(alpha.unsqueeze(1), regions.features).squeeze(1)  # (B, D)
         joint = self.q_net(q) * self.v_net(v_hat)  # (B, H)
         return VQAOutput(self.classifier(joint), alpha)
+
+
+def _prior_bias_(layer: nn.Module, num_answers: int) -> None:
+    """Start every answer at p = 1/N instead of 1/2: with BCE × N the first updates otherwise
+    drive the gated-tanh layers into their dead zone while they learn the prior (seen on the
+    synthetic benchmark: the paper variant collapsed to a constant answer)."""
+    bias = getattr(layer, "bias", None)
+    if bias is not None:
+        with torch.no_grad():
+            bias.fill_(-math.log(max(num_answers - 1, 1)))
 
 
 def vqa_bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
