@@ -72,14 +72,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def direct_costs(weights: Path, images: list[np.ndarray]) -> list[float]:
+def direct_costs(weights: Path, images: list[np.ndarray], device: str) -> list[float]:
     """Seconds of decode + extract per base image, in this process, one thread (median of 5)."""
     import torch
 
     from detector.extractor import Extractor
 
     torch.set_num_threads(1)
-    ext = Extractor.from_weights(weights, device="cpu")
+    ext = Extractor.from_weights(weights, device=device)
     costs = []
     for i, pixels in enumerate(images):
         data = encode(pixels, 0)
@@ -99,6 +99,7 @@ class Stack:
 
     root: Path
     weights: Path
+    device: str = "cpu"
     redis: RedisServer | None = None
     workers: list[Child] | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -131,7 +132,7 @@ class Stack:
         spec = WorkerSpec(
             store_dir=self.root / "store",
             weights=str(self.weights),
-            device="cpu",
+            device=self.device,
             extra_env={"OMP_NUM_THREADS": "1", "BUTD_BATCH_WAIT_MS": "2", "BUTD_BATCH_SIZE": "8"},
         )
         while len(self.workers) < count:
@@ -240,16 +241,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         (root / "data").mkdir()
         weights = make_tiny_weights(root / "tiny.safetensors")
-        direct = direct_costs(weights, images)
+        direct = direct_costs(weights, images, args.device)
         results["direct_p50_ms"] = 1e3 * statistics.median(direct)
-        stack = Stack(root, weights)
+        stack = Stack(root, weights, args.device)
         try:
             stack.start(workers=1)
             n = int(args.rate * args.duration)
+            warm = [encode(images[i % len(images)], 10_000_000 + i) for i in range(10)]
+            asyncio.run(open_loop(stack.url, warm, 5.0))
             payloads = [encode(images[i % len(images)], i + 1) for i in range(n)]
-            asyncio.run(open_loop(stack.url, payloads[: min(20, n)], 5.0))  # warm-up
-            lat, statuses, lag = asyncio.run(open_loop(stack.url, payloads[20:], args.rate))
-            added = [lat[i] - direct[(i + 20) % len(images)] for i in range(len(lat))]
+            lat, statuses, lag = asyncio.run(open_loop(stack.url, payloads, args.rate))
+            added = [lat[i] - direct[i % len(images)] for i in range(len(lat))]
             ok = [a for a, s in zip(added, statuses, strict=True) if s == 200]
             results.update(
                 requests=len(lat),
@@ -261,7 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 added_p99_ms=1e3 * percentile(ok, 99),
                 generator_max_lag_ms=1e3 * lag,
             )
-            stored = [payloads[20 + i] for i, s in enumerate(statuses) if s == 200]
+            stored = [payloads[i] for i, s in enumerate(statuses) if s == 200] or warm
             results.update(cache_reads(stack.url, stored))
             for count in args.workers:
                 stack.set_workers(count)
@@ -280,6 +282,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of online load")
     parser.add_argument("--job-images", type=int, default=300, help="images per batch job")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--device", default="cpu", help="worker and baseline device")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     results = run(args)
