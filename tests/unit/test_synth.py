@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from detector.synth import ATTRIBUTES, SHAPES, write_synthetic_set
@@ -86,3 +87,18 @@ def test_captions_and_vqa_follow_the_scene(tmp_path: Path) -> None:
             assert [a["multiple_choice_answer"]] == colour
     types = {a["question_type"] for a in anns}
     assert {"what color is the", "how many", "is there a"} <= types
+
+
+def test_butd_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from service.cli import train as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["synth", "--out", str(tmp_path), "--images", "2", "--seed", "3", "--no-progress"]
+    )
+    assert args.handler(args) == 0
+    assert "wrote 2 images" in capsys.readouterr().out
+    assert _digest(tmp_path / "cli") == _digest(write_synthetic_set(tmp_path / "lib", 2, 3).out)
