@@ -3,7 +3,10 @@
     python bench/service.py [--rate 50] [--duration 10] [--job-images 300] [--workers 1 2]
 
 Everything runs on 127.0.0.1 with its own redis-server (temp dir) and the tiny test model on
-CPU (``tests/tiny_weights.py``): a fast model, so what is measured is the serving overhead.
+CPU (``tests/tiny_weights.py``) keeping ``--proposals`` RPN proposals (30: fewer RoIs through
+res5): a fast model, so what is measured is the serving overhead. The offered rate must stay
+below the workers' capacity (about 1 / direct_p50 images/s per worker, more with batching),
+else the figures measure queueing, not overhead.
 
 1. Online, open model: requests are *scheduled* at fixed intervals (``--rate`` per second for
    ``--duration`` seconds) whatever the completions; latency runs from the scheduled time to the
@@ -72,14 +75,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def direct_costs(weights: Path, images: list[np.ndarray], device: str) -> list[float]:
+def direct_costs(
+    weights: Path, images: list[np.ndarray], device: str, proposals: int
+) -> list[float]:
     """Seconds of decode + extract per base image, in this process, one thread (median of 5)."""
     import torch
 
     from detector.extractor import Extractor
 
     torch.set_num_threads(1)
-    ext = Extractor.from_weights(weights, device=device)
+    ext = Extractor.from_weights(weights, device=device, rpn_post_nms_topk=proposals)
     costs = []
     for i, pixels in enumerate(images):
         data = encode(pixels, 0)
@@ -100,6 +105,7 @@ class Stack:
     root: Path
     weights: Path
     device: str = "cpu"
+    proposals: int = 30
     redis: RedisServer | None = None
     workers: list[Child] | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -133,7 +139,12 @@ class Stack:
             store_dir=self.root / "store",
             weights=str(self.weights),
             device=self.device,
-            extra_env={"OMP_NUM_THREADS": "1", "BUTD_BATCH_WAIT_MS": "2", "BUTD_BATCH_SIZE": "8"},
+            extra_env={
+                "OMP_NUM_THREADS": "1",
+                "BUTD_BATCH_WAIT_MS": "2",
+                "BUTD_BATCH_SIZE": "8",
+                "BUTD_EXTRACTION": json.dumps({"rpn_post_nms_topk": self.proposals}),
+            },
         )
         while len(self.workers) < count:
             self.workers.append(start_worker(self.redis.url, spec, len(self.workers)))
@@ -241,9 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         root = Path(tmp)
         (root / "data").mkdir()
         weights = make_tiny_weights(root / "tiny.safetensors")
-        direct = direct_costs(weights, images, args.device)
+        direct = direct_costs(weights, images, args.device, args.proposals)
         results["direct_p50_ms"] = 1e3 * statistics.median(direct)
-        stack = Stack(root, weights, args.device)
+        stack = Stack(root, weights, args.device, args.proposals)
         try:
             stack.start(workers=1)
             n = int(args.rate * args.duration)
@@ -283,6 +294,9 @@ def main() -> None:
     parser.add_argument("--job-images", type=int, default=300, help="images per batch job")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cpu", help="worker and baseline device")
+    parser.add_argument(
+        "--proposals", type=int, default=30, help="RPN proposals kept (fewer = faster model)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
     results = run(args)
