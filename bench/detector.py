@@ -7,7 +7,7 @@ Prints:
     on CPU, batch 1 and batched;
   * on CUDA when present: fp32 (TF32 off), fp16 and bf16 images/s, batch 1 and batched;
   * the selection step (300 proposals x 1601 classes), vectorised versus 1600 NMS calls
-    (``bench/select.py``).
+    (``bench/selection.py``).
 
 Timings are wall-clock medians after a warm-up pass; weights are random (same arithmetic cost
 as the published ones).
@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.config import ExtractionConfig, ModelSpec  # noqa: E402
-from detector.extractor import Extractor  # noqa: E402
-from tests.tiny_weights import random_detector  # noqa: E402
+from detector.config import ExtractionConfig, ModelSpec
+from detector.extractor import Extractor
+from tests.tiny_weights import random_detector
 
 
 def photo_600x1000() -> np.ndarray:
@@ -86,7 +86,7 @@ def main() -> None:
     if torch.cuda.is_available():
         print(f"CUDA: {torch.cuda.get_device_name()}")
         bench_r101("cuda", ["fp32", "fp16", "bf16"], max(args.images, 16), max(args.repeats, 5))
-    from bench.select import run as bench_select
+    from bench.selection import run as bench_select
 
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         print(f"selection {device}: {bench_select(device)}")

@@ -1,6 +1,6 @@
 """Time of the selection rule: vectorised ``select_regions`` versus the loop of 1600 NMS calls.
 
-    python bench/select.py [--proposals 300] [--classes 1600] [--repeats 7] [--loop-repeats 3]
+    python bench/selection.py [--proposals 300] [--classes 1600] [--repeats 7] [--loop-repeats 3]
                            [--threads N]
 
 Inputs are realistic in shape and statistics: 300 proposals clustered around 15 "objects" in a
@@ -14,26 +14,15 @@ one warm-up run of the vectorised code.
 
 from __future__ import annotations
 
-import importlib
+import argparse
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-_BENCH_DIR = Path(__file__).resolve().parent
-if __name__ == "select":
-    # A script run from bench/ puts this folder first on sys.path, where this file shadows the
-    # standard library's ``select`` (imported by subprocess, hence by torch). Hand the importer the
-    # real module; the definitions below are harmless (heavy imports happen inside functions).
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-    del sys.modules["select"]
-    sys.modules["select"] = importlib.import_module("select")
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def make_inputs(r: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +136,7 @@ def main() -> None:
     """Command line: time on the CPU, and on CUDA when present."""
     import torch
 
-    sys.path.insert(0, str(_BENCH_DIR.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--proposals", type=int, default=300)
     parser.add_argument("--classes", type=int, default=1600)

@@ -179,7 +179,9 @@ class ModelSpec:
 
     def default_extraction(self) -> ExtractionConfig:
         """ExtractionConfig() with this checkpoint's ``extraction_defaults`` applied."""
-        return ExtractionConfig.from_json({**ExtractionConfig().to_json(), **self.extraction_defaults})
+        return ExtractionConfig.from_json(
+            {**ExtractionConfig().to_json(), **self.extraction_defaults}
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -114,8 +114,9 @@ class RPN(nn.Module):
             config.rpn_nms_thresh,
             plus_one=conv.plus_one,
             suppress_equal=conv.nms_suppress_equal,
+            max_output=config.rpn_post_nms_topk,  # greedy prefix: exact, and stops early
         )
-        return boxes[kept[: config.rpn_post_nms_topk]]
+        return boxes[kept]
 
 
 def _top_order(scores: torch.Tensor, k: int) -> torch.Tensor:
