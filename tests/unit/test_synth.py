@@ -97,7 +97,7 @@ def test_butd_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(
-        ["synth", "--out", str(tmp_path), "--images", "2", "--seed", "3", "--no-progress"]
+        ["synth", "--out", str(tmp_path / "cli"), "--images", "2", "--seed", "3", "--no-progress"]
     )
     assert args.handler(args) == 0
     assert "wrote 2 images" in capsys.readouterr().out
