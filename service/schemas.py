@@ -104,7 +104,6 @@ class JobStatus(BaseModel):
     images_per_s: float | None = None
     eta_s: float | None = None
     namespace: str | None = None
-    model_version: str | None = None
 
 
 class JobCreated(BaseModel):
