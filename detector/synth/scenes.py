@@ -199,10 +199,13 @@ def _background(rng: np.random.Generator, kind: str, w: int, h: int) -> np.ndarr
         t = ((xx // c + yy // c) % 2).astype(np.float32)
     else:
         coarse = rng.uniform(0, 1, size=(h // 8 + 2, w // 8 + 2)).astype(np.float32)
-        up = Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR)
+        up = Image.fromarray((coarse * 255).astype(np.uint8)).resize(
+            (w, h), Image.Resampling.BILINEAR
+        )
         t = np.asarray(up, dtype=np.float32) / 255.0
     img = base[None, None, :] * (1 - t[..., None]) + other[None, None, :] * t[..., None]
-    return img + rng.normal(0, 6, size=(h, w, 3))
+    noisy: np.ndarray = img + rng.normal(0, 6, size=(h, w, 3))
+    return noisy
 
 
 def _fill(rng: np.random.Generator, obj: SceneObject, w: int, h: int) -> Image.Image:

@@ -88,7 +88,9 @@ def init_weights(model: Detector, config: TrainConfig, seed: int) -> None:
         ):
             layer.weight.normal_(0.0, std, generator=gen)
         anchors = caffe_cell_anchors(16, config.anchor_ratios, config.anchor_scales)
-        model.rpn.cell_anchors.copy_(anchors)
+        cell = model.rpn.cell_anchors
+        assert isinstance(cell, torch.Tensor)
+        cell.copy_(anchors)
 
 
 def freeze_stages(model: Detector, freeze_at: int) -> list[str]:

@@ -71,7 +71,9 @@ def _rpn_part(
     """(objectness loss, box loss, proposals (P, 4)) of one image."""
     objectness, deltas = model.rpn.head(res4)  # (1, 2A|A, Hf, Wf), (1, 4A, Hf, Wf)
     hf, wf = objectness.shape[2:]
-    anchors = grid_anchors(model.rpn.cell_anchors, hf, wf, model.rpn.feature_stride)  # (M, 4)
+    cell = model.rpn.cell_anchors
+    assert isinstance(cell, torch.Tensor)
+    anchors = grid_anchors(cell, hf, wf, model.rpn.feature_stride)  # (M, 4)
     targets = anchor_targets(
         anchors.cpu(),
         sample.gt_boxes,

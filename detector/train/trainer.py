@@ -54,7 +54,8 @@ def learning_rate(config: TrainConfig, iteration: int) -> float:
 
 def make_optimizer(model: Detector, config: TrainConfig) -> torch.optim.SGD:
     """SGD; biases at 2x lr without weight decay (Caffe lr_mult 2 / decay_mult 0)."""
-    weights, biases = [], []
+    weights: list[torch.nn.Parameter] = []
+    biases: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (biases if name.endswith(".bias") else weights).append(p)
@@ -172,7 +173,7 @@ class Trainer:
         for sample in self._samples(self.iteration):
             losses = training_losses(self.model, sample, cfg, generator)
             total = sum(losses.values(), torch.zeros((), device=self.device))
-            (total / cfg.ims_per_batch).backward()
+            (total / cfg.ims_per_batch).backward()  # type: ignore[no-untyped-call]
             for k, v in losses.items():
                 totals[k] += float(v.detach()) / cfg.ims_per_batch
         if cfg.clip_grad_norm is not None:
@@ -202,7 +203,7 @@ class Trainer:
     def train(self, max_iter: int | None = None, *, progress: bool = True) -> TrainResult:
         """Runs until ``max_iter`` (default: the config's), checkpointing on the way."""
         end = self.config.max_iter if max_iter is None else max_iter
-        start_time, running = time.perf_counter(), {}
+        start_time, running = time.perf_counter(), dict[str, float]()
         bar = tqdm(total=end, initial=self.iteration, disable=not progress, desc="train")
         weights = None
         while self.iteration < end:
