@@ -1,0 +1,54 @@
+"""Fast, threshold-based proof that the heads learn on simulated region features.
+
+The full table (all heads, controls, conjunction row) is ``bench/heads.py``; these are capped
+versions that must pass in well under a minute each on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from heads.benchmark import run_vqa, vqa_task
+from heads.captioners import CaptionerConfig
+from heads.decoding import Captioner
+from heads.objectives import caption_xe_loss
+from heads.regions import RegionBatch
+from heads.train import TrainSettings, fit
+
+torch.set_num_threads(1)
+
+
+def test_single_batch_overfit_of_every_captioner() -> None:
+    g = torch.Generator().manual_seed(0)
+    b, k, d, v, t = 16, 10, 32, 20, 8
+    mask = torch.ones(b, k, dtype=torch.bool)
+    regions = RegionBatch(
+        torch.rand(b, k, d, generator=g),
+        mask,
+        torch.zeros(b, k, 4),
+        torch.zeros(b, k, 6),
+        tuple(map(str, range(b))),
+    )
+    targets = torch.randint(4, v, (b, t), generator=g)
+    inputs = torch.cat([torch.ones(b, 1, dtype=torch.long), targets[:, :-1]], 1)
+    for kind in ("updown", "sat", "adaptive"):
+        torch.manual_seed(0)
+        model = Captioner(v, CaptionerConfig(kind, "additive", d, 48, 24, 24, init_std=0.0))
+        settings = TrainSettings("adam", 250, b, 1e-2)
+        losses = fit(
+            model,
+            lambda _: caption_xe_loss(model, regions, inputs, targets),
+            b,
+            settings,
+            progress=False,
+        )
+        assert losses[0] > 2.5 and losses[-1] < 0.1, (kind, losses[0], losses[-1])
+
+
+def test_updown_vqa_binds_colour_to_shape_and_beats_mean_pool() -> None:
+    task = vqa_task(128, 400, 80, seed=3)
+    attn = run_vqa("updown_relu", task, 700, hidden=64, batch=64)
+    pooled = run_vqa("mean_pool", task, 300, hidden=64, batch=64)
+    assert attn["color"] >= 90.0, attn
+    assert attn["att_hit"] > 90.0, attn
+    assert attn["color"] > pooled["color"] + 25.0, (attn, pooled)
