@@ -80,7 +80,8 @@ def _echo_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
 def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
     """The real queue (Redis) and store (sealed shards + index) named by ``settings``."""
     from service.adapters import RedisQueue, connect
-    from service.shard_store import ShardDirStore
+    from service.shard_store import IndexedStore
+    from store.index import FeatureIndex
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (butd serve starts an embedded Redis)")
@@ -97,7 +98,7 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         job_shard_size=settings.job_shard_size,
         image_ttl_s=int(settings.request_timeout_s + settings.compute_grace_s) + 60,
     )
-    return queue, ShardDirStore(settings.store_dir)
+    return queue, IndexedStore(settings.store_dir, FeatureIndex(client))
 
 
 def _wire(app: FastAPI, queue: Queue, store: FeatureStore) -> None:

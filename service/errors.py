@@ -69,6 +69,13 @@ class NotFoundError(ServiceError):
     code = "not_found"
 
 
+class ConflictError(ServiceError):
+    """An image id already bound to other image bytes (aliases are first-wins)."""
+
+    status_code = 409
+    code = "conflict"
+
+
 class UnauthorizedError(ServiceError):
     """Missing or wrong API key."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from service.backend import FeatureStore, Queue, StoredRecord
 from service.errors import (
+    ConflictError,
     OverloadedError,
     ResultTimeoutError,
     ServiceError,
@@ -75,7 +76,12 @@ class ModelVersions:
 
 @dataclass(frozen=True)
 class Upload:
-    """One image as the gateway received it."""
+    """One image as the gateway received it.
+
+    Attributes:
+        image_id: the caller's id, or the sha256 when none was given.
+        namespace: the id's namespace; "" when no id was given (no alias is bound).
+    """
 
     data: bytes
     sha256: str
@@ -119,6 +125,7 @@ class OnlineService:
             ResultTimeoutError: no answer within ``request_timeout_s`` (504).
             WorkerError: the worker failed this image (422).
         """
+        self.check_alias(upload)
         hit = self.lookup(upload)
         if hit is not None:
             self.metrics.cache_hits.inc()
@@ -128,6 +135,18 @@ class OnlineService:
         result = self.round_trip(upload, request_id)
         return Extracted(self.read_result(upload, result), request_id, cached=result.cached)
 
+    def check_alias(self, upload: Upload) -> None:
+        """Refuse (409) an image id already bound to other bytes: aliases are first-wins."""
+        if not upload.namespace:
+            return
+        bound = self.store.resolve(upload.namespace, upload.image_id)
+        if bound is not None and bound != upload.sha256:
+            raise ConflictError(
+                f"image id {upload.image_id!r} in namespace {upload.namespace!r} already names "
+                f"other bytes (sha256 {bound}); use another id or namespace",
+                sha256=bound,
+            )
+
     def lookup(self, upload: Upload) -> StoredRecord | None:
         """The cached record of these bytes under the current version (default options only)."""
         if upload.options.overrides():
@@ -136,7 +155,7 @@ class OnlineService:
         if version is None:
             return None
         hit = self.store.get(version, upload.sha256)
-        if hit is not None and upload.image_id != upload.sha256:
+        if hit is not None and upload.namespace:
             self.store.add_alias(upload.namespace, upload.image_id, upload.sha256)
         return hit
 
@@ -191,9 +210,7 @@ class OnlineService:
                 f"worker reported ({result.model_version}, {upload.sha256}) stored, "
                 "but the store has no such record"
             )
-        if upload.image_id != upload.sha256:
-            self.store.add_alias(upload.namespace, upload.image_id, upload.sha256)
-        return stored
+        return stored  # the worker bound the alias with the record
 
 
 def new_request_id() -> str:

@@ -1,29 +1,25 @@
-"""The gateway's read side of the feature store: sealed shard files + alias files.
+"""The gateway's side of the feature store: the Redis index and the sealed shard files.
 
-Layout written by the workers (``workers.sink.ShardDirSink``)::
+Lookups go through ``store.index.FeatureIndex`` (``(model_version, sha256) -> (shard, row)``,
+``(namespace, image_id) -> sha256``) and reads through ``store.shards.ShardReaders`` (a bounded
+LRU of read-only HDF5 handles under ``STORE/shards``). A shard compacted away between lookup and
+read (``ShardMissingError``) is looked up once more.
 
-    STORE/shards/*.h5            sealed ragged feature files (store.h5); image_id = sha256
-    STORE/aliases/NAMESPACE.tsv  "image_id TAB sha256" lines, append-only (last line wins)
-
-``ShardDirStore`` keeps an in-memory index (model_version, sha256) -> (file, row), refreshed
-when the shards directory changes (its mtime moves on every atomic rename into it), and a
-bounded LRU of open read-only files. A shard replaced by a redelivered batch is re-indexed and
-its old handle closed. Aliases written by the gateway go to the same TSV files.
+Vocabularies and the model description are read once per model version from the first shard
+that holds one of its records. An alias the gateway binds (a cache hit under a new id) is sealed
+as an alias-only shard before it is indexed, so the index stays rebuildable from the files.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
-import time
 import zipfile
-from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,152 +27,116 @@ from service.backend import StoredRecord
 from service.errors import NotFoundError
 from store.exporters import EXPORTERS
 from store.h5 import FeatureFile, write_feature_file
+from store.index import FeatureIndex
 from store.records import FeatureRecord
+from store.shards import (
+    Alias,
+    Location,
+    ShardEntries,
+    ShardMissingError,
+    ShardReaders,
+    seal_shard,
+)
 
 logger = logging.getLogger(__name__)
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_SETTLE_NS = 1_000_000_000  # 1 s
+
+@dataclass(frozen=True)
+class _VersionMeta:
+    """What every shard of one model version shares."""
+
+    objects_vocab: tuple[str, ...]
+    attributes_vocab: tuple[str, ...]
+    description: str
+    config: dict[str, Any]
+    feature_dim: int
+    feature_dtype: str
 
 
-def alias_file(root: Path, namespace: str) -> Path:
-    """The alias TSV of a namespace (same naming rule as the workers)."""
-    return root / "aliases" / f"{_UNSAFE.sub('_', namespace) or '_'}.tsv"
-
-
-class ShardDirStore:
-    """``service.backend.FeatureStore`` over ``STORE/shards`` and ``STORE/aliases``.
+class IndexedStore:
+    """``service.backend.FeatureStore`` over the Redis index and ``STORE/shards``.
 
     Args:
         root: the store directory shared with the workers.
-        max_open: most shard files kept open at once (LRU).
+        index: the feature index (its Redis client is the gateway's).
+        max_open: most shard files kept open at once.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, max_open: int = 64) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], index: FeatureIndex, *, max_open: int = 64
+    ) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
-        (self.root / "aliases").mkdir(parents=True, exist_ok=True)
-        self._max_open = max_open
-        self._lock = threading.RLock()
-        self._index: dict[tuple[str, str], tuple[str, int]] = {}
-        self._mtimes: dict[str, int] = {}
-        self._dir_mtime = -1
-        self._open: OrderedDict[str, FeatureFile] = OrderedDict()
-        self._aliases: dict[str, tuple[int, dict[str, str]]] = {}
+        self.index = index
+        self.readers = ShardReaders(self.shards, max_open=max_open)
+        self._meta: dict[str, _VersionMeta] = {}
+        self._lock = threading.Lock()
 
-    # --- index ------------------------------------------------------------------------
-
-    def _refresh(self) -> None:
-        """Index shard files added or replaced since the last look (cheap when none).
-
-        The directory's mtime has a coarse clock tick: while it is younger than
-        ``_SETTLE_NS`` a second rename in the same tick could hide, so the scan is repeated.
-        """
-        dir_mtime = self.shards.stat().st_mtime_ns
-        settled = time.time_ns() - dir_mtime > _SETTLE_NS
-        if dir_mtime == self._dir_mtime and settled:
-            return
-        self._dir_mtime = dir_mtime
-        for path in self.shards.glob("*.h5"):
-            try:
-                mtime = path.stat().st_mtime_ns
-            except FileNotFoundError:
-                continue
-            if self._mtimes.get(path.name) != mtime:
-                self._index_file(path, mtime)
-
-    def _index_file(self, path: Path, mtime: int) -> None:
-        self._close(path.name)
-        with FeatureFile(path) as f:
-            version = f.model_version
-            for row, sha in enumerate(f.content_sha256()):
-                if sha:
-                    self._index[(version, sha)] = (path.name, row)
-        self._mtimes[path.name] = mtime
-
-    def _file(self, name: str) -> FeatureFile:
-        handle = self._open.get(name)
-        if handle is None:
-            handle = FeatureFile(self.shards / name)
-            self._open[name] = handle
-            while len(self._open) > self._max_open:
-                _, oldest = self._open.popitem(last=False)
-                oldest.close()
-        self._open.move_to_end(name)
-        return handle
-
-    def _close(self, name: str) -> None:
-        handle = self._open.pop(name, None)
-        if handle is not None:
-            handle.close()
-
-    def _read(self, model_version: str, sha256: str) -> tuple[FeatureRecord, FeatureFile] | None:
+    def _version_meta(self, model_version: str, shard: str) -> _VersionMeta:
         with self._lock:
-            where = self._index.get((model_version, sha256))
-            if where is None:
-                self._refresh()
-                where = self._index.get((model_version, sha256))
-            if where is None:
-                return None
-            handle = self._file(where[0])
-            return handle.read_row(where[1]), handle
+            meta = self._meta.get(model_version)
+            if meta is None:
+                with FeatureFile(self.shards / shard) as f:
+                    meta = _VersionMeta(
+                        objects_vocab=tuple(f.objects_vocab),
+                        attributes_vocab=tuple(f.attributes_vocab),
+                        description=str(f.config.get("description", "")),
+                        config=dict(f.config),
+                        feature_dim=f.feature_dim,
+                        feature_dtype=f.feature_dtype.name,
+                    )
+                self._meta[model_version] = meta
+            return meta
 
-    # --- FeatureStore -------------------------------------------------------------------
+    def _read(self, model_version: str, sha256: str) -> tuple[FeatureRecord, Location] | None:
+        for _ in range(2):  # a compacted shard: the index moved on, look again
+            location = self.index.lookup_content(model_version, sha256)
+            if location is None:
+                return None
+            try:
+                return self.readers.get(location), location
+            except ShardMissingError:
+                logger.info("shard %s compacted away; looking %s up again", location.shard, sha256)
+        return None
 
     def get(self, model_version: str, sha256: str) -> StoredRecord | None:
         """The record stored for these bytes under ``model_version``, or None."""
         found = self._read(model_version, sha256)
         if found is None:
             return None
-        record, handle = found
+        record, location = found
+        meta = self._version_meta(model_version, location.shard)
         return StoredRecord(
             record=record,
             sha256=sha256,
-            objects_vocab=tuple(handle.objects_vocab),
-            attributes_vocab=tuple(handle.attributes_vocab),
-            description=str(handle.config.get("description", "")),
+            objects_vocab=meta.objects_vocab,
+            attributes_vocab=meta.attributes_vocab,
+            description=meta.description,
         )
 
     def resolve(self, namespace: str, image_id: str) -> str | None:
-        """The sha256 the alias (namespace, image_id) points to, or None."""
-        return self._alias_map(namespace).get(image_id)
-
-    def _alias_map(self, namespace: str) -> dict[str, str]:
-        path = alias_file(self.root, namespace)
-        try:
-            size = path.stat().st_size  # append-only: the size grows with every alias
-        except FileNotFoundError:
-            return {}
-        with self._lock:
-            cached = self._aliases.get(namespace)
-            if cached is not None and cached[0] == size:
-                return cached[1]
-            mapping: dict[str, str] = {}
-            with path.open(encoding="utf-8") as fh:
-                for line in fh:
-                    image_id, _, sha = line.rstrip("\n").rpartition("\t")
-                    if image_id and len(sha) == 64:
-                        mapping[image_id] = sha
-            self._aliases[namespace] = (size, mapping)
-            return mapping
+        """The sha256 the alias (namespace, image_id) names, or None."""
+        return self.index.lookup_alias(namespace, image_id)
 
     def add_alias(self, namespace: str, image_id: str, sha256: str) -> None:
-        """Append the alias unless it already says so (one short O_APPEND write)."""
-        if self.resolve(namespace, image_id) == sha256:
+        """Bind an alias (first wins): sealed as an alias-only shard, then indexed."""
+        if self.index.lookup_alias(namespace, image_id) is not None:
             return
-        if "\n" in image_id or "\t" in image_id:
-            raise ValueError(f"image ids cannot hold tabs or newlines: {image_id!r}")
-        with alias_file(self.root, namespace).open("a", encoding="utf-8") as fh:
-            fh.write(f"{image_id}\t{sha256}\n")
+        alias = Alias(namespace, image_id, sha256)
+        info = seal_shard(self.shards, [], model_version="", aliases=[alias], worker_id="gateway")
+        self.index.put_shard(ShardEntries(info.name, "", 0, [], [alias]))
 
     def export(
         self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
     ) -> int:
-        """Write the cached records of ``image_ids`` (under the caller's ids) as ``fmt``.
+        """Write the stored records of ``image_ids`` (under those ids) in format ``fmt``.
 
-        The records are first gathered into a temporary ragged file, which the store's
-        exporter converts; ``npz`` (one file per image) is delivered as a zip of them.
+        The records are gathered into a temporary ragged file that the store's exporter
+        converts; ``npz`` (one file per image) is delivered as a zip of them.
+
+        Raises:
+            NotFoundError: none of the ids has a record under ``model_version``.
         """
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             ragged = Path(tmp) / "records.h5"
@@ -196,31 +156,38 @@ class ShardDirStore:
     def _gather(
         self, model_version: str, namespace: str, image_ids: Sequence[str], out: Path
     ) -> int:
-        records: list[FeatureRecord] = []
-        meta: dict[str, Any] = {}
-        for image_id in image_ids:
-            sha = self.resolve(namespace, image_id)
-            found = None if sha is None else self._read(model_version, sha)
-            if found is None:
-                continue
-            record, handle = found
-            records.append(replace(record, image_id=image_id))
-            meta = meta or {
-                "config": handle.config,
-                "objects_vocab": handle.objects_vocab,
-                "attributes_vocab": handle.attributes_vocab,
-                "feature_dim": handle.feature_dim,
-                "feature_dtype": handle.feature_dtype.name,
-            }
-        if records:
-            write_feature_file(out, records, model_version=model_version, **meta)
-        return len(records)
+        def records() -> Any:
+            for image_id in image_ids:
+                sha = self.resolve(namespace, image_id)
+                found = None if sha is None else self._read(model_version, sha)
+                if found is not None:
+                    self._version_meta(model_version, found[1].shard)
+                    yield replace(found[0], image_id=image_id, extra={})
+
+        stream = records()
+        first = next(stream, None)
+        if first is None:
+            return 0
+        meta = self._meta[model_version]
+        return write_feature_file(
+            out,
+            _chain(first, stream),
+            model_version=model_version,
+            config=meta.config,
+            objects_vocab=meta.objects_vocab,
+            attributes_vocab=meta.attributes_vocab,
+            feature_dim=meta.feature_dim,
+            feature_dtype=meta.feature_dtype,
+        )
 
     def close(self) -> None:
         """Close every open shard file."""
-        with self._lock:
-            for name in list(self._open):
-                self._close(name)
+        self.readers.close()
+
+
+def _chain(first: FeatureRecord, rest: Any) -> Any:
+    yield first
+    yield from rest
 
 
 def _zip_dir(directory: Path, out: Path) -> None:

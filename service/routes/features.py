@@ -40,7 +40,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_RESPONSES,
-    **{code: {"model": ErrorBody} for code in (401, 413, 415, 422, 503, 504)},
+    **{code: {"model": ErrorBody} for code in (401, 409, 413, 415, 422, 503, 504)},
 }
 
 Dtype = Annotated[
@@ -130,18 +130,20 @@ async def extract(
     service = _service(request)
     body = await read_image_body(request, service.settings.max_body_bytes)
     sha = hashlib.sha256(body.data).hexdigest()
+    given_id = body.fields.get("image_id") or image_id
+    ns = _namespace(body.fields.get("namespace") or namespace)
     upload = Upload(
         data=body.data,
         sha256=sha,
-        image_id=body.fields.get("image_id") or image_id or sha,
-        namespace=_namespace(body.fields.get("namespace") or namespace),
+        image_id=given_id or sha,
+        namespace=ns if given_id else "",
         options=_options(request, body.fields),
     )
     result = await run_in_threadpool(service.extract, upload, request.state.request_id)
     extra = {
         "request_id": result.request_id,
         "image_id": upload.image_id,
-        "namespace": upload.namespace,
+        "namespace": upload.namespace or None,
         "cached": result.cached,
     }
     response = render(request, result.stored, dtype, extra)

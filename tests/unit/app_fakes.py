@@ -81,7 +81,7 @@ class FakeStore:
         return self.aliases.get((namespace, image_id))
 
     def add_alias(self, namespace: str, image_id: str, sha256: str) -> None:
-        self.aliases[(namespace, image_id)] = sha256
+        self.aliases.setdefault((namespace, image_id), sha256)  # first wins, as the index
 
     def export(
         self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
@@ -117,8 +117,10 @@ class FakeQueue:
         self.job_items: dict[str, list[JobItem]] = {}
 
     def store_worker(self, request: OnlineRequest, data: bytes) -> OnlineResult:
-        """A worker that stores a record for the bytes and reports ok."""
+        """A worker that stores a record for the bytes, binds the alias and reports ok."""
         self.store.put(request.content_sha256, make_record(request.image_id))
+        if request.namespace:
+            self.store.add_alias(request.namespace, request.image_id, request.content_sha256)
         return OnlineResult(
             request.request_id, "ok", MODEL_VERSION, request.content_sha256, num_boxes=5
         )

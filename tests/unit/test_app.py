@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -291,3 +292,25 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/v1/features", "/v1/jobs", "/health/ready"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
+
+
+def test_image_id_bound_to_other_bytes_is_409(client: TestClient, queue: FakeQueue) -> None:
+    first = post_png(client, png_bytes(seed=21), image_id="same")
+    assert first.status_code == 200
+    again = post_png(client, png_bytes(seed=21), image_id="same")
+    assert again.status_code == 200 and again.json()["cached"] is True
+    other = post_png(client, png_bytes(seed=22), image_id="same")
+    assert other.status_code == 409 and first.json()["sha256"] in other.json()["detail"]
+    assert len(queue.enqueued) == 1
+    anonymous = post_png(client, png_bytes(seed=23))
+    assert (
+        anonymous.json()["namespace"] is None
+        and anonymous.json()["image_id"] == (anonymous.json()["sha256"])
+    )
+    assert queue.enqueued[-1].namespace == ""  # no alias bound for an upload without id
+
+
+def post_png(client: TestClient, data: bytes, **params: str) -> httpx.Response:
+    return client.post(
+        "/v1/features", content=data, params=params, headers={"content-type": "image/png"}
+    )

@@ -1,0 +1,99 @@
+"""IndexedStore: the gateway's reads of shards sealed and indexed as the workers do."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from service.errors import NotFoundError
+from service.shard_store import IndexedStore
+from store.index import FeatureIndex, reindex
+from store.readers import read_lxmert_tsv
+from store.shards import scan_shard, seal_shard
+from tests.unit.app_fakes import ATTRIBUTES, MODEL_VERSION, OBJECTS, make_record
+
+
+def _sha(i: int) -> str:
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def _seal(root: Path, index: FeatureIndex, ids: list[int], namespace: str = "ds") -> None:
+    """Seal and index one shard as ``workers.sink.StoreSink`` does."""
+    recs = [
+        replace(
+            make_record(f"{i}.jpg", seed=i),
+            extra={"content_sha256": _sha(i), "namespace": namespace},
+        )
+        for i in ids
+    ]
+    meta = {
+        "config": {"description": "fake model"},
+        "objects_vocab": OBJECTS,
+        "attributes_vocab": ATTRIBUTES,
+        "feature_dim": 8,
+    }
+    info = seal_shard(root / "shards", recs, model_version=MODEL_VERSION, meta=meta)
+    index.put_shard(scan_shard(root / "shards", info.name))
+
+
+@pytest.fixture
+def index(redis_url: str) -> FeatureIndex:
+    return FeatureIndex(redis.Redis.from_url(redis_url))
+
+
+def test_get_resolve_and_vocabularies(tmp_path: Path, index: FeatureIndex) -> None:
+    store = IndexedStore(tmp_path, index)
+    assert store.get(MODEL_VERSION, _sha(1)) is None
+    _seal(tmp_path, index, [1, 2])
+    got = store.get(MODEL_VERSION, _sha(2))
+    assert got is not None and got.sha256 == _sha(2)
+    np.testing.assert_array_equal(got.record.features, make_record("x", seed=2).features)
+    assert got.objects_vocab == OBJECTS and got.description == "fake model"
+    assert store.get("other-version", _sha(2)) is None
+    assert store.resolve("ds", "1.jpg") == _sha(1)
+    assert store.resolve("other", "1.jpg") is None
+    store.close()
+
+
+def test_gateway_alias_is_sealed_and_survives_reindex(
+    tmp_path: Path, index: FeatureIndex, redis_url: str
+) -> None:
+    _seal(tmp_path, index, [1])
+    store = IndexedStore(tmp_path, index)
+    store.add_alias("mine", "cat.jpg", _sha(1))
+    store.add_alias("mine", "cat.jpg", _sha(9))  # first wins
+    assert store.resolve("mine", "cat.jpg") == _sha(1)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    assert store.resolve("mine", "cat.jpg") is None
+    reindex(tmp_path / "shards", client)
+    assert store.resolve("mine", "cat.jpg") == _sha(1)
+    assert store.get(MODEL_VERSION, _sha(1)) is not None
+
+
+@pytest.mark.parametrize("fmt", ["lxmert-tsv", "h5-dense", "npz"])
+def test_export_uses_the_job_ids(tmp_path: Path, index: FeatureIndex, fmt: str) -> None:
+    _seal(tmp_path, index, [1, 2])
+    store = IndexedStore(tmp_path, index)
+    out = tmp_path / f"out.{fmt}"
+    assert store.export(MODEL_VERSION, "ds", ["1.jpg", "2.jpg", "nope.jpg"], fmt, out) == 2
+    if fmt == "lxmert-tsv":
+        rows = list(read_lxmert_tsv(out))
+        assert [r.image_id for r in rows] == ["1.jpg", "2.jpg"]
+        np.testing.assert_array_equal(
+            rows[1].features, make_record("x", seed=2).features.astype(np.float32)
+        )
+    elif fmt == "npz":
+        with zipfile.ZipFile(out) as zf:
+            assert sorted(zf.namelist()) == ["1.jpg.npz", "2.jpg.npz"]
+    else:
+        assert out.stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
+    with pytest.raises(NotFoundError):
+        store.export(MODEL_VERSION, "ds", ["nope.jpg"], fmt, tmp_path / "none")
