@@ -37,7 +37,7 @@ def test_single_batch_overfit_of_every_captioner() -> None:
         settings = TrainSettings("adam", 250, b, 1e-2)
         losses = fit(
             model,
-            lambda _: caption_xe_loss(model, regions, inputs, targets),
+            lambda _, m=model: caption_xe_loss(m, regions, inputs, targets),
             b,
             settings,
             progress=False,
