@@ -1,0 +1,72 @@
+"""Counter, schedules, SCST and the doubly stochastic penalty."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads.captioners import CaptionerConfig
+from heads.counter import Counter
+from heads.decoding import Captioner
+from heads.metrics.captions import CiderD
+from heads.objectives import doubly_stochastic_penalty, scst_loss
+from heads.regions import RegionBatch
+from heads.train import TrainSettings, lr_factor
+from heads.vocab import Vocabulary
+
+torch.set_num_threads(1)
+
+
+def _boxes(corners: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(corners).t().unsqueeze(0)  # (1, 4, K)
+
+
+def test_untrained_counter_counts_attended_objects_and_merges_duplicates() -> None:
+    counter = Counter(objects=4)  # untrained: every f is the identity on [0, 1]
+    distinct = [
+        [0.0, 0.0, 0.2, 0.2],
+        [0.4, 0.4, 0.6, 0.6],
+        [0.7, 0.0, 0.9, 0.2],
+        [0.0, 0.7, 0.2, 0.9],
+    ]
+    big, small = 20.0, -20.0
+    three = counter(_boxes(distinct), torch.tensor([[big, big, big, small]]))
+    assert int(three.argmax()) == 3
+    duplicate = [*distinct[:3], distinct[0]]  # the 4th region is a duplicate of the 1st
+    dup = counter(_boxes(duplicate), torch.tensor([[big, big, big, big]]))
+    assert int(dup.argmax()) == 3
+
+
+def test_schedules() -> None:
+    ban = TrainSettings("ban", steps=1400, steps_per_epoch=100)
+    assert [lr_factor(ban, e * 100) for e in (0, 1, 2, 3, 4, 9, 10, 12)] == [
+        0.5, 1.0, 1.5, 2.0, 2.0, 2.0, 0.5, 0.125,
+    ]  # fmt: skip
+    poly = TrainSettings("updown_caffe", steps=1000)
+    assert lr_factor(poly, 0) == 1.0 and lr_factor(poly, 500) == pytest.approx(0.5)
+    assert lr_factor(TrainSettings("scst_caffe"), 1000) == pytest.approx(0.99975**1000)
+    assert lr_factor(TrainSettings("selfcritical", steps_per_epoch=10), 35) == pytest.approx(0.8)
+
+
+def test_doubly_stochastic_penalty_ignores_padding_and_padded_steps() -> None:
+    alphas = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]])  # (1, T=3, K=3)
+    mask = torch.tensor([[True, True, False]])
+    steps = torch.tensor([[True, True, False]])
+    # coverage over real steps = (1.5, 0.5, 0) -> (1-1.5)² + (1-0.5)² on the 2 real regions
+    assert float(doubly_stochastic_penalty(alphas, mask, steps)) == pytest.approx(0.5)
+
+
+def test_scst_loss_weights_beam_captions_by_centred_cider() -> None:
+    torch.manual_seed(0)
+    vocab = Vocabulary(["a", "red", "circle", "blue", "star"])
+    model = Captioner(len(vocab), CaptionerConfig("updown", "additive", 8, 16, 8, 8, init_std=0.1))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    regions = RegionBatch(
+        torch.rand(2, 5, 8), mask, torch.zeros(2, 5, 4), torch.zeros(2, 5, 6), ("x", "y")
+    )
+    refs = [["a red circle"], ["a blue star"]]
+    loss, reward = scst_loss(model, regions, refs, CiderD(refs), vocab, beam_size=3, max_len=5)
+    loss.backward()
+    assert torch.isfinite(loss) and reward >= 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(float(g.abs().sum()) > 0 for g in grads)
