@@ -26,6 +26,7 @@ from heads.data import (
 )
 from heads.decoding import Captioner
 from heads.metrics.captions import bleu, cider_d
+from heads.metrics.vqa_accuracy import vqa_accuracy
 from heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_predict
 from heads.regions import RegionBatch, collate_records
 from heads.synth import (
@@ -81,7 +82,7 @@ def _vqa_items(scenes: list[Scene], seed: int) -> list[VQAItem]:
 
 
 def vqa_task(dim: int, n_train: int, n_val: int, seed: int = 0, l2: bool = False) -> VQATask:
-    """Scenes with 1–6 objects; features L2-normalised (Teney et al.)."""
+    """Scenes with 1–6 objects; ``l2`` L2-normalises the features (Teney et al.)."""
     world = SynthWorld(dim, seed)
     tr, va = make_scenes(world, n_train, seed + 1), make_scenes(world, n_val, seed + 2)
     tr_items, va_items = _vqa_items(tr, seed + 3), _vqa_items(va, seed + 4)
@@ -123,8 +124,6 @@ def run_vqa(
         progress=False,
     )
     preds, att = vqa_predict(model, val_r, task.val, task.answers)
-    from heads.metrics.vqa_accuracy import vqa_accuracy
-
     by_type: dict[str, list[float]] = {}
     for p, it in zip(preds, task.val.items, strict=True):
         by_type.setdefault(it.answer_type, []).append(vqa_accuracy(p, it.answers))

@@ -16,7 +16,7 @@ from heads.data import CaptionExamples, VQAExamples
 from heads.decoding import Captioner, strip_tokens
 from heads.metrics.captions import CiderD
 from heads.regions import RegionBatch
-from heads.vocab import PAD, Vocabulary
+from heads.vocab import PAD, Vocabulary, pad_captions
 from heads.vqa import vqa_bce_loss
 
 
@@ -75,8 +75,6 @@ def scst_loss(
         [cider.score(" ".join(vocab.decode(s)), references[i // w]) for i, s in enumerate(seqs)]
     ).view(b, w)
     advantage = (rewards - rewards.mean(1, keepdim=True)).view(-1)
-    from heads.vocab import pad_captions
-
     inputs, targets = (torch.tensor(x) for x in pad_captions(seqs, max_len + 1))
     rows = torch.arange(b).repeat_interleave(w)
     out = model(regions.select(rows), inputs)
