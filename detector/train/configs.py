@@ -120,8 +120,6 @@ def demo_config(num_classes: int = 6, num_attributes: int = 10) -> TrainConfig:
         rpn_post_nms_topk=300,
         roi_batch_size=64,
         roi_fg_fraction=0.25,
-        # synth lists colour first; size is barely visible in scale-normalised RoI features.
-        attr_sampling="first",
         freeze_at=0,
         calibrate_bn=True,
         base_lr=0.02,
