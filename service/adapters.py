@@ -17,6 +17,7 @@ import redis
 
 from workers import queue as q
 from workers.protocol import (
+    GROUP,
     ONLINE_STREAM,
     ExtractOptions,
     Heartbeat,
@@ -24,6 +25,7 @@ from workers.protocol import (
     JobStatus,
     OnlineRequest,
     OnlineResult,
+    text,
 )
 
 if TYPE_CHECKING:
@@ -84,8 +86,22 @@ class RedisQueue:
         return [b for b in beats if now - b.updated_at <= self._max_age]
 
     def queue_depth(self) -> int:
-        waiting = q.queue_depth(self.client).get(ONLINE_STREAM, 0)
-        return waiting + q.pending_count(self.client).get(ONLINE_STREAM, 0)
+        """Online entries not yet delivered (the group's lag) + delivered and not acked.
+
+        One round trip (XINFO GROUPS + XPENDING + XLEN pipelined) on the admission path;
+        the same numbers as ``workers.queue.queue_depth`` / ``pending_count`` for the stream.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xinfo_groups(ONLINE_STREAM)
+        pipe.xpending(ONLINE_STREAM, GROUP)
+        pipe.xlen(ONLINE_STREAM)
+        groups, pending, length = pipe.execute(raise_on_error=False)
+        if isinstance(groups, Exception) or isinstance(pending, Exception):
+            return 0  # no stream yet: nothing queued
+        group = next((g for g in groups if text(g["name"]) == GROUP), None)
+        lag = group.get("lag") if group is not None else None
+        waiting = int(lag) if lag is not None else int(length)
+        return waiting + int(pending["pending"])
 
     def pending_count(self) -> int:
         return sum(q.pending_count(self.client).values())

@@ -107,7 +107,7 @@ def _wire(app: FastAPI, queue: Queue, store: FeatureStore) -> None:
     app.state.queue = queue
     app.state.store = store
     app.state.metrics.bind(queue)
-    models = ModelVersions(queue, settings.model_version)
+    models = ModelVersions(queue, settings.model_version, settings.worker_cache_s)
     app.state.online = OnlineService(queue, store, settings, app.state.metrics, models)
 
 

@@ -29,7 +29,7 @@ from service.errors import (
 from service.metrics import Metrics
 from service.settings import Settings
 from store.images import decode_image, probe_image
-from workers.protocol import ExtractOptions, OnlineRequest, OnlineResult
+from workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +49,42 @@ class ModelVersions:
         self._refresh_s = refresh_s
         self._last: str | None = pinned
         self._descriptions: dict[str, str] = {}
+        self._beats: list[Heartbeat] = []
         self._read_at = float("-inf")
         self._lock = threading.Lock()
 
+    def loaded_workers(self) -> list[Heartbeat]:
+        """Live workers with a loaded model, as of the last read (at most ``refresh_s`` old).
+
+        Raises:
+            redis.exceptions.ConnectionError: Redis is down (and the last read is stale).
+        """
+        self._refresh(raise_errors=True)
+        return list(self._beats)
+
     def current(self) -> str | None:
         """The pinned version, the newest loaded worker's, or the last one seen (None if never)."""
+        self._refresh(raise_errors=False)
+        return self._last
+
+    def _refresh(self, *, raise_errors: bool) -> None:
         with self._lock:
             if time.monotonic() - self._read_at < self._refresh_s:
-                return self._last
-            self._read_at = time.monotonic()
+                return
         try:
             beats = [b for b in self._queue.live_workers() if b.loaded and b.model_version]
         except Exception as exc:  # Redis down: keep serving the cache under the last version
+            if raise_errors:
+                raise
             logger.warning("model version: heartbeats unavailable: %s", exc)
-            return self._last
+            return
+        with self._lock:
+            self._read_at = time.monotonic()
+            self._beats = beats
         for beat in beats:
             self._descriptions[beat.model_version] = beat.model
         if beats and not self._pinned:
             self._last = max(beats, key=lambda b: b.started_at).model_version
-        return self._last
 
     def describe(self, version: str) -> str:
         """The description a worker gave for ``version`` ("" if never seen)."""
@@ -166,9 +183,13 @@ class OnlineService:
             decode_image(data, max_pixels=self.settings.max_pixels)
 
     def admit(self) -> None:
-        """Refuse (503 + Retry-After) when no worker is live or the online queue is full."""
+        """Refuse (503 + Retry-After) when no worker is live or the online queue is full.
+
+        Heartbeats are those of ``ModelVersions`` (read at most once a second); the depth is
+        read on every request.
+        """
         retry = self.settings.retry_after_s
-        if not any(b.loaded for b in self.queue.live_workers()):
+        if not self.models.loaded_workers():
             raise OverloadedError("no worker with a loaded model is live", retry_after_s=retry)
         depth, limit = self.queue.queue_depth(), self.settings.max_queue_depth
         if depth >= limit:

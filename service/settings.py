@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(default=2, ge=1)
     # A worker heartbeat older than this is not "live", seconds (workers beat every few seconds).
     heartbeat_max_age_s: float = Field(default=15.0, gt=0)
+    # How long the gateway reuses one read of the heartbeats (model version, admission), s.
+    worker_cache_s: float = Field(default=1.0, ge=0)
     # Default dtype of base64 features in JSON responses (query ``dtype=`` overrides).
     json_feature_dtype: FeatureDtype = "float16"
     # API keys accepted as ``Authorization: Bearer KEY`` on /v1/*; empty = no authentication.

@@ -39,7 +39,11 @@ def queue(store: FakeStore) -> FakeQueue:
 
 
 def _settings(tmp_path: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"store_dir": tmp_path / "store", "redis_url": "redis://unused"}
+    values: dict[str, object] = {
+        "store_dir": tmp_path / "store",
+        "redis_url": "redis://unused",
+        "worker_cache_s": 0.0,  # tests change the fake heartbeats between requests
+    }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
