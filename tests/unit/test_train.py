@@ -3,6 +3,7 @@ and a checkpoint that loads with the canonical loader and runs in the Extractor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,15 @@ from detector.train.losses import fast_rcnn_losses, rpn_losses, smooth_l1
 from detector.train.targets import anchor_targets, attribute_labels, sample_rois
 from detector.train.trainer import Trainer, learning_rate
 from detector.train.vg import Vocab, load_vg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: these small convolutions only lose time to thread hand-offs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
