@@ -200,6 +200,30 @@ async def open_loop(
     return latencies, statuses, worst_lag
 
 
+def gateway_share(url: str) -> dict[str, float]:
+    """Mean ms per POST spent in the gateway outside the worker wait, and in the wait.
+
+    From /metrics: ``butd_http_request_seconds`` of /v1/features minus
+    ``butd_online_wait_seconds`` (enqueue to result: queue + worker batch + result hand-off).
+    """
+    sums: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in (
+            'butd_http_request_seconds_sum{route="/v1/features"}',
+            'butd_http_request_seconds_count{route="/v1/features"}',
+            "butd_online_wait_seconds_sum",
+        ):
+            sums[name.split("{")[0]] = float(value)
+    count = sums.get("butd_http_request_seconds_count", 0.0) or 1.0
+    wait = sums.get("butd_online_wait_seconds_sum", 0.0)
+    total = sums.get("butd_http_request_seconds_sum", 0.0)
+    return {
+        "gateway_only_mean_ms": 1e3 * (total - wait) / count,
+        "enqueue_to_result_mean_ms": 1e3 * wait / count,
+    }
+
+
 def cache_reads(url: str, payloads: list[bytes], n: int = 200) -> dict[str, float]:
     """p50 / p99 of sequential cache hits: GET by sha256 and POST of stored bytes (ms)."""
     import hashlib
@@ -274,6 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 added_p99_ms=1e3 * percentile(ok, 99),
                 generator_max_lag_ms=1e3 * lag,
             )
+            results.update(gateway_share(stack.url))
             stored = [payloads[i] for i, s in enumerate(statuses) if s == 200] or warm
             results.update(cache_reads(stack.url, stored))
             for count in args.workers:
