@@ -98,7 +98,13 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         job_shard_size=settings.job_shard_size,
         image_ttl_s=int(settings.request_timeout_s + settings.compute_grace_s) + 60,
     )
-    return queue, IndexedStore(settings.store_dir, FeatureIndex(client))
+    store = IndexedStore(
+        settings.store_dir,
+        FeatureIndex(client),
+        max_open=settings.max_open_shards,
+        cache_bytes=settings.record_cache_mib * 2**20,
+    )
+    return queue, store
 
 
 def _wire(app: FastAPI, queue: Queue, store: FeatureStore) -> None:

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     heartbeat_max_age_s: float = Field(default=15.0, gt=0)
     # How long the gateway reuses one read of the heartbeats (model version, admission), s.
     worker_cache_s: float = Field(default=1.0, ge=0)
+    # Memory for recently read records in the gateway, MiB (a real 100x2048 fp16 record is
+    # ~0.4 MiB); hot images are then served without an HDF5 read. 0 disables it.
+    record_cache_mib: int = Field(default=256, ge=0)
+    # Shard files the gateway keeps open at once (LRU of read-only HDF5 handles).
+    max_open_shards: int = Field(default=64, ge=1)
     # Default dtype of base64 features in JSON responses (query ``dtype=`` overrides).
     json_feature_dtype: FeatureDtype = "float16"
     # API keys accepted as ``Authorization: Bearer KEY`` on /v1/*; empty = no authentication.

@@ -6,7 +6,10 @@ LRU of read-only HDF5 handles under ``STORE/shards``). A shard compacted away be
 read (``ShardMissingError``) is looked up once more.
 
 Vocabularies and the model description are read once per model version from the first shard
-that holds one of its records. An alias the gateway binds (a cache hit under a new id) is sealed
+that holds one of its records. Records read are kept in an LRU bounded in bytes
+(``cache_bytes``): a (model_version, sha256) key always names the same record (content
+addressed, first-wins index), so a cached copy never goes stale, and a hot image is served
+without touching HDF5. An alias the gateway binds (a cache hit under a new id) is sealed
 as an alias-only shard before it is indexed, so the index stays rebuildable from the files.
 """
 
@@ -18,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,10 +64,16 @@ class IndexedStore:
         root: the store directory shared with the workers.
         index: the feature index (its Redis client is the gateway's).
         max_open: most shard files kept open at once.
+        cache_bytes: budget of the in-memory record LRU (array bytes); 0 disables it.
     """
 
     def __init__(
-        self, root: str | os.PathLike[str], index: FeatureIndex, *, max_open: int = 64
+        self,
+        root: str | os.PathLike[str],
+        index: FeatureIndex,
+        *,
+        max_open: int = 64,
+        cache_bytes: int = 0,
     ) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
@@ -72,6 +82,29 @@ class IndexedStore:
         self.readers = ShardReaders(self.shards, max_open=max_open)
         self._meta: dict[str, _VersionMeta] = {}
         self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], StoredRecord] = OrderedDict()
+        self._cache_budget = cache_bytes
+        self._cache_used = 0
+
+    def _cached(self, key: tuple[str, str]) -> StoredRecord | None:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+            return hit
+
+    def _remember(self, key: tuple[str, str], stored: StoredRecord) -> None:
+        size = _nbytes(stored.record)
+        if size > self._cache_budget:
+            return
+        with self._lock:
+            if key in self._cache:
+                return
+            self._cache[key] = stored
+            self._cache_used += size
+            while self._cache_used > self._cache_budget:
+                _, old = self._cache.popitem(last=False)
+                self._cache_used -= _nbytes(old.record)
 
     def _version_meta(self, model_version: str, shard: str) -> _VersionMeta:
         with self._lock:
@@ -102,18 +135,23 @@ class IndexedStore:
 
     def get(self, model_version: str, sha256: str) -> StoredRecord | None:
         """The record stored for these bytes under ``model_version``, or None."""
+        hit = self._cached((model_version, sha256))
+        if hit is not None:
+            return hit
         found = self._read(model_version, sha256)
         if found is None:
             return None
         record, location = found
         meta = self._version_meta(model_version, location.shard)
-        return StoredRecord(
+        stored = StoredRecord(
             record=record,
             sha256=sha256,
             objects_vocab=meta.objects_vocab,
             attributes_vocab=meta.attributes_vocab,
             description=meta.description,
         )
+        self._remember((model_version, sha256), stored)
+        return stored
 
     def resolve(self, namespace: str, image_id: str) -> str | None:
         """The sha256 the alias (namespace, image_id) names, or None."""
@@ -183,6 +221,11 @@ class IndexedStore:
     def close(self) -> None:
         """Close every open shard file."""
         self.readers.close()
+
+
+def _nbytes(record: FeatureRecord) -> int:
+    arrays = (record.boxes, record.features, record.objects_id, record.objects_conf)
+    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + 512
 
 
 def _chain(first: FeatureRecord, rest: Any) -> Any:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from service.errors import NotFoundError
-from service.shard_store import IndexedStore
+from service.shard_store import IndexedStore, _nbytes
 from store.index import FeatureIndex, reindex
 from store.readers import read_lxmert_tsv
 from store.shards import scan_shard, seal_shard
@@ -97,3 +97,20 @@ def test_export_uses_the_job_ids(tmp_path: Path, index: FeatureIndex, fmt: str) 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
     with pytest.raises(NotFoundError):
         store.export(MODEL_VERSION, "ds", ["nope.jpg"], fmt, tmp_path / "none")
+
+
+def test_record_cache_serves_hot_records_within_its_budget(
+    tmp_path: Path, index: FeatureIndex
+) -> None:
+    _seal(tmp_path, index, [1, 2, 3])
+    size = _nbytes(make_record("x", seed=1))
+    store = IndexedStore(tmp_path, index, cache_bytes=2 * size)  # room for two records
+    for i in (1, 2, 3):  # reading 3 evicts 1, the least recently used
+        assert store.get(MODEL_VERSION, _sha(i)) is not None
+    store.readers.close()
+    for shard in (tmp_path / "shards").glob("*.h5"):
+        shard.unlink()  # from now on only the cache can answer
+    assert store.get(MODEL_VERSION, _sha(3)) is not None
+    assert store.get(MODEL_VERSION, _sha(2)) is not None
+    assert store.get(MODEL_VERSION, _sha(1)) is None  # evicted, and its shard is gone
+    assert store._cache_used <= 2 * size
