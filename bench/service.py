@@ -230,8 +230,9 @@ def cache_reads(url: str, payloads: list[bytes], rounds: int = 6) -> dict[str, f
 
     The first GET of each image reads its shard (cold: ``get_cold_p50_ms``); later ones are
     answered from the gateway's record cache (warm). ``health_live_p50_ms`` is the floor: one
-    HTTP round trip through uvicorn and the middleware, no Redis, no store. Each GET is followed by a POST of the same bytes, answered
-    from the cache (hash, index lookup, read, JSON) without a worker.
+    HTTP round trip through uvicorn and the middleware, no Redis, no store. Each GET is
+    followed by a POST of the same bytes, answered from the cache (hash, index lookup, read,
+    JSON) without a worker.
     """
     import hashlib
 
