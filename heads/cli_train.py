@@ -81,11 +81,15 @@ def train_vqa(args: argparse.Namespace) -> None:
     ex = vqa_examples(items, rows, vocab, answers)
     head = args.head or "updown"
     d = _feature_dim(args.features)
+    sizes = {} if args.hidden is None else {"hidden_dim": args.hidden}
     if head == "ban":
-        cfg: Any = BANConfig(feature_dim=d)
+        cfg: Any = BANConfig(feature_dim=d, **sizes)
         model: torch.nn.Module = BAN(len(vocab), len(answers), cfg)
     else:
-        cfg = VQAConfig(variant="hengyuan" if head == "updown_relu" else "paper", feature_dim=d)
+        if args.hidden is not None:
+            sizes["question_dim"] = args.hidden
+        variant = "hengyuan" if head == "updown_relu" else "paper"
+        cfg = VQAConfig(variant=variant, feature_dim=d, **sizes)
         model = UpDownVQA(len(vocab), len(answers), cfg)
     recipe = args.recipe or ("ban" if head == "ban" else "hengyuan")
     batch = args.batch_size or (256 if head == "ban" else 512)
@@ -117,7 +121,11 @@ def train_caption(args: argparse.Namespace) -> None:
         (tokenize_caption(c) for it in items for c in it.captions), args.min_count or 5
     )
     ex = caption_examples(items, rows, vocab)
-    cfg = CaptionerConfig(kind=args.head or "updown", feature_dim=_feature_dim(args.features))
+    h = args.hidden
+    sizes = {} if h is None else {"lstm_dim": h, "att_dim": max(h // 2, 1), "embed_dim": h}
+    cfg = CaptionerConfig(
+        kind=args.head or "updown", feature_dim=_feature_dim(args.features), **sizes
+    )
     model = Captioner(len(vocab), cfg)
     recipe = args.recipe or "updown_caffe"
     batch = args.batch_size or 100

@@ -55,6 +55,12 @@ def register(subparsers: Any) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="default per recipe")
     t.add_argument("--min-count", type=int, default=None, help="vocabulary / answer-set threshold")
     t.add_argument(
+        "--hidden",
+        type=int,
+        default=None,
+        help="shrink every hidden size to this (attention: half); default: the paper's sizes",
+    )
+    t.add_argument(
         "--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE"
     )
     t.set_defaults(handler=_train)  # fmt: skip

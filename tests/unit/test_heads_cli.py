@@ -104,7 +104,7 @@ def test_cli_train_caption_and_answer(
     out = dataset["root"]
     _run(["heads", "train", "caption", "--features", str(dataset["features"]), "--annotations",
           str(dataset["karpathy"]), "--out", str(out / "cap"), "--steps", "3", "--batch-size", "8",
-          "--min-count", "1", "--scst-steps", "1"])  # fmt: skip
+          "--min-count", "1", "--scst-steps", "1", "--hidden", "32"])  # fmt: skip
     assert (out / "cap" / "last.pt").exists() and (out / "cap" / "scst" / "last.pt").exists()
     _run(["heads", "train", "vqa", "--features", str(dataset["features"]), "--annotations",
           str(dataset["annotations"]), "--questions", str(dataset["questions"]), "--out",
