@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,8 @@ class EmbeddedStack:
         self.redis: RedisServer | None = None
         self.workers: list[Child] = []
         self.redis_url = ""
+        self._stopping = threading.Event()
+        self._watch: threading.Thread | None = None
 
     def start(self) -> EmbeddedStack:
         """Start Redis, then the workers."""
@@ -157,10 +160,28 @@ class EmbeddedStack:
         self.redis_url = self.redis.url
         for i in range(self.spec.count):
             self.workers.append(start_worker(self.redis_url, self.spec, i))
+        self._watch = threading.Thread(target=self._watch_children, name="embedded", daemon=True)
+        self._watch.start()
         return self
+
+    def _watch_children(self, period_s: float = 2.0) -> None:
+        """Log (once per child) a child that exits while the stack is up, with its log path."""
+        reported: set[str] = set()
+        while not self._stopping.wait(period_s):
+            children = [*self.workers, *([self.redis] if self.redis else [])]
+            for child in children:
+                if child.name not in reported and not child.alive():
+                    reported.add(child.name)
+                    logger.error(
+                        "%s exited with code %s; see %s",
+                        child.name,
+                        child.proc.returncode,
+                        child.log_path,
+                    )
 
     def stop(self) -> None:
         """Stop the workers (graceful drain), then Redis."""
+        self._stopping.set()
         for worker in self.workers:
             worker.stop()
         self.workers = []
