@@ -50,6 +50,20 @@ def _table(title: str, cols: tuple[str, ...], rows: dict[str, dict[str, float]])
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """Join the JSON results of runs that split the heads (``--vqa-heads`` / ``--cap-heads``)."""
+    results: dict[str, dict[str, dict[str, float]]] = {"vqa": {}, "caption": {}}
+    for path in paths:
+        part = json.loads(path.read_text())
+        for task in results:
+            results[task].update(part.get(task, {}))
+    text = _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
+    text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,7 +82,10 @@ def main() -> int:
     p.add_argument("--cap-heads", nargs="*", default=list(CAPTION_HEADS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/heads.md"))
+    p.add_argument("--merge", type=Path, nargs="*", help="only merge these result JSONs into --out")
     args = p.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
