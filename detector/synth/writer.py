@@ -95,6 +95,7 @@ class _Collector:
         size: tuple[int, int],
         objects: tuple[SceneObject, ...],
     ) -> None:
+        """Ground truth and language of one scene (``rng`` continues the scene's stream)."""
         w, h = size
         name = f"images/{image_id:06d}.jpg"
         self.image_data.append(
@@ -119,6 +120,12 @@ class _Collector:
             }
         )
         self.coco_images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+        self._add_language(rng, image_id, objects)
+
+    def _add_language(
+        self, rng: np.random.Generator, image_id: int, objects: tuple[SceneObject, ...]
+    ) -> None:
+        """Captions, then questions with their annotations (rng draws in that order)."""
         for text in captions(rng, objects):
             self.captions.append(
                 {"id": len(self.captions) + 1, "image_id": image_id, "caption": text}

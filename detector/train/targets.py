@@ -62,6 +62,41 @@ def _subsample(mask: torch.Tensor, limit: int, generator: torch.Generator) -> to
     return index
 
 
+def _label_anchors(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    image_size: tuple[int, int],
+    pos_iou: float,
+    neg_iou: float,
+    border: float,
+    plus_one: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels (M,) in {-1, 0, 1} before subsampling and deltas (M, 4) of foreground anchors."""
+    h, w = image_size
+    m = anchors.shape[0]
+    labels = torch.full((m,), -1, dtype=torch.int64)
+    deltas = torch.zeros((m, 4), dtype=torch.float32)
+    inside = (
+        (anchors[:, 0] >= -border)
+        & (anchors[:, 1] >= -border)
+        & (anchors[:, 2] < w + border)
+        & (anchors[:, 3] < h + border)
+    )
+    if gt_boxes.shape[0] == 0:
+        labels[inside] = 0
+        return labels, deltas
+    iou = box_iou(anchors, gt_boxes, plus_one=plus_one)  # (M, G)
+    iou[~inside] = -1.0
+    max_iou, argmax = iou.max(dim=1)
+    labels[inside & (max_iou < neg_iou)] = 0
+    gt_best = iou.max(dim=0).values  # (G,)
+    is_best = ((iou == gt_best[None, :]) & (gt_best[None, :] > 0)).any(dim=1)
+    labels[inside & (is_best | (max_iou >= pos_iou))] = 1
+    fg = labels == 1
+    deltas[fg] = encode_boxes(anchors[fg], gt_boxes[argmax[fg]], plus_one=plus_one)
+    return labels, deltas
+
+
 def anchor_targets(
     anchors: torch.Tensor,
     gt_boxes: torch.Tensor,
@@ -93,29 +128,10 @@ def anchor_targets(
     Returns:
         AnchorTargets with (M,) labels and (M, 4) deltas.
     """
-    h, w = image_size
-    m = anchors.shape[0]
-    labels = torch.full((m,), -1, dtype=torch.int64)
-    deltas = torch.zeros((m, 4), dtype=torch.float32)
-    b = allowed_border
-    inside = (
-        (anchors[:, 0] >= -b)
-        & (anchors[:, 1] >= -b)
-        & (anchors[:, 2] < w + b)
-        & (anchors[:, 3] < h + b)
+    labels, deltas = _label_anchors(
+        anchors, gt_boxes, image_size, pos_iou, neg_iou, allowed_border, plus_one
     )
-    if gt_boxes.shape[0] == 0:
-        labels[inside] = 0
-    else:
-        iou = box_iou(anchors, gt_boxes, plus_one=plus_one)  # (M, G)
-        iou[~inside] = -1.0
-        max_iou, argmax = iou.max(dim=1)
-        labels[inside & (max_iou < neg_iou)] = 0
-        gt_best = iou.max(dim=0).values  # (G,)
-        is_best = ((iou == gt_best[None, :]) & (gt_best[None, :] > 0)).any(dim=1)
-        labels[inside & (is_best | (max_iou >= pos_iou))] = 1
-        fg = labels == 1
-        deltas[fg] = encode_boxes(anchors[fg], gt_boxes[argmax[fg]], plus_one=plus_one)
+    m = anchors.shape[0]
     keep_fg = _subsample(labels == 1, int(fg_fraction * batch_size), generator)
     keep_bg = _subsample(labels == 0, batch_size - keep_fg.numel(), generator)
     sampled = torch.full((m,), -1, dtype=torch.int64)
