@@ -25,8 +25,10 @@ from workers.protocol import (
     JobStatus,
     OnlineRequest,
     OnlineResult,
+    model_key,
     text,
 )
+from workers.wire import ModelMeta
 
 if TYPE_CHECKING:
     Client = redis.Redis[Any]
@@ -111,6 +113,10 @@ class RedisQueue:
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return q.wait_result(self.blocking, request_id, timeout_s)
+
+    def model_meta(self, model_version: str) -> ModelMeta | None:
+        data = self.client.get(model_key(model_version))
+        return None if data is None else ModelMeta.from_json(data)
 
     def create_job(
         self, job_id: str, items: Sequence[JobItem], *, namespace: str, options: ExtractOptions

@@ -24,6 +24,7 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
 )
+from workers.wire import ModelMeta
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,14 @@ class Queue(Protocol):
         ...
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
-        """Block until the worker answers ``request_id``; None after ``timeout_s``."""
+        """Block until the worker answers ``request_id``; None after ``timeout_s``.
+
+        A computed answer carries its ``record`` (stored form), sent before it is sealed.
+        """
+        ...
+
+    def model_meta(self, model_version: str) -> ModelMeta | None:
+        """The vocabularies and description a worker published for ``model_version``."""
         ...
 
     def create_job(
@@ -100,6 +108,13 @@ class FeatureStore(Protocol):
 
     def add_alias(self, namespace: str, image_id: str, sha256: str) -> None:
         """Record that (namespace, image_id) names the content ``sha256`` (idempotent)."""
+        ...
+
+    def remember(
+        self, model_version: str, stored: StoredRecord, alias: tuple[str, str] | None = None
+    ) -> None:
+        """Keep a record a worker answered with (and is sealing), bound to ``alias``
+        ((namespace, image_id) or None), for reads that come before the seal."""
         ...
 
     def export(

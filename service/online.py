@@ -2,8 +2,11 @@
 
 ``OnlineService.extract`` reads top to bottom like the data flow in ARCHITECTURE.md:
 cache lookup (same bytes, same model version: no worker involved) -> validate (pixels,
-decodability) -> admission (a live worker, room in the queue) -> enqueue -> wait -> read the
-record the worker stored. Everything here is synchronous; the route runs it in a thread.
+decodability) -> admission (a live worker, room in the queue) -> enqueue -> wait -> the record
+the worker answered with (pushed with its result before the worker seals it: no HDF5 read on
+this path; ``docs/workers.md``). Everything here is synchronous; the route runs it in a thread.
+
+``OnlineTimings`` turns the worker's timestamps into histograms of the round trip's phases.
 
 The current model version (the cache key of requests without options) comes from
 ``Settings.model_version`` when set, else from the newest live heartbeat with a loaded model;
@@ -18,6 +21,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Histogram
+
 from service.backend import FeatureStore, Queue, StoredRecord
 from service.errors import (
     ConflictError,
@@ -26,12 +31,64 @@ from service.errors import (
     ServiceError,
     WorkerError,
 )
-from service.metrics import Metrics
+from service.metrics import LATENCY_BUCKETS, Metrics
 from service.settings import Settings
 from store.images import decode_image, probe_image
 from workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
+from workers.wire import ModelMeta
 
 logger = logging.getLogger(__name__)
+
+# How long to poll the store for a record a worker answered without sending it, seconds (the
+# worker seals right after answering; a batch seals in milliseconds to a few seconds).
+SEAL_WAIT_S = 5.0
+
+
+class OnlineTimings:
+    """Histograms of the phases of an online round trip, on the gateway's registry.
+
+    Queue and reply compare the gateway's clock with the worker's (epoch seconds): on
+    different hosts they include the clock offset (negative values count as 0).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, buckets=LATENCY_BUCKETS, registry=registry)
+
+        self.queue = histogram(
+            "butd_online_queue_seconds",
+            "online request enqueued to its worker batch formed (queue + batch top-up)",
+        )
+        self.compute = histogram(
+            "butd_online_compute_seconds",
+            "worker batch formed to its records computed (fetch, decode, extract)",
+        )
+        self.reply = histogram(
+            "butd_online_reply_seconds",
+            "worker pushed the answer to the gateway holding it decoded (Redis, BLPOP, decode)",
+        )
+
+    def observe(self, enqueued: float, received: float, result: OnlineResult) -> None:
+        """Observe one answered request.
+
+        Args:
+            enqueued: gateway epoch seconds just before the XADD.
+            received: gateway epoch seconds once the answer was decoded.
+            result: the answer, with the worker's ``timings`` (none: nothing observed).
+        """
+        t = result.timings
+        if not {"t_batch", "t_extracted", "t_replied"} <= set(t):
+            return
+        self.queue.observe(max(t["t_batch"] - enqueued, 0.0))
+        self.compute.observe(max(t["t_extracted"] - t["t_batch"], 0.0))
+        self.reply.observe(max(received - t["t_replied"], 0.0))
+        logger.debug(
+            "online %s: queue %.1f ms, compute %.1f ms, reply %.1f ms",
+            result.request_id,
+            1e3 * (t["t_batch"] - enqueued),
+            1e3 * (t["t_extracted"] - t["t_batch"]),
+            1e3 * (received - t["t_replied"]),
+        )
 
 
 class ModelVersions:
@@ -52,6 +109,7 @@ class ModelVersions:
         self._beats: list[Heartbeat] = []
         self._read_at = float("-inf")
         self._lock = threading.Lock()
+        self._meta: dict[str, ModelMeta] = {}
 
     def loaded_workers(self) -> list[Heartbeat]:
         """Live workers with a loaded model, as of the last read (at most ``refresh_s`` old).
@@ -89,6 +147,16 @@ class ModelVersions:
     def describe(self, version: str) -> str:
         """The description a worker gave for ``version`` ("" if never seen)."""
         return self._descriptions.get(version, "")
+
+    def meta(self, version: str) -> ModelMeta | None:
+        """The vocabularies and description a worker published for ``version`` (read from the
+        queue once per version: they never change), or None when none was published."""
+        found = self._meta.get(version)
+        if found is None:
+            found = self._queue.model_meta(version)
+            if found is not None:
+                self._meta[version] = found
+        return found
 
 
 @dataclass(frozen=True)
@@ -132,6 +200,7 @@ class OnlineService:
         self.settings = settings
         self.metrics = metrics
         self.models = models
+        self.timings = OnlineTimings(metrics.registry)
 
     def extract(self, upload: Upload, request_id: str) -> Extracted:
         """The record of ``upload``, from the cache or from a worker.
@@ -209,10 +278,12 @@ class OnlineService:
             options=upload.options,
             deadline_ms=int((time.time() + timeout + self.settings.compute_grace_s) * 1000),
         )
-        start = time.perf_counter()
+        start, enqueued = time.perf_counter(), time.time()
         self.queue.enqueue_online(request, upload.data)
         result = self.queue.wait_result(request_id, timeout)
         self.metrics.online_wait_seconds.observe(time.perf_counter() - start)
+        if result is not None:
+            self.timings.observe(enqueued, time.time(), result)
         if result is None or result.status == "expired":
             raise ResultTimeoutError(
                 f"no worker answered within {timeout:g} s; the result is cached when it "
@@ -224,14 +295,37 @@ class OnlineService:
         return result
 
     def read_result(self, upload: Upload, result: OnlineResult) -> StoredRecord:
-        """The record the worker reported stored."""
-        stored = self.store.get(result.model_version, upload.sha256)
-        if stored is None:
+        """The record the worker answered with, or (none sent, or no vocabularies published)
+        the one it reported stored."""
+        version = result.model_version
+        meta = None if result.record is None else self.models.meta(version)
+        if result.record is not None and meta is not None:
+            stored = StoredRecord(
+                record=result.record,
+                sha256=upload.sha256,
+                objects_vocab=meta.objects_vocab,
+                attributes_vocab=meta.attributes_vocab,
+                description=meta.description,
+            )
+            alias = (upload.namespace, upload.image_id) if upload.namespace else None
+            self.store.remember(version, stored, alias)
+            return stored
+        stored_or_none = self._stored(version, upload.sha256, wait_s=SEAL_WAIT_S)
+        if stored_or_none is None:
             raise ServiceError(
-                f"worker reported ({result.model_version}, {upload.sha256}) stored, "
+                f"worker reported ({version}, {upload.sha256}) computed, "
                 "but the store has no such record"
             )
-        return stored  # the worker bound the alias with the record
+        return stored_or_none  # the worker bound the alias with the record
+
+    def _stored(self, version: str, sha256: str, *, wait_s: float) -> StoredRecord | None:
+        """The stored record, polled for up to ``wait_s`` (the worker seals after answering)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            stored = self.store.get(version, sha256)
+            if stored is not None or time.monotonic() >= deadline:
+                return stored
+            time.sleep(0.02)
 
 
 def new_request_id() -> str:

@@ -1,7 +1,8 @@
 """Forming GPU batches from queue entries, and loading each image on its own (torch-free).
 
-* ``fill_batch`` tops up a first read of online entries until ``max_items`` or ``max_wait_ms``
-  after the first arrived, whichever comes first (the two knobs every model server has).
+* ``fill_batch`` tops up a first read of online entries with those already queued, and while
+  they keep coming until ``max_items`` or ``max_wait_ms`` after the first arrived (the two
+  knobs every model server has); a lone request goes at once.
 * ``Task`` is one image to process, from an online entry or one item of a job shard;
   ``tasks_from_online`` / ``tasks_from_shard`` build them.
 * ``load_task`` reads, hashes and decodes one image; any failure becomes that task's reason,
@@ -18,7 +19,7 @@ import tarfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +39,7 @@ ARCHIVE_SEPARATOR = "::"
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
 FetchFn = Callable[[str], bytes | None]
+ComputedFn = Callable[[list["Outcome"]], None]
 
 
 def fill_batch(
@@ -48,12 +50,17 @@ def fill_batch(
     max_wait_ms: int,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[Entry]:
-    """Top up ``first`` with more reads until ``max_items`` or ``max_wait_ms`` has passed.
+    """Top up ``first`` with queued entries; wait for more only while a burst is arriving.
+
+    The first top-up read does not block: when nothing more is queued the batch goes at once
+    (waiting could only delay a lone request). When it finds entries (a burst, or a backlog
+    behind a busy worker), blocking reads follow until ``max_items`` or ``max_wait_ms`` after
+    the first arrival, whichever comes first.
 
     Args:
         first: entries already read (the batch's first arrivals); the wait starts now.
         read: ``read(count, block_ms)`` returns up to ``count`` new entries, waiting at most
-            ``block_ms`` (>= 1) for the first of them.
+            ``block_ms`` for the first of them (0: only those already queued).
         max_items: batch size cap (images).
         max_wait_ms: latency cap, milliseconds after the first arrival.
 
@@ -62,14 +69,15 @@ def fill_batch(
     """
     batch = list(first)[:max_items]
     deadline = clock() + max_wait_ms / 1000.0
+    block_ms = 0
     while len(batch) < max_items:
-        left_ms = int((deadline - clock()) * 1000.0)
-        if left_ms < 1:
-            break
-        got = read(max_items - len(batch), left_ms)
+        got = read(max_items - len(batch), block_ms)
         if not got:
             break
         batch.extend(got[: max_items - len(batch)])
+        block_ms = int((deadline - clock()) * 1000.0)
+        if block_ms < 1:
+            break
     return batch
 
 
@@ -263,6 +271,7 @@ class Outcome:
     num_boxes: int = 0
     cached: bool = False
     reason: str = ""
+    record: FeatureRecord | None = None
 
 
 class Processor:
@@ -283,14 +292,23 @@ class Processor:
         self.fetch = fetch
         self.max_pixels = max_pixels
 
-    def run(self, tasks: Sequence[Task], name: str) -> list[Outcome]:
-        """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id)."""
+    def run(
+        self, tasks: Sequence[Task], name: str, on_computed: ComputedFn | None = None
+    ) -> list[Outcome]:
+        """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id).
+
+        Args:
+            on_computed: called with each options group's outcomes (computed ones carry their
+                ``record``) after extraction and *before* the group is sealed: the online path
+                answers there. An exception it raises propagates; nothing is sealed then.
+        """
         start = time.perf_counter()
         loaded = [load_task(t, self.fetch, max_pixels=self.max_pixels) for t in tasks]
         outcomes: dict[int, Outcome] = {}
         for options, idx in group_by_options(loaded).items():
             group = [loaded[i] for i in idx]
-            for i, outcome in zip(idx, self._run_group(group, options, name), strict=True):
+            done = self._run_group(group, options, name, on_computed)
+            for i, outcome in zip(idx, done, strict=True):
                 outcomes[i] = outcome
         result = [outcomes[i] for i in range(len(tasks))]
         log.info(
@@ -309,7 +327,11 @@ class Processor:
         return self.extractor.config.replace(**options.overrides())
 
     def _run_group(
-        self, group: Sequence[Loaded], options: ExtractOptions, name: str
+        self,
+        group: Sequence[Loaded],
+        options: ExtractOptions,
+        name: str,
+        on_computed: ComputedFn | None,
     ) -> list[Outcome]:
         try:
             config = self.config_for(options)
@@ -327,6 +349,8 @@ class Processor:
         computed = self._compute(list(todo.values()), config)
         stored = [s for s in computed.values() if isinstance(s, StoredItem)]
         outcomes = [self._outcome(x, version, computed) for x in group]
+        if on_computed is not None:
+            on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if stored or aliases:
             self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
@@ -369,4 +393,5 @@ class Processor:
             return Outcome(x.task, True, sha, version, cached=True)
         if isinstance(res, str):
             return Outcome(x.task, False, sha, reason=res)
-        return Outcome(x.task, True, sha, version, num_boxes=res.record.num_boxes)
+        record = replace(res.record, image_id=x.task.image_id)
+        return Outcome(x.task, True, sha, version, num_boxes=record.num_boxes, record=record)

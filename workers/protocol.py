@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
+
+from store.records import FeatureRecord
 
 # Streams, consumer group and dead letters.
 ONLINE_STREAM = "butd:online"
@@ -58,6 +60,11 @@ def image_key(request_id: str) -> str:
 def result_key(request_id: str) -> str:
     """List the worker LPUSHes one ``OnlineResult`` onto; the gateway BLPOPs it."""
     return f"butd:result:{request_id}"
+
+
+def model_key(model_version: str) -> str:
+    """JSON ``ModelMeta`` of one model version (vocabularies, description); no TTL."""
+    return f"butd:model:{model_version}"
 
 
 def job_key(job_id: str) -> str:
@@ -264,17 +271,23 @@ class JobShard:
 
 @dataclass(frozen=True)
 class OnlineResult:
-    """What a worker reports for one online request (the features stay in the store).
+    """What a worker reports for one online request.
 
     Attributes:
         request_id: the request answered.
-        status: "ok" (features stored under (model_version, content_sha256)), "error" (``reason``
-            says why) or "expired" (the deadline passed before the worker reached it).
+        status: "ok" (features computed under (model_version, content_sha256)), "error"
+            (``reason`` says why) or "expired" (the deadline passed before the worker reached it).
         model_version: the worker's model version ("" when nothing was computed).
         content_sha256: the image content key.
         reason: human-readable cause for "error" / "expired".
-        num_boxes: regions stored (0 unless "ok").
+        num_boxes: regions computed (0 unless "ok").
         cached: True when the record was already stored and nothing was recomputed.
+        timings: worker clock readings, epoch seconds: ``t_batch`` (the batch holding the
+            request was formed), ``t_extracted`` (its records were computed), ``t_replied``
+            (this result was pushed). Empty for results sent without computing.
+        record: the computed record in its stored form (features in the store's dtype), sent
+            before the worker seals it (``workers.wire``); None when the record is only in the
+            store (``cached``) or nothing was computed. Not part of the JSON form.
     """
 
     request_id: str
@@ -284,15 +297,20 @@ class OnlineResult:
     reason: str = ""
     num_boxes: int = 0
     cached: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    record: FeatureRecord | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """The result without its record, as a JSON object."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "record"}
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, data: str | bytes) -> OnlineResult:
         raw = json.loads(data)
         if raw.get("status") not in ("ok", "error", "expired"):
             raise ProtocolError(f"bad result status {raw.get('status')!r}")
+        raw.pop("record", None)
         return cls(**raw)
 
 

@@ -18,17 +18,21 @@ Streams, one consumer group ``workers`` on each (created by ``ensure_groups``):
 
 Delivery is at-least-once. A worker reads its own pending entries first (id ``0``) after a
 restart, then new ones (``>``); it acks an entry only after its features are sealed in the store
-and indexed, then reports. The janitor in every worker XAUTOCLAIMs entries idle longer than
-``CLAIM_IDLE_MS`` (more than the worst batch time) and dead-letters those delivered more than
-``MAX_DELIVERIES`` times (XADD to the DLQ and XACK in one MULTI). Only acknowledged entries are
-trimmed (``trim_acked``: XTRIM MINID below the oldest pending and the first undelivered id; never
-MAXLEN, which deletes pending entries on Redis < 8.2). All writes are idempotent, so a redelivered
-entry is harmless.
+and indexed (an online entry is answered first, then sealed, then acked: a crash in between
+leaves it pending, so it is recomputed and sealed; caching is at-least-once). The janitor in
+every worker XAUTOCLAIMs entries idle longer than ``CLAIM_IDLE_MS`` (more than the worst batch
+time) and dead-letters those delivered more than ``MAX_DELIVERIES`` times (XADD to the DLQ and
+XACK in one MULTI). Only acknowledged entries are trimmed (``trim_acked``: XTRIM MINID below the
+oldest pending and the first undelivered id; never MAXLEN, which deletes pending entries on
+Redis < 8.2). All writes are idempotent, so a redelivered entry is harmless.
 
-Online results: the worker LPUSHes one JSON ``OnlineResult`` (status ``ok`` | ``error`` |
-``expired``, ``model_version``, ``content_sha256``, ``reason``, ``num_boxes``, ``cached``) onto
-``butd:result:{request_id}`` with an EXPIRE; the gateway BLPOPs it (``wait_result``) and reads the
-features from the store's index by (model_version, content_sha256).
+Online results: the worker LPUSHes one ``OnlineResult`` (status ``ok`` | ``error`` |
+``expired``, ``model_version``, ``content_sha256``, ``reason``, ``num_boxes``, ``cached``,
+``timings``) onto ``butd:result:{request_id}`` with an EXPIRE; the gateway BLPOPs it
+(``wait_result``). A freshly computed record travels with the result (``workers.wire``: JSON
+header + raw arrays) and is pushed *before* the worker seals it, then the entry is acked; a
+result without a record (``cached``) is read from the store's index by (model_version,
+content_sha256). ``butd:model:{version}`` holds the vocabularies the gateway renders with.
 
 Jobs: hash ``butd:job:{id}`` (``job_id``, ``state`` queued | running | done | failed |
 cancelled, ``total``, ``done``, ``failed``, ``created_at``, ``started_at``, ``finished_at``,
@@ -80,6 +84,7 @@ from workers.protocol import (
     text,
     worker_key,
 )
+from workers.wire import decode_result, encode_result
 
 if TYPE_CHECKING:
     Client = redis.Redis[Any]
@@ -190,7 +195,7 @@ def wait_result(r: Client, request_id: str, timeout_s: float) -> OnlineResult | 
         left = deadline - time.monotonic()
         reply = r.blpop([result_key(request_id)], timeout=min(max(left, 0.01), MAX_BLOCK_S))
         if reply is not None:
-            return OnlineResult.from_json(reply[1])
+            return decode_result(reply[1])
         if left <= MAX_BLOCK_S:
             return None
 
@@ -282,10 +287,10 @@ def ack(r: Client, stream: str, entry_ids: Iterable[str]) -> int:
 
 
 def post_result(r: Client, result: OnlineResult, *, ttl_s: int = 600) -> None:
-    """Report on an online request: LPUSH the JSON result, EXPIRE the list."""
+    """Report on an online request: LPUSH the result (``encode_result``), EXPIRE the list."""
     key = result_key(result.request_id)
     pipe = r.pipeline(transaction=True)
-    pipe.lpush(key, result.to_json())
+    pipe.lpush(key, encode_result(result))
     pipe.expire(key, ttl_s)
     pipe.execute()
 

@@ -7,9 +7,10 @@ Main loop (``Worker.step``), reading like the data flow:
 2. Every ``janitor_interval_s``: reclaim entries idle past ``claim_idle_ms``, dead-letter
    poison ones, trim acknowledged ones (``workers.janitor``).
 3. Block up to ``idle_block_ms`` for one online entry and one job shard at once.
-4. Online entries first: top the batch up to ``batch_size`` within ``batch_wait_ms``, drop
-   expired ones ("expired"), load / skip-cached / extract / seal (``Processor``), then LPUSH each
-   result and XACK.
+4. Online entries first: top the batch up with entries already queued (and, during a burst, up
+   to ``batch_size`` within ``batch_wait_ms``), drop expired ones ("expired"), load /
+   skip-cached / extract (``Processor``), LPUSH each result with its record, then seal, index
+   and XACK (reply before seal: a crash in between leaves the entries to be redelivered).
 5. A job shard: skip it if its job was cancelled; otherwise process it ``batch_size`` images at
    a time, recording progress after each sealed piece and acking after the last. Between pieces
    the worker serves waiting online entries, refreshes its claim on the shard and, on SIGTERM,
@@ -21,6 +22,7 @@ SIGTERM / SIGINT: stop reading, finish the batch in hand, ack, exit 0. Redis err
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -42,6 +44,7 @@ from workers.batcher import (
     FeatureSink,
     Outcome,
     Processor,
+    Task,
     chunks,
     fill_batch,
     tasks_from_online,
@@ -57,10 +60,11 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
     ProtocolError,
-    result_key,
 )
+from workers.replies import Replies, online_result
 from workers.settings import WorkerSettings
 from workers.sink import StoreSink
+from workers.wire import ModelMeta
 
 if TYPE_CHECKING:
     Client = redis.Redis[Any]
@@ -89,6 +93,9 @@ class Worker:
         device: device description for the heartbeat.
         model: model description for the heartbeat.
         client: Redis client (default: ``connect(settings.redis_url)``).
+        model_meta: vocabularies and description, published under ``model_key(version)`` for
+            the gateway to render answered records with (None: not published).
+        feature_dtype: the store's feature dtype; answered records are cast to it.
     """
 
     def __init__(
@@ -100,6 +107,8 @@ class Worker:
         device: str = "cpu",
         model: str = "",
         client: Client | None = None,
+        model_meta: ModelMeta | None = None,
+        feature_dtype: str = "float16",
     ) -> None:
         self.s = settings
         self.r = client if client is not None else q.connect(settings.redis_url)
@@ -115,6 +124,12 @@ class Worker:
             on_dead=self._on_dead,
         )
         self.counters = Counters()
+        self.replies = Replies(
+            self.r,
+            result_ttl_s=settings.result_ttl_s,
+            model_meta=model_meta,
+            feature_dtype=feature_dtype,
+        )
         self.stopping = threading.Event()
         self._recover = True
         version = extractor.version_for(extractor.config)
@@ -182,9 +197,9 @@ class Worker:
             self._recover = False
             if own:
                 log.info("worker %s: %d own pending entries to finish", self.consumer, len(own))
-            self._dispatch(self.janitor.screen(self.r, own))
+            self._dispatch(self.janitor.screen(self.r, own), redelivered=True)
         if self.janitor.due():
-            self._dispatch(self.janitor.run(self.r))
+            self._dispatch(self.janitor.run(self.r), redelivered=True)
         if self.stopping.is_set():
             return
         first = q.read_entries(
@@ -192,10 +207,12 @@ class Worker:
         )
         self._dispatch(first, fill=True)
 
-    def _dispatch(self, entries: Sequence[q.Entry], *, fill: bool = False) -> None:
+    def _dispatch(
+        self, entries: Sequence[q.Entry], *, fill: bool = False, redelivered: bool = False
+    ) -> None:
         online = [e for e in entries if e.stream == ONLINE_STREAM]
         if online:
-            self._serve_online(online, fill=fill)
+            self._serve_online(online, fill=fill, redelivered=redelivered)
         for entry in entries:
             if entry.stream == JOBS_STREAM:
                 self._guard(self.handle_shard, entry)
@@ -216,18 +233,22 @@ class Worker:
 
     # -- online ----------------------------------------------------------------------------
 
-    def _serve_online(self, entries: Sequence[q.Entry], *, fill: bool) -> None:
+    def _serve_online(
+        self, entries: Sequence[q.Entry], *, fill: bool, redelivered: bool = False
+    ) -> None:
         size = self.s.batch_size
         if fill and len(entries) < size:
             entries = fill_batch(
                 entries, self._read_online, max_items=size, max_wait_ms=self.s.batch_wait_ms
             )
+        handle = functools.partial(self.handle_online, redelivered=redelivered)
         for piece in chunks(len(entries), size):
-            self._guard(self.handle_online, [entries[i] for i in piece])
+            self._guard(handle, [entries[i] for i in piece])
 
     def _read_online(self, count: int, block_ms: int) -> list[q.Entry]:
+        """Up to ``count`` new online entries, waiting ``block_ms`` (0: only those queued)."""
         return q.read_entries(
-            self.r, [ONLINE_STREAM], self.consumer, count=count, block_ms=block_ms
+            self.r, [ONLINE_STREAM], self.consumer, count=count, block_ms=block_ms or None
         )
 
     def _serve_online_now(self) -> None:
@@ -236,43 +257,55 @@ class Worker:
         if waiting:
             self._serve_online(waiting, fill=False)
 
-    def handle_online(self, entries: Sequence[q.Entry]) -> None:
-        """Drop expired entries, process the rest as one batch, report each and ack."""
-        now_ms = int(time.time() * 1000)
-        finished: list[tuple[q.Entry, OnlineResult]] = []
-        tasks = []
+    def handle_online(self, entries: Sequence[q.Entry], *, redelivered: bool = False) -> None:
+        """Compute one batch, answer each request with its record, then seal, index and ack.
+
+        Reply before seal (``workers.replies``): the records are pushed to the waiting
+        gateways as soon as they are computed; only then does the processor seal and index
+        them, and only then are the entries acked. A crash in between leaves them pending:
+        redelivered, they are computed again and sealed (at-least-once caching). A fresh entry
+        past its deadline is answered "expired" without computing; a redelivered one is
+        computed and sealed without an answer (nobody waits for it any more).
+        """
+        t_batch = time.time()
+        now_ms = int(t_batch * 1000)
+        finished: list[tuple[q.Entry, OnlineResult | None]] = []
+        tasks: list[Task] = []
         for entry in entries:
             try:
                 task = tasks_from_online(entry)
             except ProtocolError as exc:
                 self._reject_online(entry, str(exc))
                 continue
-            if task.expired(now_ms):
+            if task.expired(now_ms) and not redelivered:
                 late = now_ms - task.deadline_ms
                 reason = f"deadline passed {late} ms before a worker reached the request"
                 finished.append((entry, OnlineResult(task.request_id, "expired", reason=reason)))
             else:
                 tasks.append(task)
+        quiet = {t.entry.entry_id for t in tasks if t.expired(now_ms)}
+        answered: set[str] = set(quiet)
+        t_answered = t_batch
         if tasks:
-            outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}")
-            self._count(outcomes)
-            finished += [(o.task.entry, _online_result(o)) for o in outcomes]
-        self._finish_online(finished)
 
-    def _finish_online(self, finished: Sequence[tuple[q.Entry, OnlineResult]]) -> None:
-        """LPUSH each result, XACK, delete the uploaded bytes: one MULTI for the batch."""
-        if not finished:
-            return
-        pipe = self.r.pipeline(transaction=True)
-        for entry, result in finished:
-            key = result_key(result.request_id)
-            pipe.lpush(key, result.to_json())
-            pipe.expire(key, self.s.result_ttl_s)
-            pipe.xack(entry.stream, q.GROUP, entry.entry_id)
-            image_key = (entry.fields or {}).get("image_key")
-            if image_key:
-                pipe.delete(image_key)
-        pipe.execute()
+            def answer(outcomes: list[Outcome]) -> None:
+                nonlocal t_answered
+                answered.update(self.replies.answer(outcomes, t_batch, quiet))
+                t_answered = time.time()
+
+            outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
+            self._count(outcomes)
+            finished += [
+                (o.task.entry, None if o.task.entry.entry_id in answered else online_result(o))
+                for o in outcomes
+            ]
+        self.replies.finish(finished)
+        log.info(
+            "online batch: %d entries, answered after %.1f ms, sealed and acked after %.1f ms",
+            len(entries),
+            1e3 * (t_answered - t_batch),
+            1e3 * (time.time() - t_batch),
+        )
 
     def _reject_online(self, entry: q.Entry, reason: str) -> None:
         """A malformed online entry: report it if it has a request id, dead-letter it."""
@@ -344,20 +377,6 @@ class Worker:
         self.counters.errors += sum(not o.ok for o in outcomes)
 
 
-def _online_result(o: Outcome) -> OnlineResult:
-    t = o.task
-    if not o.ok:
-        return OnlineResult(t.request_id, "error", content_sha256=o.content_sha256, reason=o.reason)
-    return OnlineResult(
-        t.request_id,
-        "ok",
-        model_version=o.model_version,
-        content_sha256=o.content_sha256,
-        num_boxes=o.num_boxes,
-        cached=o.cached,
-    )
-
-
 def build_worker(settings: WorkerSettings) -> Worker:
     """Load the model and open the store named by ``settings`` (imports torch)."""
     # Imported by name: torch stays out of this module's import graph (and out of mypy's).
@@ -387,7 +406,16 @@ def build_worker(settings: WorkerSettings) -> Worker:
             "feature_dim": spec.arch.feature_dim,
         },
     )
-    return Worker(settings, extractor, sink, device=device, model=spec.description, client=client)
+    meta = ModelMeta(tuple(spec.objects_vocab), tuple(spec.attributes_vocab), spec.description)
+    return Worker(
+        settings,
+        extractor,
+        sink,
+        device=device,
+        model=spec.description,
+        client=client,
+        model_meta=meta,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

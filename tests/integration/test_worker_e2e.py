@@ -26,6 +26,8 @@ from PIL import Image
 
 from store.h5 import FeatureFile
 from store.index import FeatureIndex
+from store.records import FeatureRecord
+from store.shards import ShardReaders
 from workers import queue as q
 from workers.protocol import DLQ_STREAM, JOBS_STREAM, JobItem, OnlineRequest
 
@@ -171,6 +173,17 @@ def stored_rows(store: Path) -> collections.Counter[tuple[str, str]]:
     return rows
 
 
+def assert_same_record(answered: FeatureRecord, stored: FeatureRecord) -> None:
+    """The same regions, array for array, bytes and dtypes (fp16 features as stored)."""
+    assert (answered.image_w, answered.image_h) == (stored.image_w, stored.image_h)
+    assert answered.model_version == stored.model_version
+    for name in ("boxes", "features", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
+        a, b = getattr(answered, name), getattr(stored, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.tobytes() == b.tobytes(), name
+    assert answered.features.dtype == np.float16
+
+
 def file_sha(item: JobItem) -> str:
     return hashlib.sha256(Path(item.ref).read_bytes()).hexdigest()
 
@@ -241,9 +254,17 @@ def test_online_requests_expire_and_poison_entries_are_dead_lettered(
     res = q.wait_result(r, "ok", 60)
     assert res is not None and res.status == "ok" and res.content_sha256 == sha
     assert res.num_boxes >= 4 and not res.cached
+    assert res.record is not None and res.record.num_boxes == res.num_boxes
+    # answered before sealing: the seal and the ack follow
+    wait_for(lambda: q.pending_count(r)[q.ONLINE_STREAM] == 0, 30, "online entry acked", worker)
     rows = stored_rows(tmp_path / "store")
     assert rows == {(res.model_version, sha): 1}  # the expired image was never computed
     index = FeatureIndex(r)
+    location = index.lookup_content(res.model_version, sha)
+    assert location is not None
+    readers = ShardReaders(tmp_path / "store" / "shards")
+    assert_same_record(res.record, readers.get(location))  # the answer = the cache
+    readers.close()
     assert index.lookup_alias("ns", "good") == sha
     assert index.lookup(res.model_version, "ns", "good") == index.lookup_content(
         res.model_version, sha

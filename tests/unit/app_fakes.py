@@ -25,6 +25,7 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
 )
+from workers.wire import ModelMeta
 
 MODEL_VERSION = "mv0000000000test"
 OBJECTS = ("cat", "dog", "tree", "sky")
@@ -68,6 +69,8 @@ class FakeStore:
         self.records: dict[tuple[str, str], StoredRecord] = {}
         self.aliases: dict[tuple[str, str], str] = {}
         self.exports: list[tuple[str, str, list[str], str, Path]] = []
+        self.remembered: dict[tuple[str, str], StoredRecord] = {}
+        self.remembered_aliases: dict[tuple[str, str], str] = {}
 
     def put(self, sha256: str, record: FeatureRecord) -> StoredRecord:
         stored = StoredRecord(record, sha256, OBJECTS, ATTRIBUTES, "fake model")
@@ -82,6 +85,13 @@ class FakeStore:
 
     def add_alias(self, namespace: str, image_id: str, sha256: str) -> None:
         self.aliases.setdefault((namespace, image_id), sha256)  # first wins, as the index
+
+    def remember(
+        self, model_version: str, stored: StoredRecord, alias: tuple[str, str] | None = None
+    ) -> None:
+        self.remembered[(model_version, stored.sha256)] = stored
+        if alias is not None:
+            self.remembered_aliases[alias] = stored.sha256
 
     def export(
         self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
@@ -115,6 +125,7 @@ class FakeQueue:
         self.results: dict[str, OnlineResult | None] = {}
         self.jobs: dict[str, JobStatus] = {}
         self.job_items: dict[str, list[JobItem]] = {}
+        self.meta = {MODEL_VERSION: ModelMeta(OBJECTS, ATTRIBUTES, "fake model")}
 
     def store_worker(self, request: OnlineRequest, data: bytes) -> OnlineResult:
         """A worker that stores a record for the bytes, binds the alias and reports ok."""
@@ -154,6 +165,10 @@ class FakeQueue:
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return self.results.pop(request_id, None)
+
+    def model_meta(self, model_version: str) -> ModelMeta | None:
+        self._check()
+        return self.meta.get(model_version)
 
     def create_job(
         self, job_id: str, items: Sequence[JobItem], *, namespace: str, options: ExtractOptions

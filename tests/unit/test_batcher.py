@@ -137,7 +137,7 @@ def test_fill_batch_stops_at_max_items() -> None:
 
     batch = fill_batch(entries(1), read, max_items=4, max_wait_ms=50, clock=FakeClock())
     assert [e.entry_id for e in batch] == ["0-0", "100-0", "101-0", "102-0"]
-    assert calls == [(3, 50)]
+    assert calls == [(3, 0)]  # the queued entries filled it: no wait at all
 
 
 def test_fill_batch_stops_at_the_deadline() -> None:
@@ -150,11 +150,12 @@ def test_fill_batch_stops_at_the_deadline() -> None:
         return entries(1, len(seen_blocks))
 
     batch = fill_batch(entries(1), read, max_items=100, max_wait_ms=10, clock=clock)
-    assert seen_blocks == [10, 6, 2]  # never blocks past the first arrival + 10 ms
+    # a burst: the non-blocking read found one, so it waits, never past first arrival + 10 ms
+    assert seen_blocks == [0, 6, 2]
     assert len(batch) == 4
 
 
-def test_fill_batch_returns_when_a_read_times_out() -> None:
+def test_fill_batch_sends_a_lone_request_at_once() -> None:
     reads = []
 
     def read(count: int, block_ms: int) -> list[Entry]:
@@ -162,14 +163,29 @@ def test_fill_batch_returns_when_a_read_times_out() -> None:
         return []
 
     assert len(fill_batch(entries(2), read, max_items=8, max_wait_ms=20, clock=FakeClock())) == 2
-    assert reads == [20]
+    assert reads == [0]  # nothing queued: no BATCH_WAIT_MS added to its latency
 
 
-def test_fill_batch_with_zero_wait_does_not_read() -> None:
+def test_fill_batch_returns_when_a_blocking_read_times_out() -> None:
+    reads = []
+
     def read(count: int, block_ms: int) -> list[Entry]:
-        raise AssertionError("BLOCK 0 would wait forever")
+        reads.append(block_ms)
+        return entries(1, 100) if block_ms == 0 else []
 
-    assert len(fill_batch(entries(1), read, max_items=8, max_wait_ms=0)) == 1
+    batch = fill_batch(entries(1), read, max_items=8, max_wait_ms=20, clock=FakeClock())
+    assert len(batch) == 2 and reads == [0, 20]
+
+
+def test_fill_batch_with_zero_wait_only_takes_what_is_queued() -> None:
+    reads = []
+
+    def read(count: int, block_ms: int) -> list[Entry]:
+        reads.append(block_ms)
+        return entries(2, 100)
+
+    assert len(fill_batch(entries(1), read, max_items=8, max_wait_ms=0)) == 3
+    assert reads == [0]
 
 
 # --- tasks and loading --------------------------------------------------------------------
