@@ -56,13 +56,13 @@ def save_checkpoint(
     spec: ModelSpec,
     optimizer: torch.optim.Optimizer,
     config: dict[str, Any],
-    stds: tuple[float, float, float, float],
+    scale: tuple[float, float, float, float],
 ) -> Path:
     """Writes the canonical weights and the resume state after ``iteration`` iterations."""
     weights, state_path = checkpoint_paths(out, iteration)
     state = model.state_dict()
     save_canonical(
-        weights, to_canonical(state, stds), spec, source_sha256=None, source_format="trained"
+        weights, to_canonical(state, scale), spec, source_sha256=None, source_format="trained"
     )
     payload = {
         "iteration": iteration,

@@ -148,6 +148,18 @@ def calibrate_frozen_bn(model: Detector, images: torch.Tensor, rois: torch.Tenso
     return len(done)
 
 
+def export_scale(config: TrainConfig) -> tuple[float, float, float, float]:
+    """Per-coordinate factor from the trained box predictor to the canonical one.
+
+    The canonical predictor's output is divided by ``conventions.bbox_reg_weights`` at decode
+    time, and must then equal the raw delta that the trained output times the target std is:
+    canonical = trained x std x weight (Caffe weights 1: the stds alone).
+    """
+    s = config.bbox_target_stds
+    w = config.conventions.bbox_reg_weights
+    return (s[0] * w[0], s[1] * w[1], s[2] * w[2], s[3] * w[3])
+
+
 def _std_vector(stds: Sequence[float], rows: int) -> torch.Tensor:
     """(rows,) = stds repeated per class: the scale of each output of the box predictor."""
     return torch.tensor(list(stds), dtype=torch.float32).repeat(rows // 4)

@@ -31,6 +31,7 @@ from detector.train.init import (
     BBOX_PRED_KEYS,
     build_spec,
     calibrate_frozen_bn,
+    export_scale,
     freeze_stages,
     from_canonical,
     init_weights,
@@ -126,7 +127,7 @@ class Trainer:
 
     def _restore_weights(self, weights: Path, bbox_pred: dict[str, torch.Tensor]) -> None:
         loaded = load_canonical(weights)
-        state = from_canonical(loaded.state_dict, self.config.bbox_target_stds)
+        state = from_canonical(loaded.state_dict, export_scale(self.config))
         state.update({k: bbox_pred[k] for k in BBOX_PRED_KEYS})
         self.model.load_state_dict(state, strict=True)
 
@@ -197,7 +198,7 @@ class Trainer:
             self.spec,
             self.optimizer,
             config,
-            self.config.bbox_target_stds,
+            export_scale(self.config),
         )
 
     def train(self, max_iter: int | None = None, *, progress: bool = True) -> TrainResult:

@@ -12,9 +12,10 @@ import torch
 from torch.nn import functional as F
 
 from detector.boxes import decode_boxes
+from detector.config import Conventions
 from detector.synth import write_synthetic_set
 from detector.train.configs import TrainConfig, demo_config, get_config
-from detector.train.init import from_canonical, to_canonical
+from detector.train.init import export_scale, from_canonical, to_canonical
 from detector.train.losses import fast_rcnn_losses, rpn_losses, smooth_l1
 from detector.train.targets import anchor_targets, attribute_labels, sample_rois
 from detector.train.trainer import Trainer, learning_rate
@@ -204,6 +205,11 @@ def test_canonical_box_predictor_holds_raw_deltas() -> None:
     torch.testing.assert_close(raw, trained * torch.tensor(stds).repeat(2))
     back = from_canonical(canon, stds)
     torch.testing.assert_close(back["roi_heads.bbox_pred.weight"], weight)
+    # Caffe conventions decode raw deltas: the stds alone; detectron2's weights (10, 10, 5, 5)
+    # undo the stds exactly.
+    assert export_scale(demo_config()) == stds
+    d2 = demo_config().replace(conventions=Conventions(bbox_reg_weights=(10.0, 10.0, 5.0, 5.0)))
+    assert export_scale(d2) == pytest.approx((1.0, 1.0, 1.0, 1.0))
 
 
 def test_short_training_lowers_the_loss(synth_root: Path, tmp_path: Path) -> None:
