@@ -220,28 +220,41 @@ async def open_loop(
     return latencies, statuses, worst_lag
 
 
+PHASES = ("queue", "compute", "reply")
+
+
 def gateway_share(url: str) -> dict[str, float]:
-    """Mean ms per POST spent in the gateway outside the worker wait, and in the wait.
+    """Mean ms per POST spent in the gateway outside the worker wait, in the wait, and in each
+    phase of the wait the worker reports.
 
     From /metrics: ``butd_http_request_seconds`` of /v1/features minus
-    ``butd_online_wait_seconds`` (enqueue to result: queue + worker batch + result hand-off).
+    ``butd_online_wait_seconds`` (enqueue to result: queue + worker batch + result hand-off),
+    and ``butd_online_{queue,compute,reply}_seconds`` (enqueue to batch formed, batch formed
+    to records computed, answer pushed to answer decoded in the gateway).
     """
     sums: dict[str, float] = {}
+    wanted = {
+        'butd_http_request_seconds_sum{route="/v1/features"}',
+        'butd_http_request_seconds_count{route="/v1/features"}',
+        "butd_online_wait_seconds_sum",
+        *(f"butd_online_{p}_seconds_sum" for p in PHASES),
+        *(f"butd_online_{p}_seconds_count" for p in PHASES),
+    }
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
         name, _, value = line.rpartition(" ")
-        if name in (
-            'butd_http_request_seconds_sum{route="/v1/features"}',
-            'butd_http_request_seconds_count{route="/v1/features"}',
-            "butd_online_wait_seconds_sum",
-        ):
+        if name in wanted:
             sums[name.split("{")[0]] = float(value)
     count = sums.get("butd_http_request_seconds_count", 0.0) or 1.0
     wait = sums.get("butd_online_wait_seconds_sum", 0.0)
     total = sums.get("butd_http_request_seconds_sum", 0.0)
-    return {
+    out = {
         "gateway_only_mean_ms": 1e3 * (total - wait) / count,
         "enqueue_to_result_mean_ms": 1e3 * wait / count,
     }
+    for p in PHASES:
+        n = sums.get(f"butd_online_{p}_seconds_count", 0.0)
+        out[f"{p}_mean_ms"] = 1e3 * sums.get(f"butd_online_{p}_seconds_sum", 0.0) / (n or 1.0)
+    return out
 
 
 def cache_reads(url: str, payloads: list[bytes], rounds: int = 6) -> dict[str, float]:

@@ -9,6 +9,7 @@ idempotent), so an indexed record is always on disk and the index can be rebuilt
 ``has`` answers from the index: a redelivered entry finds its records and computes nothing. A
 shard sealed while Redis is down is kept in memory and indexed first thing once Redis answers,
 before any lookup, so the worker re-reading its pending entries does not compute them again.
+``seal`` and ``has`` may be called from two threads (the online sealer and the main loop).
 
 Aliases are also appended to ``STORE/aliases/NAMESPACE.tsv`` (``image_id TAB sha256``), the
 layout ``service.shard_store`` reads today.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +64,7 @@ class StoreSink:
         self.worker_id = worker_id
         self.meta = meta
         self._unindexed: list[ShardEntries] = []
+        self._lock = threading.Lock()  # the sealer thread seals while the main loop asks has()
 
     def has(self, model_version: str, sha256: str) -> bool:
         """True when the index holds this content for this model version."""
@@ -97,16 +100,18 @@ class StoreSink:
             )
             bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
             contents = [(item.content_sha256, row) for row, item in enumerate(records)]
-            self._unindexed.append(ShardEntries(info.name, model_version, 0, contents, bound))
+            with self._lock:
+                self._unindexed.append(ShardEntries(info.name, model_version, 0, contents, bound))
             log.debug("%s: sealed %s (%d rows, %d aliases)", name, info.name, len(rows), len(extra))
         self._append_alias_files([*row_aliases, *extra])
         self._flush()
 
     def _flush(self) -> None:
         """Index the sealed shards not yet indexed (Redis was down when they were sealed)."""
-        while self._unindexed:
-            self.index.put_shard(self._unindexed[0])
-            self._unindexed.pop(0)
+        with self._lock:
+            while self._unindexed:
+                self.index.put_shard(self._unindexed[0])
+                self._unindexed.pop(0)
 
     def _unbound(self, alias: AliasTriple) -> bool:
         namespace, image_id, sha = alias

@@ -9,8 +9,9 @@ Main loop (``Worker.step``), reading like the data flow:
 3. Block up to ``idle_block_ms`` for one online entry and one job shard at once.
 4. Online entries first: top the batch up with entries already queued (and, during a burst, up
    to ``batch_size`` within ``batch_wait_ms``), drop expired ones ("expired"), load /
-   skip-cached / extract (``Processor``), LPUSH each result with its record, then seal, index
-   and XACK (reply before seal: a crash in between leaves the entries to be redelivered).
+   skip-cached / extract (``Processor``), LPUSH each result with its record, then hand the
+   batch to the sealer thread, which seals, indexes and XACKs it (reply before seal: a crash
+   in between leaves the entries to be redelivered).
 5. A job shard: skip it if its job was cancelled; otherwise process it ``batch_size`` images at
    a time, recording progress after each sealed piece and acking after the last. Between pieces
    the worker serves waiting online entries, refreshes its claim on the shard and, on SIGTERM,
@@ -62,6 +63,7 @@ from workers.protocol import (
     ProtocolError,
 )
 from workers.replies import Replies, online_result
+from workers.sealer import Sealer
 from workers.settings import WorkerSettings
 from workers.sink import StoreSink
 from workers.wire import ModelMeta
@@ -130,6 +132,8 @@ class Worker:
             model_meta=model_meta,
             feature_dtype=feature_dtype,
         )
+        self.sealer = Sealer(sink, self.replies.finish)
+        self.online = Processor(extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels)
         self.stopping = threading.Event()
         self._recover = True
         version = extractor.version_for(extractor.config)
@@ -164,6 +168,7 @@ class Worker:
         try:
             self._serve()
         finally:
+            self.sealer.close()
             beat.stop(self.consumer)
         log.info("worker %s stopped: %s", self.consumer, self.counters)
         return 0
@@ -192,6 +197,7 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop (see the module docstring)."""
         if self._recover:
+            self.sealer.drain()  # what it acks is not "own pending" to redo
             q.ensure_groups(self.r)
             own = q.read_entries(self.r, STREAMS, self.consumer, count=1000, pending=True)
             self._recover = False
@@ -258,14 +264,14 @@ class Worker:
             self._serve_online(waiting, fill=False)
 
     def handle_online(self, entries: Sequence[q.Entry], *, redelivered: bool = False) -> None:
-        """Compute one batch, answer each request with its record, then seal, index and ack.
+        """Compute one batch, answer each request with its record, then have it sealed and acked.
 
         Reply before seal (``workers.replies``): the records are pushed to the waiting
-        gateways as soon as they are computed; only then does the processor seal and index
-        them, and only then are the entries acked. A crash in between leaves them pending:
-        redelivered, they are computed again and sealed (at-least-once caching). A fresh entry
-        past its deadline is answered "expired" without computing; a redelivered one is
-        computed and sealed without an answer (nobody waits for it any more).
+        gateways as soon as they are computed; the sealer thread then seals and indexes them,
+        and only then acks the entries (``workers.sealer``). A crash in between leaves them
+        pending: redelivered, they are computed again and sealed (at-least-once caching). A
+        fresh entry past its deadline is answered "expired" without computing; a redelivered
+        one is computed and sealed without an answer (nobody waits for it any more).
         """
         t_batch = time.time()
         now_ms = int(t_batch * 1000)
@@ -293,15 +299,15 @@ class Worker:
                 answered.update(self.replies.answer(outcomes, t_batch, quiet))
                 t_answered = time.time()
 
-            outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
+            outcomes = self.online.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
             self._count(outcomes)
             finished += [
                 (o.task.entry, None if o.task.entry.entry_id in answered else online_result(o))
                 for o in outcomes
             ]
-        self.replies.finish(finished)
+        self.sealer.submit(finished)
         log.info(
-            "online batch: %d entries, answered after %.1f ms, sealed and acked after %.1f ms",
+            "online batch: %d entries, answered after %.1f ms, handed to the sealer after %.1f ms",
             len(entries),
             1e3 * (t_answered - t_batch),
             1e3 * (time.time() - t_batch),

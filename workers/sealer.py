@@ -1,0 +1,188 @@
+"""Sealing answered online batches on a thread of their own, then acking them (group commit).
+
+The online path answers first (``workers.replies``); what is left, sealing the new records
+into a shard, indexing it and acking the entries, costs more than the tiny model's extraction
+(an HDF5 shard takes ~20 ms to write on a busy CPU). ``Sealer`` does it beside the main loop:
+the loop hands over each batch (``submit``) and goes on reading; the sealer thread takes every
+batch waiting, seals their records as one shard per (model version, config), then acks them
+all through ``finish`` in one MULTI. Under load the batches waiting pile up while a shard is
+written, so one shard holds many of them: the cost of a seal is shared.
+
+Durability is unchanged: an entry is acked only after its records are sealed and indexed. A
+seal that fails leaves its entries pending (they are reclaimed, recomputed and sealed); a
+crash loses only unacked work, which is redelivered. While a record waits to be sealed,
+``has`` says it is stored, so the same bytes arriving meanwhile are not computed twice (their
+answer says ``cached``; the gateway then reads the record once it is sealed).
+
+``Sealer`` is the ``FeatureSink`` of the online ``Processor``: its ``seal`` only collects the
+batch's seal calls for the next ``submit``, on the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from workers.batcher import FeatureSink, StoredItem
+
+log = logging.getLogger(__name__)
+
+AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
+
+
+@dataclass(frozen=True)
+class SealCall:
+    """One ``FeatureSink.seal`` call collected for later."""
+
+    name: str
+    records: tuple[StoredItem, ...]
+    model_version: str
+    config: dict[str, Any]
+    aliases: tuple[AliasTriple, ...]
+
+
+@dataclass(frozen=True)
+class _Job:
+    calls: tuple[SealCall, ...]
+    finished: tuple[Any, ...]
+
+
+class Sealer:
+    """Seals and acks submitted online batches on a background thread.
+
+    Args:
+        sink: the real feature store (sealed shards + index); called from the sealer thread
+            (and ``has`` from the main thread).
+        finish: acks a sequence of finished items (``Replies.finish``) after their seal.
+        max_jobs: batches waiting at most; ``submit`` blocks beyond (backpressure).
+    """
+
+    def __init__(
+        self,
+        sink: FeatureSink,
+        finish: Callable[[Sequence[Any]], None],
+        *,
+        max_jobs: int = 256,
+    ) -> None:
+        self.sink = sink
+        self._finish = finish
+        self._max_jobs = max_jobs
+        self._calls: list[SealCall] = []
+        self._jobs: list[_Job] = []
+        self._pending: dict[tuple[str, str], int] = {}
+        self._busy = False
+        self._stopping = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="sealer", daemon=True)
+        self._thread.start()
+
+    # -- FeatureSink of the online Processor (main thread) -----------------------------------
+
+    def has(self, model_version: str, sha256: str) -> bool:
+        """True when the record is stored, or computed and waiting to be sealed here."""
+        with self._cond:
+            if (model_version, sha256) in self._pending:
+                return True
+        return self.sink.has(model_version, sha256)
+
+    def seal(
+        self,
+        name: str,
+        records: Sequence[StoredItem],
+        model_version: str,
+        config: dict[str, Any],
+        aliases: Sequence[AliasTriple] = (),
+    ) -> None:
+        """Collect one seal call for the next ``submit`` (nothing is written yet)."""
+        self._calls.append(SealCall(name, tuple(records), model_version, config, tuple(aliases)))
+
+    # -- main thread -------------------------------------------------------------------------
+
+    def submit(self, finished: Sequence[Any]) -> None:
+        """Hand over the batch in hand: the seal calls collected since the last submit, and
+        what ``finish`` acks once they are sealed."""
+        calls, self._calls = tuple(self._calls), []
+        with self._cond:
+            while len(self._jobs) >= self._max_jobs and self._thread.is_alive():
+                self._cond.wait(0.1)
+            self._jobs.append(_Job(calls, tuple(finished)))
+            for key in _keys(calls):
+                self._pending[key] = self._pending.get(key, 0) + 1
+            self._cond.notify_all()
+
+    def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every submitted batch is sealed and acked (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._jobs or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Seal what was submitted, then stop the thread."""
+        self.drain(timeout_s)
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # -- sealer thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                jobs, self._jobs = self._jobs, []
+                self._busy = True
+                self._cond.notify_all()
+            try:
+                self._seal(jobs)
+            except Exception:  # the entries stay pending: reclaimed, recomputed, sealed
+                log.exception("sealing %d online batches failed; entries stay pending", len(jobs))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    for job in jobs:
+                        for key in _keys(job.calls):
+                            self._pending[key] -= 1
+                            if self._pending[key] <= 0:
+                                del self._pending[key]
+                    self._cond.notify_all()
+
+    def _seal(self, jobs: Sequence[_Job]) -> None:
+        """One shard per (model version, config) for every waiting batch, then one ack."""
+        start = time.perf_counter()
+        groups: dict[tuple[str, str], list[SealCall]] = {}
+        for job in jobs:
+            for call in job.calls:
+                groups.setdefault((call.model_version, repr(call.config)), []).append(call)
+        for calls in groups.values():
+            first = calls[0]
+            unique: dict[str, StoredItem] = {}
+            for r in (r for c in calls for r in c.records):
+                unique.setdefault(r.content_sha256, r)
+            records = list(unique.values())
+            aliases = [a for c in calls for a in c.aliases]
+            name = first.name if len(calls) == 1 else f"{first.name}+{len(calls) - 1}"
+            self.sink.seal(name, records, first.model_version, first.config, aliases)
+        self._finish([item for job in jobs for item in job.finished])
+        log.info(
+            "sealed and acked %d online batches (%d shards) in %.1f ms",
+            len(jobs),
+            len(groups),
+            1e3 * (time.perf_counter() - start),
+        )
+
+
+def _keys(calls: Sequence[SealCall]) -> list[tuple[str, str]]:
+    return [(c.model_version, r.content_sha256) for c in calls for r in c.records]
