@@ -179,6 +179,28 @@ def test_upload_equals_direct_extractor_and_repeats_hit_cache(stack: dict[str, A
     assert body["sha256"] == hashlib.sha256(data).hexdigest()
 
 
+def test_the_answer_equals_what_the_cache_returns_once_sealed(stack: dict[str, Any]) -> None:
+    data = image_bytes(31)
+    sha = hashlib.sha256(data).hexdigest()
+    with gateway(stack) as client:
+        wait_ready(client)
+        posted = post(client, data, image_id="sealed", namespace="t2")
+        assert posted.status_code == 200 and posted.json()["cached"] is False
+    r = redis.Redis.from_url(stack["redis"].url)
+    deadline = time.monotonic() + 30
+    while int(r.xpending(ONLINE_STREAM, "workers")["pending"]) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the worker seals and acks after answering
+    with gateway(stack) as fresh:  # nothing remembered: read from the sealed shard
+        by_sha = fresh.get(f"/v1/features/sha256/{sha}")
+        by_id = fresh.get("/v1/features/sealed?namespace=t2")
+    assert by_sha.status_code == by_id.status_code == 200
+    answer, cached = posted.json(), by_sha.json()
+    assert cached["cached"] is True and by_id.json()["features"] == answer["features"]
+    per_request = {"request_id", "cached", "image_id", "namespace"}
+    for key in set(answer) - per_request:
+        assert cached[key] == answer[key], key  # same fp16 features, boxes, labels, model
+
+
 def test_error_statuses(stack: dict[str, Any]) -> None:
     with gateway(stack, max_body_bytes=50_000, max_pixels=20_000) as client:
         wait_ready(client)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -318,3 +320,78 @@ def post_png(client: TestClient, data: bytes, **params: str) -> httpx.Response:
     return client.post(
         "/v1/features", content=data, params=params, headers={"content-type": "image/png"}
     )
+
+
+def test_an_answer_with_its_record_is_rendered_without_the_store(
+    client: TestClient, queue: FakeQueue, store: FakeStore
+) -> None:
+    record = make_record("pushed", n=3, d=4, seed=5)
+
+    def answering(request: OnlineRequest, data: bytes) -> OnlineResult:
+        # answered before the seal: nothing in the store yet
+        return OnlineResult(
+            request.request_id, "ok", MODEL_VERSION, request.content_sha256, 3, record=record
+        )
+
+    queue.worker = answering
+    data = png_bytes(seed=11)
+    sha = hashlib.sha256(data).hexdigest()
+    resp = client.post(
+        "/v1/features",
+        content=data,
+        params={"image_id": "p1", "namespace": "ns"},
+        headers={"content-type": "image/png"},
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["cached"] is False and body["num_boxes"] == 3
+    assert body["objects"] == [OBJECTS[i] for i in record.objects_id]
+    assert body["model"]["description"] == "fake model"  # from the published ModelMeta
+    assert np.array_equal(decode_features(body["features"]), record.features)
+    assert store.records == {}  # the store was never read nor written by the gateway
+    assert store.remembered[(MODEL_VERSION, sha)].record is record
+    assert store.remembered_aliases == {("ns", "p1"): sha}
+
+
+def test_an_answer_without_published_vocabularies_falls_back_to_the_store(
+    client: TestClient, queue: FakeQueue, store: FakeStore
+) -> None:
+    queue.meta.clear()
+
+    def answering(request: OnlineRequest, data: bytes) -> OnlineResult:
+        stored = store.put(request.content_sha256, make_record(request.image_id, seed=2))
+        return OnlineResult(
+            request.request_id, "ok", MODEL_VERSION, request.content_sha256, 5, record=stored.record
+        )
+
+    queue.worker = answering
+    resp = client.post(
+        "/v1/features", content=png_bytes(seed=12), headers={"content-type": "image/png"}
+    )
+    assert resp.status_code == 200 and resp.json()["objects"][0] in OBJECTS
+    assert store.remembered == {}  # rendered from the store's copy, with its vocabularies
+
+
+def test_online_phase_histograms_come_from_the_worker_timings(
+    client: TestClient, queue: FakeQueue
+) -> None:
+    def answering(request: OnlineRequest, data: bytes) -> OnlineResult:
+        now = time.time()
+        timings = {"t_batch": now - 0.020, "t_extracted": now - 0.005, "t_replied": now - 0.004}
+        result = queue.store_worker(request, data)
+        return dataclasses.replace(result, timings=timings)
+
+    queue.worker = answering
+    resp = client.post(
+        "/v1/features", content=png_bytes(seed=13), headers={"content-type": "image/png"}
+    )
+    assert resp.status_code == 200
+    metrics = client.get("/metrics").text
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("butd_online_") and "_sum" in line
+    }
+    assert 0.0149 <= values["butd_online_compute_seconds_sum"] <= 0.0151
+    assert values["butd_online_reply_seconds_sum"] >= 0.004
+    assert "butd_online_queue_seconds_sum" in values

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from workers.protocol import (
@@ -18,6 +20,7 @@ from workers.protocol import (
     job_state,
     shard_items,
 )
+from workers.wire import ARRAYS, MAGIC, ModelMeta, decode_result, encode_result, stored_form
 
 
 def as_redis_returns(fields: dict[str, str]) -> dict[bytes, bytes]:
@@ -111,3 +114,54 @@ def test_worker_settings_read_prefixed_and_bare_names(monkeypatch: pytest.Monkey
     assert s.extraction == {"max_boxes": 36} and s.worker_id  # host-pid by default
     with pytest.raises(ValueError, match="heartbeat_ttl_s"):
         WorkerSettings(_env_file=None, heartbeat_s=10, heartbeat_ttl_s=5)
+
+
+def test_a_result_with_its_record_round_trips_byte_for_byte() -> None:
+    from tests.unit.app_fakes import make_record
+
+    record = make_record("img", n=3, d=5)
+    res = OnlineResult("r", "ok", record.model_version, "s" * 64, num_boxes=3, record=record)
+    res = replace(res, timings={"t_batch": 1.5, "t_extracted": 1.75, "t_replied": 1.8})
+    data = encode_result(res)
+    assert data.startswith(MAGIC) and not data.startswith(b"{")
+    back = decode_result(data)
+    assert back == res and back.timings == res.timings  # ``record`` is not compared: check it
+    assert back.record is not None
+    for name in ARRAYS:
+        a, b = getattr(record, name), getattr(back.record, name)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+    assert (back.record.image_id, back.record.image_w) == ("img", record.image_w)
+    empty = replace(record, **{k: getattr(record, k)[:0] for k in ARRAYS})
+    assert decode_result(encode_result(replace(res, record=empty))).record.num_boxes == 0  # type: ignore[union-attr]
+
+
+def test_results_without_a_record_stay_json_and_bad_binary_is_refused() -> None:
+    res = OnlineResult("r", "error", reason="boom")
+    assert encode_result(res) == res.to_json().encode()
+    assert decode_result(res.to_json()) == res
+    from tests.unit.app_fakes import make_record
+
+    good = encode_result(replace(res, status="ok", record=make_record("x")))
+    with pytest.raises(ProtocolError, match="malformed binary result"):
+        decode_result(good[:-3])  # truncated arrays
+    with pytest.raises(ProtocolError, match="trailing"):
+        decode_result(good + b"xx")
+
+
+def test_stored_form_rounds_features_like_the_fp16_store() -> None:
+    from tests.unit.app_fakes import make_record
+
+    rec = make_record("x")
+    wide = replace(
+        rec,
+        features=np.linspace(-3, 3, rec.features.size, dtype=np.float32).reshape(
+            rec.features.shape
+        ),
+    )
+    narrow = stored_form(wide, "float16")
+    assert narrow.features.dtype == np.float16
+    assert np.array_equal(narrow.features, wide.features.astype(np.float16))
+    assert stored_form(narrow, "float16") is narrow
+    assert ModelMeta.from_json(ModelMeta(("a",), ("b",), "d").to_json()) == ModelMeta(
+        ("a",), ("b",), "d"
+    )
