@@ -108,8 +108,10 @@ class RedisQueue:
     def pending_count(self) -> int:
         return sum(q.pending_count(self.client).values())
 
-    def enqueue_online(self, request: OnlineRequest, data: bytes) -> None:
-        q.enqueue_online(self.client, request, data, image_ttl_s=self._image_ttl)
+    def enqueue_online(self, request: OnlineRequest, data: bytes, *, max_depth: int) -> int | None:
+        return q.enqueue_online_if_room(
+            self.client, request, data, max_depth=max_depth, image_ttl_s=self._image_ttl
+        )
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return q.wait_result(self.blocking, request_id, timeout_s)

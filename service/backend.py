@@ -65,8 +65,13 @@ class Queue(Protocol):
         """Stream entries delivered to a worker and not yet acknowledged (all streams)."""
         ...
 
-    def enqueue_online(self, request: OnlineRequest, data: bytes) -> None:
-        """Queue one image for extraction now."""
+    def enqueue_online(self, request: OnlineRequest, data: bytes, *, max_depth: int) -> int | None:
+        """Queue one image for extraction now, unless ``max_depth`` online requests are waiting
+        or in progress (checked atomically with the enqueue).
+
+        Returns:
+            None when queued, else the depth that refused it.
+        """
         ...
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:

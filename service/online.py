@@ -252,23 +252,17 @@ class OnlineService:
             decode_image(data, max_pixels=self.settings.max_pixels)
 
     def admit(self) -> None:
-        """Refuse (503 + Retry-After) when no worker is live or the online queue is full.
-
-        Heartbeats are those of ``ModelVersions`` (read at most once a second); the depth is
-        read on every request.
-        """
-        retry = self.settings.retry_after_s
+        """Refuse (503 + Retry-After) when no worker is live; heartbeats are those of
+        ``ModelVersions`` (read at most once a second). The depth is checked with the enqueue
+        (``round_trip``)."""
         if not self.models.loaded_workers():
-            raise OverloadedError("no worker with a loaded model is live", retry_after_s=retry)
-        depth, limit = self.queue.queue_depth(), self.settings.max_queue_depth
-        if depth >= limit:
             raise OverloadedError(
-                f"online queue is full: {depth} requests waiting, limit {limit}",
-                retry_after_s=retry,
+                "no worker with a loaded model is live", retry_after_s=self.settings.retry_after_s
             )
 
     def round_trip(self, upload: Upload, request_id: str) -> OnlineResult:
-        """Enqueue the upload and wait for its worker's answer."""
+        """Enqueue the upload, unless the online queue is full (503 + Retry-After), and wait
+        for its worker's answer."""
         timeout = self.settings.request_timeout_s
         request = OnlineRequest(
             request_id=request_id,
@@ -279,7 +273,13 @@ class OnlineService:
             deadline_ms=int((time.time() + timeout + self.settings.compute_grace_s) * 1000),
         )
         start, enqueued = time.perf_counter(), time.time()
-        self.queue.enqueue_online(request, upload.data)
+        limit = self.settings.max_queue_depth
+        depth = self.queue.enqueue_online(request, upload.data, max_depth=limit)
+        if depth is not None:
+            raise OverloadedError(
+                f"online queue is full: {depth} requests waiting, limit {limit}",
+                retry_after_s=self.settings.retry_after_s,
+            )
         result = self.queue.wait_result(request_id, timeout)
         self.metrics.online_wait_seconds.observe(time.perf_counter() - start)
         if result is not None:

@@ -102,6 +102,7 @@ __all__ = [
     "dead_letter",
     "dlq_length",
     "enqueue_online",
+    "enqueue_online_if_room",
     "ensure_groups",
     "hand_off",
     "job_status",
@@ -186,6 +187,51 @@ def enqueue_online(
     pipe.xadd(ONLINE_STREAM, request.to_fields())
     pipe.execute()
     return request
+
+
+# Admission and enqueue in one atomic round trip: depth = the group's lag (XLEN when unknown) +
+# its pending entries, as ``queue_depth`` + ``pending_count`` count them.
+# KEYS: stream, image key. ARGV: group, max depth, image TTL s, image bytes, field/value pairs.
+_ENQUEUE_IF_ROOM = """
+local depth = 0
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == ARGV[1] then
+      local lag = f['lag']
+      if not lag then lag = redis.call('XLEN', KEYS[1]) end
+      depth = lag + f['pending']
+    end
+  end
+end
+if depth >= tonumber(ARGV[2]) then return {0, depth} end
+redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
+local fields = {}
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[1], '*', unpack(fields))
+return {1, depth}
+"""
+
+
+def enqueue_online_if_room(
+    r: Client, request: OnlineRequest, data: bytes, *, max_depth: int, image_ttl_s: int = 300
+) -> int | None:
+    """Queue one online request with its bytes unless ``max_depth`` requests are waiting or
+    in progress: one atomic round trip (a Lua script), where a read of the depth followed by
+    ``enqueue_online`` would take two and could overshoot the limit.
+
+    Returns:
+        None when queued, else the depth that refused it.
+    """
+    key = image_key(request.request_id)
+    fields = OnlineRequest(**{**request.__dict__, "image_key": key}).to_fields()
+    flat = [x for pair in fields.items() for x in pair]
+    args = [GROUP, max_depth, image_ttl_s, data, *flat]
+    script = _untyped(r).register_script(_ENQUEUE_IF_ROOM)  # EVALSHA, loaded once per server
+    queued, depth = script(keys=[ONLINE_STREAM, key], args=args)
+    return None if int(queued) else int(depth)
 
 
 def wait_result(r: Client, request_id: str, timeout_s: float) -> OnlineResult | None:

@@ -157,3 +157,21 @@ def test_touch_and_hand_off(redis_url: str) -> None:
     assert pending_ids(r, JOBS_STREAM) == []
     (rest,) = q.read_entries(r, [JOBS_STREAM], "w2", count=5)
     assert [i.image_id for i in JobShard.from_fields(rest.fields or {}).items] == ["img3"]
+
+
+def test_enqueue_if_room_counts_waiting_and_pending_entries_atomically(redis_url: str) -> None:
+    r = client(redis_url)
+    for i in range(3):
+        req = OnlineRequest(f"r{i}", "s" * 64, "ns", f"a{i}")
+        assert q.enqueue_online_if_room(r, req, b"img", max_depth=3, image_ttl_s=60) is None
+    assert r.get("butd:image:r0") == b"img" and 0 < r.ttl("butd:image:r0") <= 60
+    q.read_entries(r, [ONLINE_STREAM], "w", count=1)  # one delivered (pending), two waiting
+    assert q.queue_depth(r)[ONLINE_STREAM] + q.pending_count(r)[ONLINE_STREAM] == 3
+    late = OnlineRequest("r3", "s" * 64, "ns", "a3")
+    assert q.enqueue_online_if_room(r, late, b"img", max_depth=3) == 3  # refused: full
+    assert r.exists("butd:image:r3") == 0 and r.xlen(ONLINE_STREAM) == 3
+    (entry,) = q.read_entries(r, [ONLINE_STREAM], "w", count=1)
+    q.ack(r, ONLINE_STREAM, [entry.entry_id])  # one done: room for one more
+    assert q.enqueue_online_if_room(r, late, b"img", max_depth=3) is None
+    fields = OnlineRequest.from_fields(r.xrevrange(ONLINE_STREAM, count=1)[0][1])
+    assert fields == OnlineRequest("r3", "s" * 64, "ns", "a3", image_key="butd:image:r3")

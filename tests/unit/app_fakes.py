@@ -158,10 +158,13 @@ class FakeQueue:
         self._check()
         return 0
 
-    def enqueue_online(self, request: OnlineRequest, data: bytes) -> None:
+    def enqueue_online(self, request: OnlineRequest, data: bytes, *, max_depth: int) -> int | None:
         self._check()
+        if self.depth >= max_depth:
+            return self.depth
         self.enqueued.append(request)
         self.results[request.request_id] = self.worker(request, data)
+        return None
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return self.results.pop(request_id, None)
