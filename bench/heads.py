@@ -80,6 +80,7 @@ def main() -> int:
     p.add_argument("--cap-steps", type=int, default=800, help="updates per caption head (batch 50)")
     p.add_argument("--vqa-heads", nargs="*", default=list(VQA_HEADS))
     p.add_argument("--cap-heads", nargs="*", default=list(CAPTION_HEADS))
+    p.add_argument("--cap-lr", type=float, default=1e-3, help="Adam lr of the captioners")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/heads.md"))
     p.add_argument("--merge", type=Path, nargs="*", help="only merge these result JSONs into --out")
@@ -115,7 +116,7 @@ def main() -> int:
     results["caption"]["best constant"] = {"content_f1": constant_caption_f1(ct)}
     for name in args.cap_heads:
         t = time.time()
-        r = run_caption(name, ct, args.cap_steps, args.hidden, 50)
+        r = run_caption(name, ct, args.cap_steps, args.hidden, 50, lr=args.cap_lr)
         results["caption"][name] = {**r, "seconds": time.time() - t}
         logger.info("caption %s %s", name, results["caption"][name])
         write()

@@ -188,7 +188,13 @@ def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
 
 
 def run_caption(
-    name: str, task: CaptionTask, steps: int, hidden: int = 256, batch: int = 100, seed: int = 0
+    name: str,
+    task: CaptionTask,
+    steps: int,
+    hidden: int = 256,
+    batch: int = 100,
+    seed: int = 0,
+    lr: float = 1e-3,
 ) -> dict[str, Any]:
     """Train one captioner (XE); score greedy captions: content-F1, exact-set, BLEU-4, CIDEr-D."""
     torch.manual_seed(seed)
@@ -197,7 +203,7 @@ def run_caption(
     if name == "blind":
         train_r, val_r = train_r.zeroed(), val_r.zeroed()
     lam = 1.0 if name == "sat" else 0.0
-    settings = TrainSettings("adam", steps, batch, 1e-3, seed=seed)
+    settings = TrainSettings("adam", steps, batch, lr, seed=seed)
     fit(
         model,
         lambda idx: caption_batch_loss(model, train_r, task.train, idx, lam),
