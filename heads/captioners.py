@@ -22,6 +22,7 @@ and feeds v̂ (D-d) to the language LSTM, as Anderson's Caffe model does (not se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -211,11 +212,19 @@ class AdaptiveCore(nn.Module):
         return StepOutput(self.out(c_hat + h), (h, c), alpha, beta)
 
 
+class DecoderCore(Protocol):
+    """What the decoder loop needs from a core."""
+
+    def start(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[State, Cache]: ...
+
+    def step(self, tokens: torch.Tensor, state: State, cache: Cache) -> StepOutput: ...
+
+
 CORES: dict[str, type[nn.Module]] = {"updown": UpDownCore, "sat": SATCore, "adaptive": AdaptiveCore}
 
 
-def build_core(vocab_size: int, cfg: CaptionerConfig) -> nn.Module:
+def build_core(vocab_size: int, cfg: CaptionerConfig) -> DecoderCore:
     """The decoder core named by ``cfg.kind``."""
     if cfg.kind not in CORES:
         raise ValueError(f"captioner kind must be one of {sorted(CORES)}; got {cfg.kind!r}")
-    return CORES[cfg.kind](vocab_size, cfg)
+    return cast(DecoderCore, CORES[cfg.kind](vocab_size, cfg))

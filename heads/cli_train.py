@@ -98,7 +98,7 @@ def train_vqa(args: argparse.Namespace) -> None:
     meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
             "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    fit(model, lambda idx: vqa_loss(model, regions, ex, idx), len(ex), settings, args.out, meta)  # type: ignore[arg-type]
+    fit(model, lambda idx: vqa_loss(model, regions, ex, idx), len(ex), settings, args.out, meta)
 
 
 def _caption_items(path: Path) -> list[Any]:
@@ -141,7 +141,7 @@ def train_caption(args: argparse.Namespace) -> None:
         settings,
         args.out,
         meta,
-    )  # type: ignore[arg-type]
+    )
     if args.scst_steps > 0:
         _scst(model, regions, ex.references, vocab, args, meta)
 

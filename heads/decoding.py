@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 
-from heads.captioners import Cache, CaptionerConfig, State, build_core
+from heads.captioners import Cache, CaptionerConfig, DecoderCore, State, build_core
 from heads.regions import RegionBatch
 from heads.vocab import BOS, EOS, PAD, UNK
 
@@ -48,7 +49,8 @@ class Captioner(nn.Module):
         super().__init__()
         self.config = config
         self.vocab_size = vocab_size
-        self.core = build_core(vocab_size, config)
+        self.core: DecoderCore = build_core(vocab_size, config)
+        self.add_module("core", cast(nn.Module, self.core))
 
     def forward(self, regions: RegionBatch, inputs: torch.Tensor) -> TeacherForcing:
         """Teacher forcing: inputs (B, T) start with <bos>; returns per-step outputs."""

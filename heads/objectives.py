@@ -15,7 +15,7 @@ from torch import nn
 from heads.data import CaptionExamples, VQAExamples
 from heads.decoding import Captioner, strip_tokens
 from heads.metrics.captions import CiderD
-from heads.regions import RegionBatch
+from heads.regions import RegionBatch, RegionSource
 from heads.vocab import PAD, Vocabulary, pad_captions
 from heads.vqa import vqa_bce_loss
 
@@ -84,7 +84,7 @@ def scst_loss(
 
 
 def vqa_loss(
-    model: nn.Module, regions: RegionBatch, ex: VQAExamples, idx: torch.Tensor
+    model: nn.Module, regions: RegionSource, ex: VQAExamples, idx: torch.Tensor
 ) -> torch.Tensor:
     """BCE × N on the soft scores of questions ``idx``."""
     out = model(regions.select(ex.image_rows[idx]), ex.questions[idx])
@@ -138,7 +138,7 @@ def caption_decode(
 
 def caption_batch_loss(
     model: Captioner,
-    regions: RegionBatch,
+    regions: RegionSource,
     ex: CaptionExamples,
     idx: torch.Tensor,
     ds_lambda: float = 0.0,

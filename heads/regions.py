@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -86,6 +87,12 @@ class RegionBatch:
         """(B, D) masked mean of the real regions (the Up-Down v̄)."""
         m = self.mask.unsqueeze(-1).to(self.features.dtype)
         return (self.features * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class RegionSource(Protocol):
+    """Anything that pads the images at given rows: a RegionBatch or a lazy file view."""
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> RegionBatch: ...
 
 
 def collate_records(

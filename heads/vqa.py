@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heads.layers import masked_softmax, nonlinear_fc, wn_linear
+from heads.layers import Activation, masked_softmax, nonlinear_fc, wn_linear
 from heads.regions import RegionBatch
 from heads.vocab import PAD
 
@@ -76,7 +76,7 @@ class UpDownVQA(nn.Module):
         if cfg.variant not in ("paper", "hengyuan"):
             raise ValueError(f"variant must be 'paper' or 'hengyuan'; got {cfg.variant!r}")
         self.cfg = cfg
-        act = "gated_tanh" if cfg.variant == "paper" else "relu"
+        act: Activation = "gated_tanh" if cfg.variant == "paper" else "relu"
         d, q, h = cfg.feature_dim, cfg.question_dim, cfg.hidden_dim
         self.question = QuestionEncoder(vocab_size, cfg.embed_dim, q)
         if cfg.variant == "paper":
