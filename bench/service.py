@@ -16,6 +16,7 @@ per worker, more with batching), else the figures measure queueing, not overhead
    response (no coordinated omission). Every request carries new bytes (a cache miss). The
    direct cost of each image (``decode_image`` + ``Extractor.extract`` in this process, one
    thread, median of 5) is subtracted: "added" = end-to-end - direct, per request.
+   Then ``sequential``: the same with one request at a time (no queueing): the fixed cost.
 2. Cache hits: sequential GET /v1/features/sha256/{hash} and POST of already-stored bytes.
 3. Batch jobs: a directory of ``--job-images`` new images per run, images/s from the job's own
    clock (first shard taken to last item counted), with 1 and 2 workers.
@@ -126,6 +127,7 @@ class Stack:
     device: str = "cpu"
     proposals: int = 4
     max_queue: int = 10_000
+    seal_linger_ms: int = 200
     redis: RedisServer | None = None
     workers: list[Child] | None = None
     gateway: subprocess.Popen[bytes] | None = None
@@ -162,6 +164,7 @@ class Stack:
             extra_env={
                 "OMP_NUM_THREADS": "1",
                 "BUTD_BATCH_WAIT_MS": "2",
+                "BUTD_SEAL_LINGER_MS": str(self.seal_linger_ms),
                 "BUTD_BATCH_SIZE": "8",
                 "BUTD_EXTRACTION": json.dumps(fast_extraction(self.proposals)),
             },
@@ -221,6 +224,26 @@ async def open_loop(
 
 
 PHASES = ("queue", "compute", "reply")
+
+
+def sequential(
+    url: str, images: list[np.ndarray], direct: list[float], n: int = 100
+) -> dict[str, float]:
+    """Added latency with no queueing: ``n`` new images one at a time, 20 ms apart (ms)."""
+    added = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(n):
+            data = encode(images[i % len(images)], 20_000_000 + i)
+            start = time.perf_counter()
+            resp = client.post("/v1/features", content=data, headers={"content-type": "image/png"})
+            took = time.perf_counter() - start
+            assert resp.status_code == 200, resp.text
+            added.append(took - direct[i % len(images)])
+            time.sleep(0.02)
+    return {
+        "sequential_added_p50_ms": 1e3 * percentile(added, 50),
+        "sequential_added_p99_ms": 1e3 * percentile(added, 99),
+    }
 
 
 def gateway_share(url: str) -> dict[str, float]:
@@ -327,7 +350,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = make_tiny_weights(root / "tiny.safetensors")
         direct = direct_costs(weights, images, args.device, args.proposals)
         results["direct_p50_ms"] = 1e3 * statistics.median(direct)
-        stack = Stack(root, weights, args.device, args.proposals, max_queue=args.max_queue)
+        stack = Stack(
+            root,
+            weights,
+            args.device,
+            args.proposals,
+            max_queue=args.max_queue,
+            seal_linger_ms=args.seal_linger_ms,
+        )
         try:
             stack.start(workers=1)
             n = int(args.rate * args.duration)
@@ -348,6 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generator_max_lag_ms=1e3 * lag,
             )
             results.update(gateway_share(stack.url))
+            results.update(sequential(stack.url, images, direct))
             stored = [payloads[i] for i, s in enumerate(statuses) if s == 200] or warm
             results.update(cache_reads(stack.url, stored))
             for count in args.workers:
@@ -375,6 +406,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--max-queue", type=int, default=10_000, help="gateway BUTD_MAX_QUEUE_DEPTH (503 above)"
+    )
+    parser.add_argument(
+        "--seal-linger-ms", type=int, default=200, help="workers' BUTD_SEAL_LINGER_MS"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()

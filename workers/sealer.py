@@ -3,10 +3,11 @@
 The online path answers first (``workers.replies``); what is left, sealing the new records
 into a shard, indexing it and acking the entries, costs more than the tiny model's extraction
 (an HDF5 shard takes ~20 ms to write on a busy CPU). ``Sealer`` does it beside the main loop:
-the loop hands over each batch (``submit``) and goes on reading; the sealer thread takes every
-batch waiting, seals their records as one shard per (model version, config), then acks them
-all through ``finish`` in one MULTI. Under load the batches waiting pile up while a shard is
-written, so one shard holds many of them: the cost of a seal is shared.
+the loop hands over each batch (``submit``) and goes on reading; the sealer thread lets the
+oldest batch wait up to ``linger_s`` for others, takes every batch waiting, seals their records
+as one shard per (model version, config), then acks them all through ``finish`` in one MULTI.
+One shard holds many batches: the cost of a seal is shared, and the seals take less of the CPU
+(and of the GIL) the main loop computes with.
 
 Durability is unchanged: an entry is acked only after its records are sealed and indexed. A
 seal that fails leaves its entries pending (they are reclaimed, recomputed and sealed); a
@@ -58,7 +59,11 @@ class Sealer:
         sink: the real feature store (sealed shards + index); called from the sealer thread
             (and ``has`` from the main thread).
         finish: acks a sequence of finished items (``Replies.finish``) after their seal.
-        max_jobs: batches waiting at most; ``submit`` blocks beyond (backpressure).
+        linger_s: how long the oldest waiting batch may wait for others to share its shard,
+            seconds (0: seal as soon as the thread is free). A shard costs ~20 ms of CPU, most
+            of it holding the GIL the main loop needs; lingering makes it one per interval.
+        max_jobs: batches waiting at most; ``submit`` blocks beyond (backpressure) and a
+            full house is sealed without lingering.
     """
 
     def __init__(
@@ -66,11 +71,15 @@ class Sealer:
         sink: FeatureSink,
         finish: Callable[[Sequence[Any]], None],
         *,
+        linger_s: float = 0.0,
         max_jobs: int = 256,
     ) -> None:
         self.sink = sink
         self._finish = finish
+        self._linger_s = linger_s
         self._max_jobs = max_jobs
+        self._oldest = 0.0  # monotonic time the oldest waiting batch was submitted
+        self._draining = 0
         self._calls: list[SealCall] = []
         self._jobs: list[_Job] = []
         self._pending: dict[tuple[str, str], int] = {}
@@ -109,6 +118,8 @@ class Sealer:
         with self._cond:
             while len(self._jobs) >= self._max_jobs and self._thread.is_alive():
                 self._cond.wait(0.1)
+            if not self._jobs:
+                self._oldest = time.monotonic()
             self._jobs.append(_Job(calls, tuple(finished)))
             for key in _keys(calls):
                 self._pending[key] = self._pending.get(key, 0) + 1
@@ -118,11 +129,16 @@ class Sealer:
         """Wait until every submitted batch is sealed and acked (or failed); False on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._jobs or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._cond.wait(left)
+            self._draining += 1  # no lingering while someone waits
+            self._cond.notify_all()
+            try:
+                while self._jobs or self._busy:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._thread.is_alive():
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._draining -= 1
         return True
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -138,8 +154,8 @@ class Sealer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._stopping:
-                    self._cond.wait()
+                while not self._ready():
+                    self._cond.wait(self._wait_s())
                 if not self._jobs:
                     return
                 jobs, self._jobs = self._jobs, []
@@ -158,6 +174,20 @@ class Sealer:
                             if self._pending[key] <= 0:
                                 del self._pending[key]
                     self._cond.notify_all()
+
+    def _ready(self) -> bool:
+        """Time to seal (or, with nothing waiting, to stop); called holding the lock."""
+        if not self._jobs:
+            return self._stopping
+        if self._stopping or self._draining or len(self._jobs) >= self._max_jobs:
+            return True
+        return time.monotonic() - self._oldest >= self._linger_s
+
+    def _wait_s(self) -> float | None:
+        """How long to sleep before ``_ready`` can change by itself (None: until notified)."""
+        if not self._jobs:
+            return None
+        return max(self._linger_s - (time.monotonic() - self._oldest), 0.001)
 
     def _seal(self, jobs: Sequence[_Job]) -> None:
         """One shard per (model version, config) for every waiting batch, then one ack."""

@@ -132,7 +132,7 @@ class Worker:
             model_meta=model_meta,
             feature_dtype=feature_dtype,
         )
-        self.sealer = Sealer(sink, self.replies.finish)
+        self.sealer = Sealer(sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0)
         self.online = Processor(extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels)
         self.stopping = threading.Event()
         self._recover = True

@@ -28,6 +28,7 @@ from workers.batcher import (
 )
 from workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
 from workers.queue import Entry
+from workers.sealer import Sealer
 
 
 def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
@@ -314,3 +315,46 @@ def test_an_image_that_breaks_the_model_is_isolated(tmp_path: Path) -> None:
     assert out[0].ok and not out[1].ok
     assert "extraction failed: RuntimeError" in out[1].reason
     assert len(sink.stored) == 1
+
+
+# --- the sealer thread --------------------------------------------------------------------
+
+
+def stored_item(sha: str) -> StoredItem:
+    return StoredItem(record(sha, np.zeros((4, 4, 3), np.uint8), "v"), sha, "ns", sha)
+
+
+def test_sealer_group_commits_the_batches_waiting_then_acks_them_once() -> None:
+    sink, acked = FakeSink(), []
+    sealer = Sealer(sink, acked.append, linger_s=0.3)
+    config = {"min_boxes": 1, "max_boxes": 2}
+    try:
+        for k in range(3):  # three answered batches within the linger
+            sealer.seal(f"b{k}", [stored_item(f"s{k}")], "v", config, [("ns", f"s{k}", f"s{k}")])
+            sealer.submit([f"entry{k}"])
+        assert sealer.has("v", "s1") and not sink.has("v", "s1")  # computed, not yet sealed
+        assert acked == []  # never acked before the seal
+        assert sealer.drain(10)
+    finally:
+        sealer.close()
+    assert sink.seals == [("b0+2", ["s0", "s1", "s2"])]  # one shard for the three
+    assert acked == [["entry0", "entry1", "entry2"]]  # one ack for the three, after it
+    assert sorted(sink.aliases) == [("ns", f"s{k}", f"s{k}") for k in range(3)]
+    assert not sealer.has("v", "s9") and sealer.has("v", "s1")  # now from the sink
+
+
+def test_a_failed_seal_acks_nothing_and_the_sealer_carries_on() -> None:
+    sink, acked = FakeSink(), []
+    sealer = Sealer(sink, acked.append)
+    config = {"min_boxes": 1, "max_boxes": 2}
+    try:
+        sealer.seal("bad", [stored_item("x")], "v", {"min_boxes": 3, "max_boxes": 2})
+        sealer.submit(["lost"])  # the fake sink refuses this config: the seal raises
+        assert sealer.drain(10)
+        assert acked == [] and not sealer.has("v", "x")  # stays pending, for redelivery
+        sealer.seal("good", [stored_item("y")], "v", config)
+        sealer.submit(["kept"])
+        assert sealer.drain(10)
+    finally:
+        sealer.close()
+    assert acked == [["kept"]] and sink.seals == [("good", ["y"])]
