@@ -81,7 +81,9 @@ class SynthWorld:
         n = int(rng.integers(min_objects, max_objects + 1))
         cells = rng.choice(GRID * GRID, size=n, replace=False)
         objects = tuple(_object(int(c), rng) for c in cells)
-        feats, boxes, owner = [], [], []
+        feats: list[np.ndarray] = []
+        boxes: list[tuple[float, ...]] = []
+        owner: list[int] = []
         for i, o in enumerate(objects):
             code = self.color_codes[o.color] + self.shape_codes[o.shape] + self.size_codes[o.size]
             feats.append(self._feature(code, rng))
