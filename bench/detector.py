@@ -71,7 +71,10 @@ def bench_r101(device: str, precisions: list[str], n_images: int, repeats: int) 
             ext = r101_extractor(device, precision, batch)
             images = [photo.copy() for _ in range(batch if batch > 1 else 1)]
             rate = time_extract(ext, images, repeats)
-            print(f"R101 600x1000  {device:5s} {precision}  batch {batch:2d}: {rate:7.2f} img/s")
+            print(
+                f"R101 600x1000  {device:5s} {precision}  batch {batch:2d}: "
+                f"{rate:.3g} img/s ({1 / rate:.2f} s/img)"
+            )
 
 
 def main() -> None:
