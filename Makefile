@@ -32,3 +32,6 @@ test: lint typecheck
 
 bench: setup
 	$(PY) bench/detector.py
+	$(PY) bench/store.py
+	$(PY) bench/service.py
+	$(PY) bench/heads.py
