@@ -180,7 +180,7 @@ def test_upload_equals_direct_extractor_and_repeats_hit_cache(stack: dict[str, A
 
 
 def test_the_answer_equals_what_the_cache_returns_once_sealed(stack: dict[str, Any]) -> None:
-    data = image_bytes(31)
+    data = image_bytes(77)
     sha = hashlib.sha256(data).hexdigest()
     with gateway(stack) as client:
         wait_ready(client)
