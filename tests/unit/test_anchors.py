@@ -24,7 +24,7 @@ CAFFE_TABLE = [
 
 
 def _numpy_generate_anchors(base_size, ratios, scales) -> np.ndarray:
-    """Vectorised NumPy port of py-faster-rcnn generate_anchors (np.round, ratio-major)."""
+    """Vectorised NumPy reimplementation of the generate_anchors rule (np.round, ratio-major)."""
     ratios = np.asarray(ratios, dtype=np.float64)
     scales = np.asarray(scales, dtype=np.float64)
     w = h = float(base_size)

@@ -1,7 +1,7 @@
 """The Extractor end to end, on the narrow test model (same code path as ResNet-101).
 
 The reference pipeline here is assembled from independent pieces: the scale rule written out,
-``cv2.resize(fx=s, fy=s)`` on the mean-subtracted float image, the NumPy port of Caffe's
+``cv2.resize(fx=s, fy=s)`` on the mean-subtracted float image, the NumPy reimplementation of Caffe's
 proposal layer, and a plain loop of per-class NMS calls for the generate_tsv.py selection
 (``tests/unit/reference_nms.py``).
 """

@@ -2,8 +2,9 @@
 
 * backbone and res5: torchvision's ResNet modified as reference §9.3 prescribes (stride moved to
   the 1x1, ceil-mode pool, dilated res5), same weights; tolerance 1e-4 relative.
-* RoI pooling + res5 + mean: a NumPy port of the Caffe ROIPooling kernel formula.
-* RPN proposals: a NumPy port of Caffe's proposal layer with the anchors tabulated in §1.3.
+* RoI pooling + res5 + mean: a NumPy reimplementation of the Caffe ROIPooling kernel formula.
+* RPN proposals: a NumPy reimplementation of Caffe's proposal layer, anchors as tabulated in
+  reference §1.3.
 """
 
 from __future__ import annotations
