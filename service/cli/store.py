@@ -74,8 +74,8 @@ def run_reindex(args: argparse.Namespace) -> int:
 
 def run_compact(args: argparse.Namespace) -> int:
     """Handler of ``butd store compact``."""
+    from store.compact import compact
     from store.index import FeatureIndex
-    from store.shards import compact
 
     relocate = None
     if not args.no_index:

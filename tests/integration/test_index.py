@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from store.compact import compact
 from store.index import FeatureIndex, reindex
 from store.records import FeatureRecord
 from store.shards import (
@@ -19,7 +20,6 @@ from store.shards import (
     ShardInfo,
     ShardMissingError,
     ShardReaders,
-    compact,
     list_shards,
     seal_shard,
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from store.compact import compact, purge_retired
 from store.records import FeatureRecord
 from store.shards import (
     Alias,
@@ -19,9 +20,7 @@ from store.shards import (
     ShardReaders,
     ShardWriter,
     clean_temp,
-    compact,
     list_shards,
-    purge_retired,
     scan_shard,
     seal_shard,
 )
