@@ -122,7 +122,8 @@ class Extractor:
             raise ValueError(f"{len(images)} images but {len(image_ids)} ids")
         config = config or self.config
         start = time.perf_counter()
-        prepared = [prepare(image, config) for image in images]
+        # On a GPU the exact (float64) resize runs there: the uint8 pixels are what crosses.
+        prepared = [prepare(image, config, device=self.device) for image in images]
         records: list[FeatureRecord | None] = [None] * len(images)
         for batch in self._batches(prepared):
             kept = self._run_batch([prepared[i] for i in batch], config)
@@ -138,7 +139,7 @@ class Extractor:
     ) -> FeatureRecord:
         """Features, labels and attributes for caller-given boxes (N, 4), original pixels."""
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-        prepared = prepare(image, self.config)
+        prepared = prepare(image, self.config, device=self.device)
         scale = torch.tensor(prepared.scale, dtype=torch.float32, device=self.device)
         given = torch.from_numpy(boxes).to(self.device)
         with torch.inference_mode(), self._autocast(self.config):
