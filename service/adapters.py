@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from workers import heads_protocol as hq
 from workers import queue as q
 from workers.protocol import (
     GROUP,
@@ -78,6 +79,7 @@ class RedisQueue:
         self._shard_size = job_shard_size
         self._image_ttl = image_ttl_s
         q.ensure_groups(client)
+        hq.ensure_heads_group(client)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -115,6 +117,12 @@ class RedisQueue:
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return q.wait_result(self.blocking, request_id, timeout_s)
+
+    def enqueue_heads(self, request: hq.HeadsRequest, *, max_depth: int) -> int | None:
+        return hq.enqueue_heads(self.client, request, max_depth=max_depth)
+
+    def wait_heads(self, request_id: str, timeout_s: float) -> hq.HeadsResult | None:
+        return hq.wait_heads_result(self.blocking, request_id, timeout_s)
 
     def model_meta(self, model_version: str) -> ModelMeta | None:
         data = self.client.get(model_key(model_version))

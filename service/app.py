@@ -21,9 +21,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backend import FeatureStore, Queue
 from service.errors import install_error_handlers
+from service.heads_online import HeadsService
 from service.metrics import Metrics
 from service.online import ModelVersions, OnlineService, new_request_id
-from service.routes import features, health, jobs
+from service.routes import features, heads, health, jobs
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -115,6 +116,7 @@ def _wire(app: FastAPI, queue: Queue, store: FeatureStore) -> None:
     app.state.metrics.bind(queue)
     models = ModelVersions(queue, settings.model_version, settings.worker_cache_s)
     app.state.online = OnlineService(queue, store, settings, app.state.metrics, models)
+    app.state.heads = HeadsService(queue, settings, models)
 
 
 @asynccontextmanager
@@ -164,7 +166,7 @@ def create_app(
         _wire(app, queue, store)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     install_error_handlers(app)
-    for router in (features.router, jobs.router, health.router):
+    for router in (features.router, heads.router, jobs.router, health.router):
         app.include_router(router)
     return app
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from store.records import FeatureRecord
+from workers.heads_protocol import HeadsRequest, HeadsResult
 from workers.protocol import (
     ExtractOptions,
     Heartbeat,
@@ -79,6 +80,18 @@ class Queue(Protocol):
 
         A computed answer carries its ``record`` (stored form), sent before it is sealed.
         """
+        ...
+
+    def enqueue_heads(self, request: HeadsRequest, *, max_depth: int) -> int | None:
+        """Queue one caption / VQA request unless ``max_depth`` are waiting or in progress.
+
+        Returns:
+            None when queued, else the depth that refused it.
+        """
+        ...
+
+    def wait_heads(self, request_id: str, timeout_s: float) -> HeadsResult | None:
+        """Block until a worker answers the heads request; None after ``timeout_s``."""
         ...
 
     def model_meta(self, model_version: str) -> ModelMeta | None:

@@ -142,3 +142,45 @@ class ReadyResponse(BaseModel):
     reason: str = ""
     model_version: str | None = None
     workers: list[WorkerInfo] = Field(default_factory=list)
+
+
+class HeadRegions(BaseModel):
+    """The regions a head attended over (N of them), with their attention weights."""
+
+    head: str = Field(description="the head's name from its checkpoint, e.g. updown")
+    model_version: str = Field(description="model version of the features the head read")
+    sha256: str = Field(description="content hash of the image")
+    image_id: str | None = None
+    namespace: str | None = None
+    request_id: str
+    cached: bool = Field(description="the features were in the store (no extraction ran)")
+    image_w: int
+    image_h: int
+    num_boxes: int = Field(description="N, the image's regions")
+    boxes: list[list[float]] = Field(description="(N, 4) x1, y1, x2, y2, original-image pixels")
+
+
+class CaptionResponse(HeadRegions):
+    """A caption with its attention: one row of N weights per generated word."""
+
+    caption: str
+    words: list[str]
+    log_prob: float = Field(description="log-probability of the caption under the head")
+    attention: list[list[float]] = Field(description="(T, N) weights per word, rows sum to 1")
+
+
+class ScoredAnswer(BaseModel):
+    """One candidate answer with its sigmoid score."""
+
+    answer: str
+    score: float
+
+
+class VQAResponse(HeadRegions):
+    """The best answer, the top answers and the attention per glimpse."""
+
+    question: str
+    answer: str
+    score: float
+    answers: list[ScoredAnswer] = Field(description="top answers, best first")
+    attention: list[list[float]] = Field(description="(G, N) weights per glimpse")

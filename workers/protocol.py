@@ -364,6 +364,7 @@ class Heartbeat:
         loaded: True once the model is loaded and the worker reads the streams.
         batches, images, errors: counters since start.
         started_at, updated_at: epoch seconds.
+        heads: tasks of the trained heads it serves on ``butd:heads`` ("caption", "vqa").
     """
 
     worker_id: str
@@ -378,6 +379,7 @@ class Heartbeat:
     errors: int = 0
     started_at: float = 0.0
     updated_at: float = 0.0
+    heads: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -386,6 +388,7 @@ class Heartbeat:
     def from_json(cls, data: str | bytes) -> Heartbeat:
         raw = json.loads(data)
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        known["heads"] = tuple(known.get("heads", ()))
         return cls(**known)
 
 

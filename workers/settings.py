@@ -79,6 +79,13 @@ class WorkerSettings(BaseSettings):
     max_pixels: int = _env("max_pixels", 100_000_000, ge=1)
     # Longest pause between reconnection attempts while Redis is unreachable, seconds.
     reconnect_max_s: float = _env("reconnect_max_s", 5.0, gt=0)
+    # Trained caption / VQA heads (directories written by `butd heads train`), loaded at start
+    # and served from butd:heads (workers.heads_task); unset = this worker serves no such head.
+    caption_model: Path | None = _env("caption_model", None)
+    vqa_model: Path | None = _env("vqa_model", None)
+    # How long a heads request waits for its record to be sealed and indexed, seconds (an
+    # online answer precedes its seal by up to SEAL_LINGER_MS plus the seal itself).
+    heads_record_wait_s: float = _env("heads_record_wait_s", 5.0, ge=0, le=60)
     # Consumer name in the group; default host-pid.
     worker_id: str = _env("worker_id", "")
 

@@ -51,6 +51,7 @@ from workers.batcher import (
     tasks_from_online,
     tasks_from_shard,
 )
+from workers.heads_task import start_heads
 from workers.janitor import HeartbeatThread, Janitor
 from workers.protocol import (
     JOBS_STREAM,
@@ -98,6 +99,7 @@ class Worker:
         model_meta: vocabularies and description, published under ``model_key(version)`` for
             the gateway to render answered records with (None: not published).
         feature_dtype: the store's feature dtype; answered records are cast to it.
+        heads: tasks served by this process's heads thread (``workers.heads_task``).
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class Worker:
         client: Client | None = None,
         model_meta: ModelMeta | None = None,
         feature_dtype: str = "float16",
+        heads: Sequence[str] = (),
     ) -> None:
         self.s = settings
         self.r = client if client is not None else q.connect(settings.redis_url)
@@ -138,7 +141,14 @@ class Worker:
         self._recover = True
         version = extractor.version_for(extractor.config)
         self._beat = Heartbeat(
-            self.consumer, socket.gethostname(), os.getpid(), device, version, model, True
+            self.consumer,
+            socket.gethostname(),
+            os.getpid(),
+            device,
+            version,
+            model,
+            True,
+            heads=tuple(heads),
         )
 
     # -- process lifecycle -----------------------------------------------------------------
@@ -413,6 +423,7 @@ def build_worker(settings: WorkerSettings) -> Worker:
         },
     )
     meta = ModelMeta(tuple(spec.objects_vocab), tuple(spec.attributes_vocab), spec.description)
+    heads = start_heads(settings)
     return Worker(
         settings,
         extractor,
@@ -421,6 +432,7 @@ def build_worker(settings: WorkerSettings) -> Worker:
         model=spec.description,
         client=client,
         model_meta=meta,
+        heads=sorted(heads.heads) if heads else (),
     )
 
 

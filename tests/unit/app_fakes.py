@@ -17,6 +17,7 @@ from PIL import Image
 
 from service.backend import StoredRecord
 from store.records import FeatureRecord
+from workers.heads_protocol import HeadsRequest, HeadsResult
 from workers.protocol import (
     ExtractOptions,
     Heartbeat,
@@ -32,6 +33,7 @@ OBJECTS = ("cat", "dog", "tree", "sky")
 ATTRIBUTES = ("red", "green", "tall")
 
 Worker = Callable[[OnlineRequest, bytes], OnlineResult | None]
+HeadsWorker = Callable[[HeadsRequest], HeadsResult | None]
 
 
 def png_bytes(w: int = 32, h: int = 24, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -117,6 +119,7 @@ class FakeQueue:
                 loaded=True,
                 started_at=1.0,
                 updated_at=time.time(),
+                heads=("caption", "vqa"),
             )
         ]
         self.depth = 0
@@ -126,6 +129,10 @@ class FakeQueue:
         self.jobs: dict[str, JobStatus] = {}
         self.job_items: dict[str, list[JobItem]] = {}
         self.meta = {MODEL_VERSION: ModelMeta(OBJECTS, ATTRIBUTES, "fake model")}
+        self.heads_depth = 0
+        self.heads_enqueued: list[HeadsRequest] = []
+        self.heads_results: dict[str, HeadsResult | None] = {}
+        self.heads_worker: HeadsWorker = self.fake_head
 
     def store_worker(self, request: OnlineRequest, data: bytes) -> OnlineResult:
         """A worker that stores a record for the bytes, binds the alias and reports ok."""
@@ -168,6 +175,39 @@ class FakeQueue:
 
     def wait_result(self, request_id: str, timeout_s: float) -> OnlineResult | None:
         return self.results.pop(request_id, None)
+
+    def enqueue_heads(self, request: HeadsRequest, *, max_depth: int) -> int | None:
+        self._check()
+        if self.heads_depth >= max_depth:
+            return self.heads_depth
+        self.heads_enqueued.append(request)
+        self.heads_results[request.request_id] = self.heads_worker(request)
+        return None
+
+    def wait_heads(self, request_id: str, timeout_s: float) -> HeadsResult | None:
+        return self.heads_results.pop(request_id, None)
+
+    def fake_head(self, request: HeadsRequest) -> HeadsResult:
+        """A head that reads the stored record and spreads its attention evenly."""
+        stored = self.store.get(request.model_version, request.content_sha256)
+        if stored is None:
+            return HeadsResult(request.request_id, "error", reason="no stored record")
+        n = stored.record.num_boxes
+        common = {
+            "model_version": request.model_version,
+            "head": "fakehead",
+            "boxes": stored.record.boxes.tolist(),
+            "image_w": stored.record.image_w,
+            "image_h": stored.record.image_h,
+        }
+        if request.task == "caption":
+            words = ["a", "cat"]
+            att = [[1.0 / n] * n for _ in words]
+            return HeadsResult(request.request_id, "ok", words=words, log_prob=-1.5,
+                               attention=att, **common)  # fmt: skip
+        answers = [("yes", 0.9), ("no", 0.1)][: request.top]
+        return HeadsResult(request.request_id, "ok", answers=answers, attention=[[1.0 / n] * n],
+                           **common)  # fmt: skip
 
     def model_meta(self, model_version: str) -> ModelMeta | None:
         self._check()

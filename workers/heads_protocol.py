@@ -1,0 +1,202 @@
+"""The heads queue: caption / VQA requests over stored features (torch-free, gateway-shared).
+
+Stream ``butd:heads``, consumer group ``workers``: one entry = one question to a trained head
+about one stored record (``HeadsRequest.to_fields``): ``request_id``, ``task`` (caption | vqa),
+``model_version`` and ``content_sha256`` (the stored record's key), ``question`` (vqa),
+``beam_size``, ``max_len``, ``top``, ``deadline_ms`` (epoch ms, 0 = none). Only workers started
+with ``CAPTION_MODEL`` or ``VQA_MODEL`` read it (``workers.heads_task``), in a thread of their
+own beside the extraction loop, so a long extraction batch does not hold a caption back.
+
+The answer is one JSON ``HeadsResult`` LPUSHed onto ``butd:heads:result:{request_id}`` with an
+EXPIRE; the gateway BLPOPs it. Heads requests are cheap and have no side effects: the entry is
+acked once answered, and is not reclaimed after a crash (the gateway answers 504 and the client
+retries). The stream is capped (``XADD MAXLEN ~ STREAM_MAXLEN``) instead of being trimmed by
+the janitor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import redis
+
+from workers.protocol import GROUP, ProtocolError, decode_fields, text
+
+if TYPE_CHECKING:
+    Client = redis.Redis[Any]
+
+HEADS_STREAM = "butd:heads"
+# Approximate cap of the stream's length (acked entries are not trimmed otherwise).
+STREAM_MAXLEN = 10_000
+# Longest single BLPOP / XREADGROUP block, seconds (below the clients' read timeouts).
+MAX_BLOCK_S = 10.0
+
+HeadTask = Literal["caption", "vqa"]
+HeadStatus = Literal["ok", "error", "expired", "unavailable"]
+TASKS: tuple[HeadTask, ...] = ("caption", "vqa")
+
+
+def heads_result_key(request_id: str) -> str:
+    """The list a heads answer is pushed onto."""
+    return f"butd:heads:result:{request_id}"
+
+
+@dataclass(frozen=True)
+class HeadsRequest:
+    """One caption or VQA request about a stored record.
+
+    Attributes:
+        request_id: unique id; the answer goes to ``heads_result_key(request_id)``.
+        task: "caption" or "vqa".
+        model_version, content_sha256: the stored record's key in the feature index.
+        question: the question (vqa; "" for captions).
+        beam_size: caption beam size (Up-Down: 5).
+        max_len: longest caption, words.
+        top: how many answers to return (vqa).
+        deadline_ms: epoch ms after which nobody waits for the answer (0 = none).
+    """
+
+    request_id: str
+    task: HeadTask
+    model_version: str
+    content_sha256: str
+    question: str = ""
+    beam_size: int = 5
+    max_len: int = 20
+    top: int = 5
+    deadline_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ProtocolError(f"task must be one of {TASKS}; got {self.task!r}")
+        if self.task == "vqa" and not self.question.strip():
+            raise ProtocolError("a vqa request needs a question")
+
+    def to_fields(self) -> dict[str, str]:
+        """The stream entry's fields."""
+        return {k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[Any, Any]) -> HeadsRequest:
+        """Parse an entry's fields (bytes or str); ProtocolError when malformed."""
+        fields = decode_fields(raw)
+        try:
+            return cls(
+                request_id=fields["request_id"],
+                task=fields["task"],  # type: ignore[arg-type]  # checked in __post_init__
+                model_version=fields["model_version"],
+                content_sha256=fields["content_sha256"],
+                question=fields.get("question", ""),
+                beam_size=int(fields.get("beam_size", 5)),
+                max_len=int(fields.get("max_len", 20)),
+                top=int(fields.get("top", 5)),
+                deadline_ms=int(fields.get("deadline_ms", 0)),
+            )
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError(f"malformed heads entry: {exc!r}") from None
+
+
+@dataclass(frozen=True)
+class HeadsResult:
+    """A worker's answer to one ``HeadsRequest`` (JSON on the wire).
+
+    Attributes:
+        status: ok | error (this request failed) | expired | unavailable (no such head here).
+        reason: why, when not ok.
+        head: the head's name (e.g. "updown"), from its checkpoint.
+        words: the caption's words (caption).
+        log_prob: the caption's log-probability (caption).
+        answers: top answers with their sigmoid scores, best first (vqa).
+        attention: (T, N) weights per caption word, or (G, N) per glimpse (vqa).
+        boxes: (N, 4) region boxes x1, y1, x2, y2 in original-image pixels.
+        image_w, image_h: the original image size, pixels.
+    """
+
+    request_id: str
+    status: HeadStatus
+    reason: str = ""
+    model_version: str = ""
+    head: str = ""
+    words: list[str] = field(default_factory=list)
+    log_prob: float = 0.0
+    answers: list[tuple[str, float]] = field(default_factory=list)
+    attention: list[list[float]] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)
+    image_w: int = 0
+    image_h: int = 0
+
+    def to_json(self) -> str:
+        """The result as a JSON object."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> HeadsResult:
+        """Parse a JSON answer; ProtocolError on an unknown status."""
+        raw = json.loads(data)
+        if raw.get("status") not in ("ok", "error", "expired", "unavailable"):
+            raise ProtocolError(f"bad heads result status {raw.get('status')!r}")
+        raw["answers"] = [(str(a), float(s)) for a, s in raw.get("answers", [])]
+        known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def ensure_heads_group(r: Client) -> None:
+    """Create the ``workers`` group on ``butd:heads`` (MKSTREAM) unless it exists."""
+    try:
+        r.xgroup_create(HEADS_STREAM, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+def heads_depth(r: Client) -> int:
+    """Heads requests waiting or being answered: the group's lag + pending (0 without it)."""
+    try:
+        groups: Any = r.xinfo_groups(HEADS_STREAM)  # type: ignore[no-untyped-call]
+    except redis.ResponseError:
+        return 0
+    for g in groups:
+        if text(g.get("name")) == GROUP:
+            lag = g.get("lag")
+            waiting = int(lag) if lag is not None else int(r.xlen(HEADS_STREAM))
+            return waiting + int(g.get("pending", 0))
+    return int(r.xlen(HEADS_STREAM))
+
+
+def enqueue_heads(r: Client, request: HeadsRequest, *, max_depth: int) -> int | None:
+    """Queue one heads request unless ``max_depth`` are waiting or in progress.
+
+    Returns:
+        None when queued, else the depth that refused it.
+    """
+    depth = heads_depth(r)
+    if depth >= max_depth:
+        return depth
+    fields: Any = request.to_fields()
+    r.xadd(HEADS_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+    return None
+
+
+def wait_heads_result(r: Client, request_id: str, timeout_s: float) -> HeadsResult | None:
+    """Block until a worker answers ``request_id``; None after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        reply = r.blpop([heads_result_key(request_id)], timeout=min(max(left, 0.01), MAX_BLOCK_S))
+        if reply is not None:
+            return HeadsResult.from_json(reply[1])
+        if left <= MAX_BLOCK_S:
+            return None
+
+
+def post_heads_result(r: Client, result: HeadsResult, *, ttl_s: int = 600) -> None:
+    """Push one answer for the gateway (LPUSH + EXPIRE in one MULTI)."""
+    key = heads_result_key(result.request_id)
+    pipe = r.pipeline(transaction=True)
+    pipe.lpush(key, result.to_json())
+    pipe.expire(key, ttl_s)
+    pipe.execute()

@@ -1,0 +1,233 @@
+"""Caption and VQA heads inside a worker: a thread answering ``butd:heads`` requests.
+
+A worker started with ``CAPTION_MODEL`` and/or ``VQA_MODEL`` (directories written by ``butd
+heads train``) loads them once (``heads.inference.load_head``) and starts a ``HeadsServer``:
+
+read one request (``workers.heads_protocol``) -> read its stored record (feature index ->
+sealed shard row, polled for up to ``record_wait_s``: an online answer precedes its seal) ->
+run the head under ``torch.inference_mode`` -> push the answer -> ack.
+
+The heads run on CPU: ``heads.inference`` builds its inputs on the CPU, and one caption of
+36 regions takes a few milliseconds there. Torch is imported by name (``importlib``), so this
+module stays out of mypy's torch import graph, as ``workers.worker`` does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from store.index import FeatureIndex
+from store.records import FeatureRecord
+from store.shards import ShardReaders
+from workers import queue as q
+from workers.heads_protocol import (
+    HEADS_STREAM,
+    HeadsRequest,
+    HeadsResult,
+    ensure_heads_group,
+    post_heads_result,
+)
+from workers.protocol import ProtocolError
+from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    Client = redis.Redis[Any]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoadedHead:
+    """A trained head: the module (eval mode, CPU) and its checkpoint ``meta``."""
+
+    model: Any
+    meta: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        """The head's name from its checkpoint ("updown", "ban", ...)."""
+        return str(self.meta.get("head", self.meta.get("task", "")))
+
+
+def load_heads(paths: dict[str, Path | None]) -> dict[str, LoadedHead]:
+    """Load the configured heads, keyed by task; an unset path is skipped.
+
+    Raises:
+        ValueError: a checkpoint's task differs from the setting that names it.
+    """
+    loaded: dict[str, LoadedHead] = {}
+    for task, path in paths.items():
+        if path is None:
+            continue
+        inference: Any = importlib.import_module("heads.inference")
+        model, meta = inference.load_head(path)
+        if meta.get("task") != task:
+            raise ValueError(f"{path} holds a {meta.get('task')!r} head, not a {task!r} head")
+        loaded[task] = LoadedHead(model, meta)
+        log.info("loaded %s head %s from %s", task, loaded[task].name, path)
+    return loaded
+
+
+def run_head(head: LoadedHead, request: HeadsRequest, record: FeatureRecord) -> HeadsResult:
+    """Caption or answer ``record`` with ``head`` (torch.inference_mode, CPU)."""
+    torch: Any = importlib.import_module("torch")
+    inference: Any = importlib.import_module("heads.inference")
+    common = {
+        "request_id": request.request_id,
+        "status": "ok",
+        "model_version": record.model_version,
+        "head": head.name,
+        "boxes": record.boxes.astype(float).tolist(),
+        "image_w": int(record.image_w),
+        "image_h": int(record.image_h),
+    }
+    with torch.inference_mode():
+        if request.task == "caption":
+            out = inference.caption(
+                head.model, head.meta, record, beam_size=request.beam_size, max_len=request.max_len
+            )
+            return HeadsResult(
+                **common,
+                words=list(out.words),
+                log_prob=float(out.log_prob),
+                attention=out.attention.float().tolist(),  # (T, N)
+            )
+        got = inference.answer(head.model, head.meta, record, request.question, top=request.top)
+        return HeadsResult(
+            **common,
+            answers=[(str(a), float(s)) for a, s in got.answers],
+            attention=got.attention.float().reshape(1, -1).tolist(),
+        )
+
+
+class HeadsServer(threading.Thread):
+    """Answers heads requests from ``butd:heads`` until ``stop``.
+
+    Args:
+        redis_url: Redis holding the stream, the results and the feature index.
+        store_dir: the store directory (sealed shards under ``store_dir/shards``).
+        heads: loaded heads by task ("caption", "vqa").
+        consumer: the consumer name in the group (the worker's id).
+        record_wait_s: how long to poll the index for a record not sealed yet, seconds.
+        result_ttl_s: how long an answer waits in Redis for the gateway, seconds.
+        block_ms: longest blocking read while idle, ms (bounds how late ``stop`` is noticed).
+    """
+
+    def __init__(
+        self,
+        redis_url: str,
+        store_dir: Path,
+        heads: dict[str, LoadedHead],
+        *,
+        consumer: str,
+        record_wait_s: float = 5.0,
+        result_ttl_s: int = 600,
+        block_ms: int = 1000,
+    ) -> None:
+        super().__init__(name="heads", daemon=True)
+        self.r = q.connect(redis_url)
+        self.index = FeatureIndex(self.r)
+        self.readers = ShardReaders(Path(store_dir) / "shards")
+        self.heads = heads
+        self.consumer = consumer
+        self.record_wait_s = record_wait_s
+        self.result_ttl_s = result_ttl_s
+        self.block_ms = block_ms
+        self.stopping = threading.Event()
+
+    def stop(self) -> None:
+        """Leave the loop after the request in hand."""
+        self.stopping.set()
+
+    def run(self) -> None:
+        """Read, answer, ack; Redis errors are logged and retried after a pause."""
+        log.info("heads server %s: serving %s", self.consumer, sorted(self.heads))
+        while not self.stopping.is_set():
+            try:
+                ensure_heads_group(self.r)
+                for entry in q.read_entries(
+                    self.r, [HEADS_STREAM], self.consumer, count=1, block_ms=self.block_ms
+                ):
+                    self.handle(entry)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("heads server: redis unreachable (%s); retrying", exc)
+                self.stopping.wait(1.0)
+        self.readers.close()
+
+    def handle(self, entry: q.Entry) -> None:
+        """Answer one entry (any failure becomes an error answer), then ack it."""
+        try:
+            request = HeadsRequest.from_fields(entry.fields or {})
+        except ProtocolError as exc:
+            log.error("heads: malformed entry %s: %s", entry.entry_id, exc)
+            q.ack(self.r, HEADS_STREAM, [entry.entry_id])
+            return
+        start = time.perf_counter()
+        result = self.answer(request)
+        post_heads_result(self.r, result, ttl_s=self.result_ttl_s)
+        q.ack(self.r, HEADS_STREAM, [entry.entry_id])
+        log.info(
+            "heads %s %s: %s in %.1f ms",
+            request.task,
+            request.request_id,
+            result.status,
+            1e3 * (time.perf_counter() - start),
+        )
+
+    def answer(self, request: HeadsRequest) -> HeadsResult:
+        """The result of one request (never raises for a bad request or record)."""
+        rid = request.request_id
+        if request.deadline_ms and time.time() * 1000 > request.deadline_ms:
+            return HeadsResult(rid, "expired", reason="deadline passed before a worker read it")
+        head = self.heads.get(request.task)
+        if head is None:
+            reason = f"no {request.task} model configured on worker {self.consumer}"
+            return HeadsResult(rid, "unavailable", reason=reason)
+        record = self.record(request.model_version, request.content_sha256)
+        if record is None:
+            reason = (
+                f"no stored record of sha256 {request.content_sha256} "
+                f"under model {request.model_version}"
+            )
+            return HeadsResult(rid, "error", reason=reason)
+        try:
+            return run_head(head, request, record)
+        except Exception as exc:  # a bad record fails only its own request
+            log.exception("heads %s failed", rid)
+            return HeadsResult(rid, "error", reason=f"{type(exc).__name__}: {exc}")
+
+    def record(self, model_version: str, sha256: str) -> FeatureRecord | None:
+        """The stored record, polled for up to ``record_wait_s`` (reply precedes the seal)."""
+        deadline = time.monotonic() + self.record_wait_s
+        while True:
+            location = self.index.lookup_content(model_version, sha256)
+            if location is not None:
+                return self.readers.get(location)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+
+
+def start_heads(settings: WorkerSettings) -> HeadsServer | None:
+    """Load the heads ``settings`` name and start their server; None when none is set."""
+    heads = load_heads({"caption": settings.caption_model, "vqa": settings.vqa_model})
+    if not heads:
+        return None
+    server = HeadsServer(
+        settings.redis_url,
+        settings.store_dir,
+        heads,
+        consumer=settings.worker_id,
+        record_wait_s=settings.heads_record_wait_s,
+        result_ttl_s=settings.result_ttl_s,
+    )
+    server.start()
+    return server
