@@ -1,0 +1,197 @@
+"""/v1/caption and /v1/vqa end to end: real redis-server, a real worker process with heads.
+
+Two tiny heads (hidden 16, 3 steps) are trained with ``butd heads train`` on 8 synthetic
+scenes whose features have the tiny detector's size (D = 256), then a worker loads them
+(``CAPTION_MODEL`` / ``VQA_MODEL``). An image is POSTed to /v1/features, then captioned and
+questioned by id: the answers must equal ``heads.inference`` run in the test on the record read
+back from the store (same CPU kernels, same fp16 features: words and answers exactly, scores
+and weights to 1e-5), each attention row must sum to 1 over the image's regions, and the boxes
+must be the stored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from store.index import FeatureIndex
+from store.records import FeatureRecord
+from store.shards import ShardReaders
+from tests.integration.test_gateway import WorkerProc, image_bytes, wait_ready
+from tests.redis_proc import RedisProcess
+
+D = 256  # tests.tiny_weights: tiny_arch().feature_dim
+
+
+def _train_heads(root: Path) -> tuple[Path, Path]:
+    """Synthetic features and annotations, then one tiny caption and one tiny VQA head."""
+    from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
+    from service.cli.main import main
+    from store.h5 import write_feature_file
+
+    scenes = make_scenes(SynthWorld(D, seed=0), 8, seed=1, max_objects=3)
+    feats = root / "f.h5"
+    write_feature_file(feats, [s.record for s in scenes], model_version="synthetic", feature_dim=D)
+    rng = random.Random(0)
+    images = [
+        {"split": "train", "cocoid": s.record.image_id,
+         "sentences": [{"raw": c, "tokens": c.split()} for c in scene_captions(s, rng)]}
+        for s in scenes
+    ]  # fmt: skip
+    (root / "karpathy.json").write_text(json.dumps({"images": images}))
+    qs = make_questions(scenes, seed=2)
+    questions = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "question": q.text}
+                 for i, q in enumerate(qs)]  # fmt: skip
+    anns = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "answer_type": q.qtype,
+             "question_type": q.qtype, "multiple_choice_answer": q.answer,
+             "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(q.human_answers)]}
+            for i, q in enumerate(qs)]  # fmt: skip
+    (root / "q.json").write_text(json.dumps({"questions": questions}))
+    (root / "a.json").write_text(json.dumps({"annotations": anns}))
+    tiny = ["--steps", "3", "--hidden", "16", "--batch-size", "4", "--min-count", "1"]
+    cap, vqa = root / "cap", root / "vqa"
+    common = ["heads", "train"]
+    assert main([*common, "caption", "--features", str(feats), "--annotations",
+                 str(root / "karpathy.json"), "--out", str(cap), *tiny]) == 0  # fmt: skip
+    assert main([*common, "vqa", "--features", str(feats), "--annotations", str(root / "a.json"),
+                 "--questions", str(root / "q.json"), "--out", str(vqa), *tiny]) == 0  # fmt: skip
+    return cap, vqa
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Redis + store + tiny weights + one worker serving both heads."""
+    from tests.tiny_weights import make_tiny_weights
+
+    root = tmp_path_factory.mktemp("heads_http")
+    weights = make_tiny_weights(root / "tiny.safetensors")
+    cap, vqa = _train_heads(root)
+    (root / "redis").mkdir()
+    server = RedisProcess(appendonly=True, directory=root / "redis")
+    env = dict(os.environ)
+    env.update(
+        BUTD_REDIS_URL=server.url,
+        BUTD_STORE_DIR=str(root / "store"),
+        BUTD_WEIGHTS=str(weights),
+        BUTD_DEVICE="cpu",
+        BUTD_IDLE_BLOCK_MS="200",
+        BUTD_HEARTBEAT_S="1",
+        BUTD_HEARTBEAT_TTL_S="30",
+        BUTD_WORKER_ID="heads-worker",
+        BUTD_CAPTION_MODEL=str(cap),
+        BUTD_VQA_MODEL=str(vqa),
+    )
+    worker = WorkerProc(env, root / "worker.log")
+    worker.start()
+    settings = Settings(
+        redis_url=server.url,
+        store_dir=root / "store",
+        request_timeout_s=60.0,
+        heartbeat_max_age_s=3.0,
+    )
+    try:
+        with TestClient(create_app(settings)) as client:
+            wait_ready(client)
+            yield {"root": root, "redis": server, "client": client, "cap": cap, "vqa": vqa}
+    finally:
+        worker.stop()
+        server.stop()
+
+
+def _stored(stack: dict[str, Any], version: str, sha256: str) -> FeatureRecord:
+    """The record as sealed in the store (polled: the worker answers before sealing)."""
+    index = FeatureIndex(redis.Redis.from_url(stack["redis"].url))
+    deadline = time.monotonic() + 10
+    while (location := index.lookup_content(version, sha256)) is None:
+        assert time.monotonic() < deadline, "record never indexed"
+        time.sleep(0.05)
+    readers = ShardReaders(stack["root"] / "store" / "shards")
+    try:
+        return readers.get(location)
+    finally:
+        readers.close()
+
+
+def _uploaded(stack: dict[str, Any]) -> tuple[FeatureRecord, dict[str, Any]]:
+    resp = stack["client"].post(
+        "/v1/features",
+        content=image_bytes(7),
+        params={"image_id": "pic", "namespace": "t"},
+        headers={"content-type": "image/png"},
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    return _stored(stack, resp.headers["X-Model-Version"], body["sha256"]), body
+
+
+def _check_regions(body: dict[str, Any], record: FeatureRecord) -> None:
+    n = record.num_boxes
+    assert body["num_boxes"] == n and len(body["boxes"]) == n
+    np.testing.assert_allclose(np.asarray(body["boxes"], np.float32), record.boxes, rtol=1e-6)
+    att = np.asarray(body["attention"], np.float64)
+    assert att.ndim == 2 and att.shape[1] == n
+    np.testing.assert_allclose(att.sum(axis=1), 1.0, atol=1e-5)
+    assert (att >= 0).all()
+    assert (body["image_w"], body["image_h"]) == (record.image_w, record.image_h)
+
+
+def test_caption_by_id_equals_inference_on_the_stored_record(stack: dict[str, Any]) -> None:
+    from heads.inference import caption, load_head
+
+    record, features = _uploaded(stack)
+    resp = stack["client"].post("/v1/caption", params={"image_id": "pic", "namespace": "t"})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    model, meta = load_head(stack["cap"])
+    expected = caption(model, meta, record)
+    assert body["words"] == expected.words and body["caption"] == " ".join(expected.words)
+    assert body["log_prob"] == pytest.approx(expected.log_prob, abs=1e-5)
+    np.testing.assert_allclose(body["attention"], expected.attention.numpy(), atol=1e-5)
+    assert body["sha256"] == features["sha256"] and body["cached"] is True
+    assert len(body["attention"]) == len(expected.words)
+    _check_regions(body, record)
+
+
+def test_vqa_by_id_equals_inference_on_the_stored_record(stack: dict[str, Any]) -> None:
+    from heads.inference import answer, load_head
+
+    record, _ = _uploaded(stack)
+    question = "what color is the ball?"
+    resp = stack["client"].post(
+        "/v1/vqa", params={"image_id": "pic", "namespace": "t", "question": question}
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    model, meta = load_head(stack["vqa"])
+    expected = answer(model, meta, record, question)
+    assert [a["answer"] for a in body["answers"]] == [a for a, _ in expected.answers]
+    np.testing.assert_allclose(
+        [a["score"] for a in body["answers"]], [s for _, s in expected.answers], atol=1e-5
+    )
+    assert body["answer"] == expected.answers[0][0] and len(body["answers"]) == 5
+    np.testing.assert_allclose(body["attention"][0], expected.attention.numpy(), atol=1e-5)
+    _check_regions(body, record)
+
+
+def test_upload_is_extracted_then_captioned(stack: dict[str, Any]) -> None:
+    data = image_bytes(8, w=100, h=80)
+    resp = stack["client"].post("/v1/caption", files={"file": ("new.png", data, "image/png")})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["cached"] is False and body["image_w"] == 100 and body["image_h"] == 80
+    record = _stored(stack, body["model_version"], body["sha256"])
+    _check_regions(body, record)
+    missing = stack["client"].post("/v1/vqa", params={"sha256": "0" * 64, "question": "why?"})
+    assert missing.status_code == 404, missing.text
