@@ -196,6 +196,58 @@ class Client:
         headers = {"Accept": "application/x-npz"}
         return self._request("GET", url, params=params, headers=headers).content
 
+    # --- heads --------------------------------------------------------------------------
+
+    def caption(
+        self,
+        image_id: str | None = None,
+        namespace: str | None = None,
+        *,
+        sha256: str | None = None,
+        image: str | os.PathLike[str] | bytes | None = None,
+        beam_size: int = 5,
+        max_len: int = 20,
+    ) -> dict[str, Any]:
+        """A worker's caption of a stored image (by id or hash), or of ``image`` (a path or
+        its bytes: extracted first unless cached). The answer has ``caption``, ``words``,
+        ``attention`` (T, N) per word, ``boxes`` (N, 4) and ``num_boxes``."""
+        params = {"beam_size": beam_size, "max_len": max_len}
+        return self._heads("/v1/caption", image_id, namespace, sha256, image, params)
+
+    def answer(
+        self,
+        question: str,
+        image_id: str | None = None,
+        namespace: str | None = None,
+        *,
+        sha256: str | None = None,
+        image: str | os.PathLike[str] | bytes | None = None,
+        top: int = 5,
+    ) -> dict[str, Any]:
+        """A worker's answer to ``question`` about an image named as in ``caption``: ``answer``,
+        ``score``, the ``top`` ``answers`` and ``attention`` (G, N) per glimpse."""
+        params: dict[str, Any] = {"question": question, "top": top}
+        return self._heads("/v1/vqa", image_id, namespace, sha256, image, params)
+
+    def _heads(
+        self,
+        url: str,
+        image_id: str | None,
+        namespace: str | None,
+        sha256: str | None,
+        image: str | os.PathLike[str] | bytes | None,
+        params: dict[str, Any],
+    ) -> dict[str, Any]:
+        named = {"image_id": image_id, "namespace": namespace, "sha256": sha256}
+        params.update({k: v for k, v in named.items() if v is not None})
+        if image is None:
+            if image_id is None and sha256 is None:
+                raise ValueError("give image_id, sha256 or image")
+            return dict(self._request("POST", url, params=params).json())
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        headers = {"Content-Type": "application/octet-stream"}
+        return dict(self._request("POST", url, content=data, params=params, headers=headers).json())
+
     # --- jobs ---------------------------------------------------------------------------
 
     def submit_job(

@@ -1,7 +1,9 @@
 """``butd caption``, ``butd answer`` and ``butd heads train caption|vqa``.
 
-Features come from a feature file (ragged HDF5 of ``store.h5``) given with ``--features``, or
-from a single-image MILVLG ``.npz`` passed in place of the image id. Torch is imported lazily.
+Locally (``--model`` DIR): features come from a feature file (ragged HDF5 of ``store.h5``)
+given with ``--features``, or from a single-image MILVLG ``.npz`` passed in place of the image
+id. Otherwise the image id is looked up in a running gateway (``--url``, default ``BUTD_URL``)
+through ``/v1/caption`` / ``/v1/vqa``: its workers' heads answer. Torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -67,9 +69,59 @@ def register(subparsers: Any) -> None:
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", help="image id in --features, or a single-image .npz file")
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory or .pt file")
+    p.add_argument(
+        "image", help="image id (in --features, or in the gateway's store), or a .npz file"
+    )
+    p.add_argument(
+        "--model", type=Path, help="checkpoint directory or .pt file (local; needs --features/.npz)"
+    )
     p.add_argument("--features", type=Path, help="ragged HDF5 feature file holding the image")
+    p.add_argument("--url", help="gateway to ask when no --features/.npz (default BUTD_URL)")
+    p.add_argument("--namespace", help="the image id's namespace in the gateway (default)")
+    p.add_argument("--sha256", action="store_true", help="IMAGE is a content hash (gateway)")
+
+
+def _local(args: argparse.Namespace) -> bool:
+    """True when the features are a local file (then ``--model`` is required)."""
+    npz = args.image.endswith(".npz") and Path(args.image).is_file()
+    if not (npz or args.features is not None):
+        return False
+    if args.model is None:
+        raise SystemExit("give --model DIR with --features or a .npz file")
+    return True
+
+
+def _gateway(args: argparse.Namespace) -> Any:
+    from service.client import Client
+    from service.settings import ClientSettings
+
+    settings = ClientSettings()
+    return Client(args.url or settings.url, settings.api_key, timeout=settings.timeout_s)
+
+
+def _named(args: argparse.Namespace) -> dict[str, Any]:
+    if args.sha256:
+        return {"sha256": args.image}
+    return {"image_id": args.image, "namespace": args.namespace}
+
+
+def _ask(args: argparse.Namespace, task: str) -> int:
+    """Ask the gateway; print its JSON answer (attention and boxes left out)."""
+    import httpx
+
+    from service.client import ButdError
+
+    with _gateway(args) as client:
+        try:
+            if task == "caption":
+                out = client.caption(**_named(args), beam_size=args.beam, max_len=args.max_len)
+            else:
+                out = client.answer(args.question, **_named(args), top=args.top)
+        except (ButdError, httpx.HTTPError) as exc:
+            raise SystemExit(f"butd {task}: {exc}") from None
+    drop = {"attention", "boxes"}
+    print(json.dumps({k: v for k, v in out.items() if k not in drop}))
+    return 0
 
 
 def _record(args: argparse.Namespace) -> Any:
@@ -77,8 +129,6 @@ def _record(args: argparse.Namespace) -> Any:
         from store.readers import read_npz
 
         return read_npz(args.image)
-    if args.features is None:
-        raise SystemExit("give --features FILE.h5 (the feature store lookup is not wired yet)")
     from store.h5 import FeatureFile
 
     with FeatureFile(args.features) as ff:
@@ -88,6 +138,8 @@ def _record(args: argparse.Namespace) -> Any:
 
 
 def _caption(args: argparse.Namespace) -> int:
+    if not _local(args):
+        return _ask(args, "caption")
     from heads.inference import caption, load_head
 
     model, meta = load_head(args.model)
@@ -101,6 +153,8 @@ def _caption(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
+    if not _local(args):
+        return _ask(args, "vqa")
     from heads.inference import answer, load_head
 
     model, meta = load_head(args.model)

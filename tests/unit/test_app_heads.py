@@ -145,3 +145,52 @@ def test_worker_answers_are_mapped(
     assert r.json()["error"] == code
     if answer is not None and status != 504:
         assert answer.reason in r.json()["detail"]
+
+
+def test_client_caption_and_answer_by_id_hash_and_upload(
+    client: TestClient, queue: FakeQueue
+) -> None:
+    from service.client import ButdError, Client
+
+    with Client("http://testserver", transport=client._transport) as c:
+        cap = c.caption("img1", beam_size=2)
+        assert cap["caption"] == "a cat" and cap["num_boxes"] == 7
+        ans = c.answer("is it?", sha256=SHA, top=1)
+        assert ans["answer"] == "yes" and len(ans["answers"]) == 1
+        up = c.caption(image=png_bytes(seed=9))
+        assert up["cached"] is False
+        with pytest.raises(ButdError) as err:
+            c.caption("missing")
+        assert err.value.status_code == 404
+        with pytest.raises(ValueError, match="image_id, sha256 or image"):
+            c.answer("why?")
+    assert [(r.task, r.beam_size, r.top) for r in queue.heads_enqueued] == [
+        ("caption", 2, 5),
+        ("vqa", 5, 1),
+        ("caption", 5, 5),
+    ]
+
+
+def test_cli_caption_and_answer_ask_the_gateway(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from service.cli import heads as cli
+    from service.cli.main import main
+    from service.client import Client
+
+    def gateway(args: object) -> Client:
+        return Client("http://testserver", transport=client._transport)
+
+    monkeypatch.setattr(cli, "_gateway", gateway)
+    assert main(["caption", "img1", "--namespace", "default"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["caption"] == "a cat" and "attention" not in out
+    assert main(["answer", SHA, "--sha256", "is it?", "--top", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["answer"] == "yes" and [a["answer"] for a in out["answers"]] == ["yes", "no"]
+    with pytest.raises(SystemExit, match="404"):
+        main(["caption", "missing"])
+    with pytest.raises(SystemExit, match="give --model"):
+        main(["caption", "img1", "--features", "f.h5"])
