@@ -195,3 +195,22 @@ def test_upload_is_extracted_then_captioned(stack: dict[str, Any]) -> None:
     _check_regions(body, record)
     missing = stack["client"].post("/v1/vqa", params={"sha256": "0" * 64, "question": "why?"})
     assert missing.status_code == 404, missing.text
+
+
+def test_heads_server_answers_unavailable_and_missing_record(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from workers.heads_protocol import HeadsRequest
+    from workers.heads_task import HeadsServer, LoadedHead
+
+    fake = LoadedHead(model=None, meta={"task": "caption", "head": "updown"})
+    server = HeadsServer(redis_url, tmp_path, {"caption": fake}, consumer="w1", record_wait_s=0.1)
+    vqa = server.answer(HeadsRequest("r1", "vqa", "mv", "a" * 64, question="why?"))
+    assert vqa.status == "unavailable" and vqa.reason == "no vqa model configured on worker w1"
+    start = time.monotonic()
+    missing = server.answer(HeadsRequest("r2", "caption", "mv", "a" * 64))
+    assert missing.status == "error" and "no stored record of sha256" in missing.reason
+    assert 0.1 <= time.monotonic() - start < 5
+    late = server.answer(HeadsRequest("r3", "caption", "mv", "a" * 64, deadline_ms=1))
+    assert late.status == "expired"
+    server.readers.close()

@@ -194,3 +194,26 @@ def test_cli_caption_and_answer_ask_the_gateway(
         main(["caption", "missing"])
     with pytest.raises(SystemExit, match="give --model"):
         main(["caption", "img1", "--features", "f.h5"])
+
+
+def test_heads_protocol_round_trips_and_rejects_malformed_entries() -> None:
+    from workers.heads_protocol import HeadsRequest, HeadsResult
+    from workers.protocol import Heartbeat, ProtocolError
+
+    req = HeadsRequest("r1", "vqa", "mv", SHA, question="why?", top=3, deadline_ms=5)
+    fields = {k.encode(): v.encode() for k, v in req.to_fields().items()}
+    assert HeadsRequest.from_fields(fields) == req
+    with pytest.raises(ProtocolError, match="needs a question"):
+        HeadsRequest("r2", "vqa", "mv", SHA)
+    with pytest.raises(ProtocolError, match="task must be one of"):
+        HeadsRequest.from_fields({**req.to_fields(), "task": "draw"})
+    with pytest.raises(ProtocolError, match="malformed"):
+        HeadsRequest.from_fields({"request_id": "r3"})
+    res = HeadsResult("r1", "ok", answers=[("yes", 0.5)], attention=[[0.25] * 4])
+    assert HeadsResult.from_json(res.to_json()) == res
+    with pytest.raises(ProtocolError, match="bad heads result status"):
+        HeadsResult.from_json('{"request_id": "r1", "status": "maybe"}')
+    old = '{"worker_id": "w", "host": "h", "pid": 1, "device": "cpu"}'
+    assert Heartbeat.from_json(old).heads == ()
+    beat = Heartbeat("w", "h", 1, "cpu", heads=("caption",))
+    assert Heartbeat.from_json(beat.to_json()) == beat
