@@ -30,9 +30,23 @@ def register(subparsers: Any) -> None:
     )
     extract.set_defaults(handler=run_extract)
 
-    show = subparsers.add_parser("show", help="draw an image's regions with their labels")
+    show = subparsers.add_parser(
+        "show",
+        help="draw an image's regions with their labels, or a captioner's attention per word",
+    )
     show.add_argument("image", type=Path, metavar="IMAGE")
     show.add_argument("--out", required=True, type=Path, metavar="PNG")
+    show.add_argument(
+        "--attention",
+        action="store_true",
+        help="caption the regions with --captioner and draw one panel per word, "
+        "regions shaded by their attention weight",
+    )
+    show.add_argument(
+        "--captioner", type=Path, metavar="DIR", help="trained caption head (DIR/last.pt)"
+    )
+    show.add_argument("--beam-size", type=int, default=5, metavar="N")
+    show.add_argument("--max-len", type=int, default=20, metavar="T")
     _model_arguments(show)
     show.set_defaults(handler=run_show)
 
@@ -114,10 +128,45 @@ def run_show(args: argparse.Namespace) -> int:
     from detector.show import draw_regions
     from store.images import decode_image
 
+    if args.attention and args.captioner is None:
+        print("butd show --attention needs --captioner DIR", file=sys.stderr)
+        return 2
     image = decode_image(args.image.read_bytes())
     extractor = _load_extractor(args)
     record = extractor.extract([image], [args.image.name])[0]
     spec = extractor.spec
+    if args.attention:
+        return _show_attention(args, image, record)
     draw_regions(image, record, spec.objects_vocab, spec.attributes_vocab).save(args.out)
     print(f"{args.out}: {record.num_boxes} regions ({spec.description})")
+    return 0
+
+
+def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
+    """Caption ``record`` with the head at ``args.captioner``; save one panel per word."""
+    from PIL import Image
+
+    from heads.inference import caption, load_head
+    from heads.visualise import attention_panels
+
+    model, meta = load_head(args.captioner)
+    if meta.get("task") != "caption":
+        print(f"{args.captioner} is a {meta.get('task')} head, not a captioner", file=sys.stderr)
+        return 2
+    dim = int(meta["config"]["feature_dim"])
+    if dim != record.features.shape[1]:
+        print(
+            f"{args.captioner} expects {dim}-d features; the detector gives "
+            f"{record.features.shape[1]}-d",
+            file=sys.stderr,
+        )
+        return 2
+    result = caption(model, meta, record, beam_size=args.beam_size, max_len=args.max_len)
+    if not result.words:
+        print(f"{args.captioner} produced an empty caption; nothing to draw", file=sys.stderr)
+        return 1
+    weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
+    grid = attention_panels(image, record.boxes, result.words, weights)
+    Image.fromarray(grid[..., ::-1]).save(args.out)
+    print(f"{args.out}: {' '.join(result.words)} ({len(result.words)} panels)")
     return 0
