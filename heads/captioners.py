@@ -118,7 +118,7 @@ class SATCore(nn.Module):
 
     e_ti = w_attᵀ tanh(W_a a_i + W_h h_{t-1} + b); ẑ_t = β_t Σ α_ti a_i, β_t = σ(f_β(h_{t-1}));
     LSTM input [E y_{t-1}; ẑ_t]; p ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t)).
-    h_0, c_0 = tanh(f_init(mean a)). The doubly stochastic penalty is in ``heads.losses``.
+    h_0, c_0 = tanh(f_init(mean a)). The doubly stochastic penalty is in ``heads.objectives``.
     """
 
     def __init__(self, vocab_size: int, cfg: CaptionerConfig) -> None:

@@ -40,15 +40,22 @@ def caption_xe_loss(
     targets: torch.Tensor,
     ds_lambda: float = 0.0,
 ) -> torch.Tensor:
-    """Token-mean cross-entropy (ignoring <pad>) plus λ × the doubly stochastic penalty."""
+    """Token-mean cross-entropy (ignoring <pad>) plus λ × the doubly stochastic penalty.
+
+    Xu et al. add λ × penalty to the caption's SUMMED negative log-likelihood (arctic
+    ``capgen.py``: per-sentence cost, α_c = 1). The cross-entropy here is a token mean, so the
+    penalty is divided by the mean caption length to keep the paper's ratio; without that it was
+    ~T times too strong and spread attention evenly over the regions instead of binding.
+    """
     out = model(regions, inputs)
     loss = nn.functional.cross_entropy(
         out.logits.flatten(0, 1), targets.flatten(), ignore_index=PAD
     )
     if ds_lambda > 0:
-        loss = loss + ds_lambda * doubly_stochastic_penalty(
-            out.alphas, regions.mask, targets != PAD
-        )
+        steps = targets != PAD  # (B, T)
+        tokens_per_caption = steps.sum(1).float().mean().clamp(min=1.0)
+        penalty = doubly_stochastic_penalty(out.alphas, regions.mask, steps)
+        loss = loss + ds_lambda * penalty / tokens_per_caption
     return loss
 
 

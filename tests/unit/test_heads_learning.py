@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from heads.benchmark import run_vqa, vqa_task
+from heads.benchmark import run_vqa, vqa_model, vqa_task
 from heads.captioners import CaptionerConfig
 from heads.decoding import Captioner
-from heads.objectives import caption_xe_loss
+from heads.objectives import caption_xe_loss, vqa_loss
 from heads.regions import RegionBatch
 from heads.train import TrainSettings, fit
 
@@ -52,3 +52,32 @@ def test_updown_vqa_binds_colour_to_shape_and_beats_mean_pool() -> None:
     assert attn["color"] >= 90.0, attn
     assert attn["att_hit"] > 90.0, attn
     assert attn["color"] > pooled["color"] + 25.0, (attn, pooled)
+
+
+def test_ban_glimpse_attention_entropy_falls_during_training() -> None:
+    """heads-reference §10.1 item 7: each glimpse's joint K×L attention map sharpens."""
+    task = vqa_task(32, 200, 20, seed=2)
+    torch.manual_seed(0)
+    model = vqa_model("ban2", task, 48)
+    ex, regions = task.train, task.train_regions
+    idx = torch.arange(400)
+
+    def entropy() -> torch.Tensor:
+        """Mean entropy (nats) of each glimpse's map over the probe questions: (G,)."""
+        model.eval()
+        with torch.no_grad():
+            maps = model(regions.select(ex.image_rows[idx]), ex.questions[idx]).attention
+        p = maps.flatten(2)  # (B, G, K·L), each row sums to 1
+        return -torch.special.xlogy(p, p).sum(-1).mean(0)
+
+    before = entropy()
+    fit(
+        model,
+        lambda i: vqa_loss(model, regions, ex, i),
+        len(ex),
+        TrainSettings("adam", 300, 64, 1e-3),
+        progress=False,
+    )
+    after = entropy()
+    assert before.shape == (2,)
+    assert (after < before - 0.3).all(), (before, after)

@@ -9,10 +9,10 @@ from heads.captioners import CaptionerConfig
 from heads.counter import Counter
 from heads.decoding import Captioner
 from heads.metrics.captions import CiderD
-from heads.objectives import doubly_stochastic_penalty, scst_loss
+from heads.objectives import caption_xe_loss, doubly_stochastic_penalty, scst_loss
 from heads.regions import RegionBatch
 from heads.train import TrainSettings, lr_factor
-from heads.vocab import Vocabulary
+from heads.vocab import PAD, Vocabulary
 
 torch.set_num_threads(1)
 
@@ -54,6 +54,27 @@ def test_doubly_stochastic_penalty_ignores_padding_and_padded_steps() -> None:
     steps = torch.tensor([[True, True, False]])
     # coverage over real steps = (1.5, 0.5, 0) -> (1-1.5)² + (1-0.5)² on the 2 real regions
     assert float(doubly_stochastic_penalty(alphas, mask, steps)) == pytest.approx(0.5)
+
+
+def test_xe_loss_weighs_the_penalty_against_the_summed_nll_as_in_the_paper() -> None:
+    """Xu et al.: −Σ_t log p + λ·penalty. With a token-mean XE the penalty is divided by the
+    mean caption length (6 real tokens here), not added at ~T× the paper's strength."""
+    torch.manual_seed(0)
+    b, k, d, v = 2, 3, 8, 12
+    regions = RegionBatch(
+        torch.rand(b, k, d), torch.ones(b, k, dtype=torch.bool), torch.zeros(b, k, 4),
+        torch.zeros(b, k, 6), ("0", "1"),
+    )  # fmt: skip
+    targets = torch.tensor([[4, 5, 6, 7, 2, PAD, PAD], [4, 5, 6, 7, 8, 9, 2]])  # 5 and 7 tokens
+    inputs = torch.cat([torch.ones(b, 1, dtype=torch.long), targets[:, :-1]], 1)
+    model = Captioner(v, CaptionerConfig("sat", "additive", d, 16, 8, 8, init_std=0.0)).eval()
+    with torch.no_grad():
+        alphas = model(regions, inputs).alphas
+        penalty = doubly_stochastic_penalty(alphas, regions.mask, targets != PAD)
+        xe = caption_xe_loss(model, regions, inputs, targets)
+        total = caption_xe_loss(model, regions, inputs, targets, ds_lambda=2.0)
+    assert float(penalty) > 0.5  # 6 steps over 3 regions: coverage ≈ 2, far from 1
+    assert float(total - xe) == pytest.approx(2.0 * float(penalty) / 6.0, rel=1e-5)
 
 
 def test_scst_loss_weights_beam_captions_by_centred_cider() -> None:
