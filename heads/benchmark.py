@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
 VQA_HEADS = ("blind", "mean_pool", "updown", "updown_relu", "ban2", "ban2_counter")
-CAPTION_HEADS = ("blind", "mean_pool", "updown", "sat", "adaptive")
+CAPTION_HEADS = ("blind", "mean_pool", "updown", "sat", "adaptive", "adaptive_spatial")
 
 
 @dataclass(frozen=True)
@@ -177,14 +177,16 @@ def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTa
 
 
 def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
-    """A captioner of ``CAPTION_HEADS`` sized for CPU (att hidden = hidden / 2)."""
-    kind = name if name in ("sat", "adaptive") else "updown"
+    """A captioner of ``CAPTION_HEADS`` sized for CPU (att hidden = hidden / 2).
+
+    ``adaptive_spatial`` is adaptive attention without the visual sentinel (Lu et al.'s
+    "spatial attention" ablation); ``sat_nopenalty`` is SAT trained with λ = 0.
+    """
+    kind = name.split("_")[0] if name.startswith(("sat", "adaptive")) else "updown"
     attention = "uniform" if name == "mean_pool" else "additive"
     d = task.train_regions.features.shape[2]
-    return Captioner(
-        len(task.vocab),
-        CaptionerConfig(kind, attention, d, hidden, hidden // 2, hidden, init_std=0.0),
-    )
+    cfg = CaptionerConfig(kind, attention, d, hidden, hidden // 2, hidden, init_std=0.0)
+    return Captioner(len(task.vocab), replace(cfg, sentinel=name != "adaptive_spatial"))
 
 
 def run_caption(

@@ -45,6 +45,7 @@ class CaptionerConfig:
     att_dim: int = 512  # H, attention hidden units
     embed_dim: int = 1000  # E, word embedding
     init_std: float = 0.01  # Caffe gaussian filler; 0 keeps PyTorch's default init
+    sentinel: bool = True  # adaptive only; False is Lu et al.'s "spatial attention" ablation
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class AdaptiveCore(nn.Module):
     s_t = σ(W_x x_t + W_h h_{t-1}) ∘ tanh(m_t);
     α̂ = softmax([z_t; w_hᵀ tanh(W_s s_t + W_g h_t)]), β_t = α̂_{K+1};
     ĉ_t = Σ_i α̂_i v_i + β_t s_t; p = softmax(W_p(ĉ_t + h_t)).
+
+    With ``cfg.sentinel`` False it is the paper's "spatial attention" ablation: ĉ_t = Σ_i α_i v_i
+    (softmax over the regions only) and beta None.
     """
 
     def __init__(self, vocab_size: int, cfg: CaptionerConfig) -> None:
@@ -177,6 +181,7 @@ class AdaptiveCore(nn.Module):
         self.sentinel_proj = nn.Linear(m, cfg.att_dim, bias=False)  # W_s
         self.out = nn.Linear(m, vocab_size)
         self.uniform = cfg.attention == "uniform"
+        self.use_sentinel = cfg.sentinel
         self.lstm_dim = m
 
     def start(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[State, Cache]:
@@ -196,10 +201,14 @@ class AdaptiveCore(nn.Module):
         h_prev, c_prev = state
         x = torch.cat([self.embed(tokens), cache["global"]], dim=1)
         h, c = self.lstm(x, (h_prev, c_prev))
-        sentinel = torch.sigmoid(self.gate_x(x) + self.gate_h(h_prev)) * torch.tanh(c)
         z = self.attention.logits(h, cache["proj"])  # (B, K)
         if self.uniform:
             z = torch.zeros_like(z)
+        if not self.use_sentinel:
+            alpha = masked_softmax(z, cache["mask"])
+            c_hat = torch.bmm(alpha.unsqueeze(1), cache["v"]).squeeze(1)
+            return StepOutput(self.out(c_hat + h), (h, c), alpha, None)
+        sentinel = torch.sigmoid(self.gate_x(x) + self.gate_h(h_prev)) * torch.tanh(c)
         g = self.attention.query_proj(h)
         z_s = self.attention.score(torch.tanh(self.sentinel_proj(sentinel) + g))  # (B, 1)
         mask = cache["mask"]

@@ -49,7 +49,10 @@ def _pad_and_shuffle(r: RegionBatch, extra: int, seed: int) -> RegionBatch:
 
 def _captioner(kind: str, attention: str = "additive") -> Captioner:
     torch.manual_seed(0)
-    cfg = CaptionerConfig(kind, attention, D, lstm_dim=16, att_dim=8, embed_dim=12, init_std=0.1)
+    cfg = CaptionerConfig(
+        kind.split("_")[0], attention, D, lstm_dim=16, att_dim=8, embed_dim=12, init_std=0.1,
+        sentinel=kind != "adaptive_spatial",
+    )  # fmt: skip
     return Captioner(V, cfg).eval()
 
 
@@ -58,6 +61,7 @@ CAPTIONERS = [
     ("updown", "uniform"),
     ("sat", "additive"),
     ("adaptive", "additive"),
+    ("adaptive_spatial", "additive"),  # Lu et al.'s ablation without the sentinel
 ]
 
 
@@ -110,9 +114,15 @@ def test_repetition_constraint_only_lets_stop_words_repeat() -> None:
 
 def test_adaptive_sentinel_beta_in_unit_interval() -> None:
     model, r = _captioner("adaptive"), _regions()
-    out = model(r, torch.randint(4, V, (3, 5)))
+    inputs = torch.randint(4, V, (3, 5))
+    out = model(r, inputs)
     assert out.betas is not None and out.betas.shape == (3, 5)
     assert torch.all((out.betas > 0) & (out.betas < 1))
+    spatial = _captioner("adaptive_spatial")
+    spatial.load_state_dict(model.state_dict())  # same weights, sentinel switched off
+    no_sentinel = spatial(r, inputs)
+    assert no_sentinel.betas is None
+    assert not torch.allclose(no_sentinel.logits, out.logits)
 
 
 VQA_HEADS = [
