@@ -150,15 +150,23 @@ class HeadsServer(threading.Thread):
     def run(self) -> None:
         """Read, answer, ack; Redis errors are logged and retried after a pause."""
         log.info("heads server %s: serving %s", self.consumer, sorted(self.heads))
+        group_ok = False  # (re)created after a start or an outage (Redis may have lost it)
         while not self.stopping.is_set():
             try:
-                ensure_heads_group(self.r)
+                if not group_ok:
+                    ensure_heads_group(self.r)
+                    group_ok = True
                 for entry in q.read_entries(
                     self.r, [HEADS_STREAM], self.consumer, count=1, block_ms=self.block_ms
                 ):
                     self.handle(entry)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 log.warning("heads server: redis unreachable (%s); retrying", exc)
+                group_ok = False
+                self.stopping.wait(1.0)
+            except Exception:  # e.g. NOGROUP after Redis lost its data: never die silently
+                log.exception("heads server: unexpected error; retrying")
+                group_ok = False
                 self.stopping.wait(1.0)
         self.readers.close()
 
