@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from heads.ban import BAN, BANConfig
-from heads.captioners import CaptionerConfig
+from heads.captioners import AdaptiveCore, CaptionerConfig
 from heads.data import (
     CaptionExamples,
     CaptionItem,
@@ -45,7 +45,9 @@ from heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
 VQA_HEADS = ("blind", "mean_pool", "updown", "updown_relu", "ban2", "ban2_counter")
-CAPTION_HEADS = ("blind", "mean_pool", "updown", "sat", "adaptive", "adaptive_spatial")
+CAPTION_HEADS = (
+    "blind", "mean_pool", "updown", "sat", "adaptive", "adaptive_spatial", "adaptive_warmup",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,8 @@ def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
     """A captioner of ``CAPTION_HEADS`` sized for CPU (att hidden = hidden / 2).
 
     ``adaptive_spatial`` is adaptive attention without the visual sentinel (Lu et al.'s
-    "spatial attention" ablation); ``sat_nopenalty`` is SAT trained with λ = 0.
+    "spatial attention" ablation); ``adaptive_warmup`` trains the first half of the updates
+    without the sentinel, then with it (``run_caption``); ``sat_nopenalty`` is SAT with λ = 0.
     """
     kind = name.split("_")[0] if name.startswith(("sat", "adaptive")) else "updown"
     attention = "uniform" if name == "mean_pool" else "additive"
@@ -205,14 +208,19 @@ def run_caption(
     if name == "blind":
         train_r, val_r = train_r.zeroed(), val_r.zeroed()
     lam = 1.0 if name == "sat" else 0.0
-    settings = TrainSettings("adam", steps, batch, lr, seed=seed)
-    fit(
-        model,
-        lambda idx: caption_batch_loss(model, train_r, task.train, idx, lam),
-        len(task.train),
-        settings,
-        progress=False,
-    )
+    warmup = steps // 2 if name == "adaptive_warmup" else 0
+    for phase_steps, sentinel in ((warmup, False), (steps - warmup, True)):
+        if phase_steps == 0:
+            continue
+        if isinstance(model.core, AdaptiveCore):
+            model.core.use_sentinel = sentinel and name != "adaptive_spatial"
+        fit(
+            model,
+            lambda idx: caption_batch_loss(model, train_r, task.train, idx, lam),
+            len(task.train),
+            TrainSettings("adam", phase_steps, batch, lr, seed=seed),
+            progress=False,
+        )
     caps = caption_decode(model, val_r, list(range(len(task.val_scenes))), task.vocab, max_len=24)
     return caption_scores(caps, task)
 

@@ -6,13 +6,16 @@ versions that must pass in well under a minute each on one CPU thread.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
-from heads.benchmark import run_vqa, vqa_model, vqa_task
-from heads.captioners import CaptionerConfig
+from heads.benchmark import caption_model, caption_task, run_vqa, vqa_model, vqa_task
+from heads.captioners import AdaptiveCore, CaptionerConfig
 from heads.decoding import Captioner
-from heads.objectives import caption_xe_loss, vqa_loss
+from heads.objectives import caption_batch_loss, caption_xe_loss, vqa_loss
 from heads.regions import RegionBatch
+from heads.synth import COLORS, SHAPES
 from heads.train import TrainSettings, fit
 
 torch.set_num_threads(1)
@@ -52,6 +55,37 @@ def test_updown_vqa_binds_colour_to_shape_and_beats_mean_pool() -> None:
     assert attn["color"] >= 90.0, attn
     assert attn["att_hit"] > 90.0, attn
     assert attn["color"] > pooled["color"] + 25.0, (attn, pooled)
+
+
+def test_adaptive_sentinel_gate_is_higher_on_function_words_than_on_colours_and_shapes() -> None:
+    """heads-reference §10.1 item 6: β_t, the weight on the visual sentinel, is high where the
+    next word is a function word and low where it is a colour or a shape. Trained as the
+    benchmark's ``adaptive_warmup``: half the updates without the sentinel, then with it (trained
+    jointly from the start, β collapses to ≈ 1 on every word; docs/heads.md)."""
+    task = caption_task(32, 200, 20, seed=1)
+    torch.manual_seed(0)
+    model = caption_model("adaptive", task, 48)
+    core = cast(AdaptiveCore, model.core)
+    ex, regions = task.train, task.train_regions
+    for sentinel in (False, True):
+        core.use_sentinel = sentinel
+        fit(
+            model,
+            lambda idx: caption_batch_loss(model, regions, ex, idx),
+            len(ex),
+            TrainSettings("adam", 125, 50, 3e-3),
+            progress=False,
+        )
+    model.eval()
+    idx = torch.arange(300)
+    with torch.no_grad():
+        betas = model(regions.select(ex.image_rows[idx]), ex.inputs[idx]).betas
+    assert betas is not None
+    targets = ex.targets[idx]
+    function = torch.isin(targets, torch.tensor(task.vocab.ids_of(["a", "and", ","])))
+    content = torch.isin(targets, torch.tensor(task.vocab.ids_of([*COLORS, *SHAPES])))
+    beta_function, beta_content = float(betas[function].mean()), float(betas[content].mean())
+    assert beta_function > 0.2 and beta_content < 0.1, (beta_function, beta_content)
 
 
 def test_ban_glimpse_attention_entropy_falls_during_training() -> None:
