@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from heads.ban import BAN, BANConfig
-from heads.captioners import CaptionerConfig
+from heads.captioners import AdaptiveCore, CaptionerConfig
 from heads.data import (
     build_answer_set,
     caption_examples,
@@ -134,14 +134,22 @@ def train_caption(args: argparse.Namespace) -> None:
     meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
     args.out.mkdir(parents=True, exist_ok=True)
     lam = 1.0 if cfg.kind == "sat" else 0.0
-    fit(
-        model,
-        lambda idx: caption_batch_loss(model, regions, ex, idx, lam),
-        len(ex),
-        settings,
-        args.out,
-        meta,
-    )
+    core = model.core
+    # Adaptive attention: the first half without the visual sentinel, which otherwise takes
+    # every word before the region attention has learnt anything (docs/heads.md, benchmark).
+    phases = [(args.steps // 2, False), (args.steps, True)]
+    for until, sentinel in phases if isinstance(core, AdaptiveCore) else [(args.steps, True)]:
+        if isinstance(core, AdaptiveCore):
+            core.use_sentinel = sentinel and cfg.sentinel
+        fit(
+            model,
+            lambda idx: caption_batch_loss(model, regions, ex, idx, lam),
+            len(ex),
+            settings,
+            args.out,
+            meta,
+            until=until,
+        )
     if args.scst_steps > 0:
         _scst(model, regions, ex.references, vocab, args, meta)
 

@@ -119,8 +119,14 @@ def fit(
     out_dir: Path | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = True,
+    until: int | None = None,
 ) -> list[float]:
     """Run ``s.steps`` updates of ``loss_fn(example_indices)``; resumes from ``out_dir/last.pt``.
+
+    Args:
+        until: stop (and checkpoint) after this many updates instead of ``s.steps``; the lr
+            schedule still spans ``s.steps``. A later call resumes from there, so a run can be
+            split into phases (the adaptive captioner's sentinel warm-up).
 
     Returns:
         the loss of every step run in this call.
@@ -137,8 +143,9 @@ def fit(
     order = torch.randperm(num_examples, generator=gen)
     pos, losses = 0, []
     model.train()
+    end = s.steps if until is None else min(until, s.steps)
     for step in tqdm(
-        range(start, s.steps), disable=not progress, desc="train", initial=start, total=s.steps
+        range(start, end), disable=not progress, desc="train", initial=start, total=s.steps
     ):
         if pos + s.batch_size > num_examples:
             order, pos = torch.randperm(num_examples, generator=gen), 0
@@ -156,9 +163,9 @@ def fit(
             raise FloatingPointError(f"loss became {losses[-1]} at step {step}")
         done = step + 1
         if last is not None and (
-            done == s.steps or (s.checkpoint_every and done % s.checkpoint_every == 0)
+            done == end or (s.checkpoint_every and done % s.checkpoint_every == 0)
         ):
             save_checkpoint(last, model, opt, done, meta)
     if losses:
-        logger.info("trained steps %d..%d, last loss %.4f", start, s.steps, losses[-1])
+        logger.info("trained steps %d..%d, last loss %.4f", start, end, losses[-1])
     return losses

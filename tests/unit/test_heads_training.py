@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from heads.captioners import CaptionerConfig
 from heads.counter import Counter
@@ -11,7 +14,7 @@ from heads.decoding import Captioner
 from heads.metrics.captions import CiderD
 from heads.objectives import caption_xe_loss, doubly_stochastic_penalty, scst_loss
 from heads.regions import RegionBatch
-from heads.train import TrainSettings, lr_factor
+from heads.train import TrainSettings, fit, lr_factor
 from heads.vocab import PAD, Vocabulary
 
 torch.set_num_threads(1)
@@ -46,6 +49,24 @@ def test_schedules() -> None:
     assert lr_factor(poly, 0) == 1.0 and lr_factor(poly, 500) == pytest.approx(0.5)
     assert lr_factor(TrainSettings("scst_caffe"), 1000) == pytest.approx(0.99975**1000)
     assert lr_factor(TrainSettings("selfcritical", steps_per_epoch=10), 35) == pytest.approx(0.8)
+
+
+def test_fit_until_stops_and_the_next_call_resumes_on_the_same_schedule(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(3, 1), torch.randn(20, 3), torch.randn(20, 1)
+
+    def loss(idx: torch.Tensor) -> torch.Tensor:
+        return ((model(x[idx]) - y[idx]) ** 2).mean()
+
+    s = TrainSettings("updown_caffe", steps=10, batch_size=5, checkpoint_every=0)
+    first = fit(model, loss, 20, s, tmp_path, progress=False, until=4)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert len(first) == 4 and ckpt["step"] == 4
+    # The poly schedule spans all 10 steps: the last update ran at 0.01 × (1 − 3/10).
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.007)
+    assert fit(model, loss, 20, s, tmp_path, progress=False, until=3) == []  # already past
+    rest = fit(model, loss, 20, s, tmp_path, progress=False)
+    assert len(rest) == 6 and torch.load(tmp_path / "last.pt", weights_only=False)["step"] == 10
 
 
 def test_doubly_stochastic_penalty_ignores_padding_and_padded_steps() -> None:
