@@ -146,11 +146,12 @@ def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
     """Caption ``record`` with the head at ``args.captioner``; save one panel per word."""
     from PIL import Image
 
+    from heads.decoding import Captioner
     from heads.inference import caption, load_head
     from heads.visualise import attention_panels
 
     model, meta = load_head(args.captioner)
-    if meta.get("task") != "caption":
+    if not isinstance(model, Captioner):
         print(f"{args.captioner} is a {meta.get('task')} head, not a captioner", file=sys.stderr)
         return 2
     dim = int(meta["config"]["feature_dim"])
