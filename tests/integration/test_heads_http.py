@@ -11,9 +11,7 @@ must be the stored ones.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from service.settings import Settings
 from store.index import FeatureIndex
 from store.records import FeatureRecord
 from store.shards import ShardReaders
+from tests.heads_data import write_heads_dataset
 from tests.integration.test_gateway import WorkerProc, image_bytes, wait_ready
 from tests.redis_proc import RedisProcess
 
@@ -37,29 +36,10 @@ D = 256  # tests.tiny_weights: tiny_arch().feature_dim
 
 def _train_heads(root: Path) -> tuple[Path, Path]:
     """Synthetic features and annotations, then one tiny caption and one tiny VQA head."""
-    from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
     from service.cli.main import main
-    from store.h5 import write_feature_file
 
-    scenes = make_scenes(SynthWorld(D, seed=0), 8, seed=1, max_objects=3)
-    feats = root / "f.h5"
-    write_feature_file(feats, [s.record for s in scenes], model_version="synthetic", feature_dim=D)
-    rng = random.Random(0)
-    images = [
-        {"split": "train", "cocoid": s.record.image_id,
-         "sentences": [{"raw": c, "tokens": c.split()} for c in scene_captions(s, rng)]}
-        for s in scenes
-    ]  # fmt: skip
-    (root / "karpathy.json").write_text(json.dumps({"images": images}))
-    qs = make_questions(scenes, seed=2)
-    questions = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "question": q.text}
-                 for i, q in enumerate(qs)]  # fmt: skip
-    anns = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "answer_type": q.qtype,
-             "question_type": q.qtype, "multiple_choice_answer": q.answer,
-             "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(q.human_answers)]}
-            for i, q in enumerate(qs)]  # fmt: skip
-    (root / "q.json").write_text(json.dumps({"questions": questions}))
-    (root / "a.json").write_text(json.dumps({"annotations": anns}))
+    data = write_heads_dataset(root, dim=D, scenes=8)
+    feats = data["features"]
     tiny = ["--steps", "3", "--hidden", "16", "--batch-size", "4", "--min-count", "1"]
     cap, vqa = root / "cap", root / "vqa"
     common = ["heads", "train"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,9 @@ import pytest
 import torch
 
 from heads.data import build_answer_set, read_coco_captions, read_karpathy, read_vqa, vqa_examples
-from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
 from heads.visualise import attention_panels
 from heads.vocab import EOS, PAD, Vocabulary, left_pad, pad_captions, tokenize_question
+from tests.heads_data import write_heads_dataset
 
 torch.set_num_threads(1)
 
@@ -22,31 +21,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """12 simulated scenes as a ragged feature file + Karpathy and VQA v2 JSON files."""
-    from store.h5 import write_feature_file
-
-    root = tmp_path_factory.mktemp("heads")
-    scenes = make_scenes(SynthWorld(32, seed=0), 12, seed=1, max_objects=3)
-    write_feature_file(
-        root / "f.h5", [s.record for s in scenes], model_version="synthetic", feature_dim=32
-    )
-    rng = random.Random(0)
-    images = [
-        {"split": "train", "cocoid": s.record.image_id,
-         "sentences": [{"raw": c, "tokens": c.split()} for c in scene_captions(s, rng)]}
-        for s in scenes
-    ]  # fmt: skip
-    (root / "karpathy.json").write_text(json.dumps({"images": images}))
-    qs = make_questions(scenes, seed=2)
-    questions = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "question": q.text}
-                 for i, q in enumerate(qs)]  # fmt: skip
-    anns = [{"question_id": i, "image_id": scenes[q.scene].record.image_id, "answer_type": q.qtype,
-             "question_type": q.qtype, "multiple_choice_answer": q.answer,
-             "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(q.human_answers)]}
-            for i, q in enumerate(qs)]  # fmt: skip
-    (root / "q.json").write_text(json.dumps({"questions": questions}))
-    (root / "a.json").write_text(json.dumps({"annotations": anns}))
-    return {"root": root, "features": root / "f.h5", "karpathy": root / "karpathy.json",
-            "questions": root / "q.json", "annotations": root / "a.json"}  # fmt: skip
+    return write_heads_dataset(tmp_path_factory.mktemp("heads"), dim=32, scenes=12)
 
 
 def test_readers_and_soft_targets(dataset: dict[str, Path]) -> None:
