@@ -144,13 +144,16 @@ def _extract_chunk(
     boxes: dict[str, np.ndarray],
 ) -> list[FeatureRecord]:
     """Detected regions, or the caller's boxes for images named in the boxes file."""
-    given = [(it, im) for it, im in decoded if _boxes_for(it, boxes) is not None]
-    free = [(it, im) for it, im in decoded if _boxes_for(it, boxes) is None]
-    records = extractor.extract([im for _, im in free], [it.image_id for it, _ in free])
-    for item, image in given:
+    free: list[tuple[ImageItem, np.ndarray]] = []
+    given: list[tuple[ImageItem, np.ndarray, np.ndarray]] = []
+    for item, image in decoded:
         item_boxes = _boxes_for(item, boxes)
-        assert item_boxes is not None
-        records.append(extractor.extract_with_boxes(image, item_boxes, item.image_id))
+        if item_boxes is None:
+            free.append((item, image))
+        else:
+            given.append((item, image, item_boxes))
+    records = extractor.extract([im for _, im in free], [it.image_id for it, _ in free])
+    records += [extractor.extract_with_boxes(im, b, it.image_id) for it, im, b in given]
     return records
 
 
