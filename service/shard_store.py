@@ -30,7 +30,8 @@ from typing import Any
 from service.backend import StoredRecord
 from service.errors import NotFoundError
 from store.exporters import EXPORTERS
-from store.h5 import FeatureFile, write_feature_file
+from store.h5 import FeatureFile
+from store.h5_writer import write_feature_file
 from store.index import FeatureIndex
 from store.records import FeatureRecord
 from store.shards import (

@@ -35,7 +35,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from store.h5 import FeatureFile, FeatureFileWriter
+from store.h5 import FeatureFile
+from store.h5_writer import FeatureFileWriter
 from store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)

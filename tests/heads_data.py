@@ -1,6 +1,6 @@
 """A tiny caption / VQA dataset on simulated region features, in the formats users bring.
 
-Writes a ragged feature file (``store.h5``), a Karpathy-split caption file and VQA v2
+Writes a ragged feature file (``store.h5`` layout), a Karpathy-split caption file and VQA v2
 questions / annotations for ``n`` simulated scenes (``heads.synth``), for the tests of the heads
 command line and of the HTTP heads endpoints.
 """
@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
-from store.h5 import write_feature_file
+from store.h5_writer import write_feature_file
 
 
 def write_heads_dataset(root: Path, *, dim: int, scenes: int) -> dict[str, Path]:

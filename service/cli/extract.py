@@ -87,7 +87,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from detector.files import extract_files, find_images, load_boxes_file
-    from store.h5 import FeatureFileWriter
+    from store.h5_writer import FeatureFileWriter
 
     items = find_images(args.paths)
     boxes = load_boxes_file(args.boxes) if args.boxes else None

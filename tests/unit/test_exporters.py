@@ -21,7 +21,8 @@ from store.exporters import (
     imgid2idx_path,
     npz_name,
 )
-from store.h5 import FeatureFile, write_feature_file
+from store.h5 import FeatureFile
+from store.h5_writer import write_feature_file
 from store.readers import (
     read_h5_dense,
     read_h5_ragged,

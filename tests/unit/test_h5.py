@@ -9,7 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from store.h5 import FeatureFile, FeatureFileError, FeatureFileWriter, write_feature_file
+from store.h5 import FeatureFile, FeatureFileError
+from store.h5_writer import FeatureFileWriter, write_feature_file
 from store.records import FeatureRecord
 
 MV = "mv-test-1"
