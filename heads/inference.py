@@ -4,8 +4,12 @@ A checkpoint (``DIR/last.pt``, written by ``heads.train.fit``) carries in ``meta
 ("caption" | "vqa"), ``head``, ``config`` (the dataclass as a dict), ``vocab`` (word list),
 ``answers`` (VQA) and ``l2_normalise``.
 
+Devices: ``load_head(path, device=...)`` puts the head on a device; ``caption`` and ``answer``
+build every input tensor (regions, tokens) on the device of the head's parameters and return
+CPU tensors and Python numbers, wherever the head runs.
+
 Shape glossary:
-    K   regions,  T   words
+    K   regions,  T   words,  L   question tokens
 """
 
 from __future__ import annotations
@@ -38,20 +42,33 @@ def build_head(meta: dict[str, Any]) -> nn.Module:
     return UpDownVQA(v, n, VQAConfig(**meta["config"]))
 
 
-def load_head(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Model (eval mode) and meta from ``DIR`` or ``DIR/last.pt``."""
+def load_head(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Model (eval mode, on ``device``) and meta from ``DIR`` or ``DIR/last.pt``.
+
+    Args:
+        path: a checkpoint directory (``butd heads train --out DIR``) or its ``last.pt``.
+        device: torch device the head is moved to ("cpu", "cuda", "cuda:1").
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     model = build_head(ckpt["meta"])
     model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt["meta"]
+    return model.to(device).eval(), ckpt["meta"]
+
+
+def head_device(model: nn.Module) -> torch.device:
+    """The device of the head's parameters (CPU for a head without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 @dataclass(frozen=True)
 class CaptionResult:
-    """caption words, log-prob of the caption, attention (T, K) per word over the regions."""
+    """caption words, log-prob of the caption, attention (T, K) f32 on the CPU per word."""
 
     words: list[str]
     log_prob: float
@@ -66,19 +83,24 @@ def caption(
     beam_size: int = 5,
     max_len: int = 20,
 ) -> CaptionResult:
-    """Beam search with Anderson's stop-word rule; attention from re-running the caption."""
+    """Beam search with Anderson's stop-word rule; attention from re-running the caption.
+
+    Runs on the head's device (``head_device``); the result is on the CPU.
+    """
+    device = head_device(model)
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", False)))
+    regions = regions.to(device)
     decoded = model.beam_search(regions, beam_size, max_len, vocab.ids_of(ALLOWED_MULTIPLE))
     ids = strip_tokens(decoded.tokens[:, 0])[0]
-    inputs = torch.tensor([[BOS, *ids]])
+    inputs = torch.tensor([[BOS, *ids]], device=device)
     alphas = model(regions, inputs).alphas[0, : len(ids)]  # (T, K)
-    return CaptionResult(vocab.decode(ids), float(decoded.log_probs[0, 0]), alphas)
+    return CaptionResult(vocab.decode(ids), float(decoded.log_probs[0, 0]), alphas.cpu())
 
 
 @dataclass(frozen=True)
 class Answer:
-    """Top answers with sigmoid scores, and the attention over regions (K,)."""
+    """Top answers with sigmoid scores, and the attention over regions (K,) on the CPU."""
 
     answers: list[tuple[str, float]]
     attention: torch.Tensor
@@ -88,17 +110,17 @@ class Answer:
 def answer(
     model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5
 ) -> Answer:
-    """Answer one question about one image."""
+    """Answer one question about one image, on the head's device (``head_device``)."""
+    device = head_device(model)
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", True)))
-    q = torch.tensor(
-        [left_pad(vocab.encode(tokenize_question(question)), int(meta.get("max_question", 14)))]
-    )
+    regions = regions.to(device)
+    tokens = left_pad(vocab.encode(tokenize_question(question)), int(meta.get("max_question", 14)))
+    q = torch.tensor([tokens], device=device)  # (1, L)
     out = model(regions, q)
     probs = torch.sigmoid(out.logits[0])
     best = probs.topk(min(top, probs.numel()))
     att = out.attention[0] if out.attention.dim() == 2 else out.attention[0].sum(dim=(0, 2))
     names: Sequence[str] = meta["answers"]
-    return Answer(
-        [(names[i], float(p)) for p, i in zip(best.values, best.indices, strict=True)], att
-    )
+    scores, indices = best.values.tolist(), best.indices.tolist()  # one copy to the host
+    return Answer([(names[i], p) for p, i in zip(scores, indices, strict=True)], att.cpu())
