@@ -7,9 +7,11 @@ read one request (``workers.heads_protocol``) -> read its stored record (feature
 sealed shard row, polled for up to ``record_wait_s``: an online answer precedes its seal) ->
 run the head under ``torch.inference_mode`` -> push the answer -> ack.
 
-The heads run on CPU: ``heads.inference`` builds its inputs on the CPU, and one caption of
-36 regions takes a few milliseconds there. Torch is imported by name (``importlib``), so this
-module stays out of mypy's torch import graph, as ``workers.worker`` does.
+The heads run on the worker's torch device (the extractor's: ``cuda:0`` on a GPU worker,
+``cpu`` otherwise): ``load_heads`` moves them there and ``heads.inference`` builds each request's
+inputs on the head's device; answers come back as Python numbers. Torch is imported by name
+(``importlib``), so this module stays out of mypy's torch import graph, as ``workers.worker``
+does.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LoadedHead:
-    """A trained head: the module (eval mode, CPU) and its checkpoint ``meta``."""
+    """A trained head: the module (eval mode, on the worker's device) and its ``meta``."""
 
     model: Any
     meta: dict[str, Any]
@@ -57,8 +59,12 @@ class LoadedHead:
         return str(self.meta.get("head", self.meta.get("task", "")))
 
 
-def load_heads(paths: dict[str, Path | None]) -> dict[str, LoadedHead]:
-    """Load the configured heads, keyed by task; an unset path is skipped.
+def load_heads(paths: dict[str, Path | None], device: str = "cpu") -> dict[str, LoadedHead]:
+    """Load the configured heads onto ``device``, keyed by task; an unset path is skipped.
+
+    Args:
+        paths: checkpoint directory per task ("caption", "vqa"); None = not served.
+        device: torch device string ("cpu", "cuda:0"), the worker's extraction device.
 
     Raises:
         ValueError: a checkpoint's task differs from the setting that names it.
@@ -68,16 +74,16 @@ def load_heads(paths: dict[str, Path | None]) -> dict[str, LoadedHead]:
         if path is None:
             continue
         inference: Any = importlib.import_module("heads.inference")
-        model, meta = inference.load_head(path)
+        model, meta = inference.load_head(path, device=device)
         if meta.get("task") != task:
             raise ValueError(f"{path} holds a {meta.get('task')!r} head, not a {task!r} head")
         loaded[task] = LoadedHead(model, meta)
-        log.info("loaded %s head %s from %s", task, loaded[task].name, path)
+        log.info("loaded %s head %s from %s on %s", task, loaded[task].name, path, device)
     return loaded
 
 
 def run_head(head: LoadedHead, request: HeadsRequest, record: FeatureRecord) -> HeadsResult:
-    """Caption or answer ``record`` with ``head`` (torch.inference_mode, CPU)."""
+    """Caption or answer ``record`` with ``head`` (torch.inference_mode, on the head's device)."""
     torch: Any = importlib.import_module("torch")
     inference: Any = importlib.import_module("heads.inference")
     common = {
@@ -224,9 +230,15 @@ class HeadsServer(threading.Thread):
             time.sleep(0.02)
 
 
-def start_heads(settings: WorkerSettings) -> HeadsServer | None:
-    """Load the heads ``settings`` name and start their server; None when none is set."""
-    heads = load_heads({"caption": settings.caption_model, "vqa": settings.vqa_model})
+def start_heads(settings: WorkerSettings, device: str = "cpu") -> HeadsServer | None:
+    """Load the heads ``settings`` name onto ``device``, start their server; None if none is set.
+
+    Args:
+        settings: the worker's settings (``caption_model``, ``vqa_model``, Redis, store).
+        device: torch device string the worker's extractor runs on ("cpu", "cuda:0").
+    """
+    paths = {"caption": settings.caption_model, "vqa": settings.vqa_model}
+    heads = load_heads(paths, device=device)
     if not heads:
         return None
     server = HeadsServer(

@@ -423,7 +423,7 @@ def build_worker(settings: WorkerSettings) -> Worker:
         },
     )
     meta = ModelMeta(tuple(spec.objects_vocab), tuple(spec.attributes_vocab), spec.description)
-    heads = start_heads(settings)
+    heads = start_heads(settings, device=device)  # on the extractor's device
     return Worker(
         settings,
         extractor,
