@@ -133,6 +133,9 @@ class WorkerInfo(BaseModel):
     model_version: str | None = None
     loaded: bool = False
     age_s: float
+    heads: list[str] = Field(
+        default_factory=list, description="trained heads it serves, sorted (caption, vqa)"
+    )
 
 
 class ReadyResponse(BaseModel):
@@ -142,6 +145,13 @@ class ReadyResponse(BaseModel):
     reason: str = ""
     model_version: str | None = None
     workers: list[WorkerInfo] = Field(default_factory=list)
+    heads: dict[str, int] = Field(
+        default_factory=dict,
+        description=(
+            "live workers with a loaded model serving each head, by task; every task is listed "
+            "(0: POST /v1/caption or /v1/vqa answers 503 head_unavailable)"
+        ),
+    )
 
 
 class HeadRegions(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -12,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.backend import Queue
 from service.schemas import ReadyResponse, WorkerInfo
+from workers.heads_protocol import TASKS
 
 router = APIRouter(tags=["health"])
 
@@ -22,12 +24,23 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
+def heads_served(workers: Sequence[WorkerInfo]) -> dict[str, int]:
+    """Loaded workers announcing each head: every known task and any other announced, by name.
+
+    A task no loaded worker serves counts 0 (its route answers 503 ``head_unavailable``).
+    """
+    loaded = [w for w in workers if w.loaded]
+    tasks = sorted({*TASKS, *(h for w in loaded for h in w.heads)})
+    return {task: sum(task in w.heads for w in loaded) for task in tasks}
+
+
 def _readiness(queue: Queue) -> ReadyResponse:
     try:
         queue.ping()
         beats = queue.live_workers()
     except Exception as exc:
-        return ReadyResponse(ready=False, reason=f"redis does not answer: {exc}")
+        reason = f"redis does not answer: {exc}"
+        return ReadyResponse(ready=False, reason=reason, heads=heads_served([]))
     now = time.time()
     workers = [
         WorkerInfo(
@@ -36,14 +49,17 @@ def _readiness(queue: Queue) -> ReadyResponse:
             model_version=b.model_version or None,
             loaded=b.loaded,
             age_s=round(max(now - b.updated_at, 0.0), 3),
+            heads=sorted(b.heads),
         )
         for b in beats
     ]
+    heads = heads_served(workers)
     loaded = [w for w in workers if w.loaded]
     if not loaded:
         reason = "no worker heartbeat" if not workers else "no worker has its model loaded"
-        return ReadyResponse(ready=False, reason=reason, workers=workers)
-    return ReadyResponse(ready=True, model_version=loaded[0].model_version, workers=workers)
+        return ReadyResponse(ready=False, reason=reason, workers=workers, heads=heads)
+    version = loaded[0].model_version
+    return ReadyResponse(ready=True, model_version=version, workers=workers, heads=heads)
 
 
 @router.get(

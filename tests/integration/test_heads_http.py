@@ -83,11 +83,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     )
     try:
         with TestClient(create_app(settings)) as client:
-            wait_ready(client)
-            yield {"root": root, "redis": server, "client": client, "cap": cap, "vqa": vqa}
+            ready = wait_ready(client)
+            yield {"root": root, "redis": server, "client": client, "cap": cap, "vqa": vqa,
+                   "ready": ready}  # fmt: skip
     finally:
         worker.stop()
         server.stop()
+
+
+def test_ready_reports_the_heads_the_worker_serves(stack: dict[str, Any]) -> None:
+    body = stack["ready"]
+    assert body["heads"] == {"caption": 1, "vqa": 1}
+    (worker,) = body["workers"]
+    assert worker["worker_id"] == "heads-worker" and worker["heads"] == ["caption", "vqa"]
 
 
 def _stored(stack: dict[str, Any], version: str, sha256: str) -> FeatureRecord:

@@ -274,6 +274,25 @@ def test_ready_reports_reasons(client: TestClient, queue: FakeQueue) -> None:
     assert client.get("/health/live").status_code == 200
 
 
+def test_ready_counts_live_workers_per_head(client: TestClient, queue: FakeQueue) -> None:
+    w1 = queue.beats[0]
+    queue.beats = [
+        dataclasses.replace(w1, heads=("vqa", "caption")),
+        dataclasses.replace(w1, worker_id="w2", heads=("caption",)),
+        dataclasses.replace(w1, worker_id="w3", heads=()),
+        dataclasses.replace(w1, worker_id="w4", heads=("vqa",), loaded=False),  # not counted
+    ]
+    body = client.get("/health/ready").json()
+    assert body["heads"] == {"caption": 2, "vqa": 1}
+    assert [w["heads"] for w in body["workers"]] == [["caption", "vqa"], ["caption"], [], ["vqa"]]
+    queue.beats = [dataclasses.replace(w1, heads=())]
+    resp = client.get("/health/ready")
+    assert resp.status_code == 200  # extraction is ready without any head
+    assert resp.json()["heads"] == {"caption": 0, "vqa": 0}
+    queue.up = False
+    assert client.get("/health/ready").json()["heads"] == {"caption": 0, "vqa": 0}
+
+
 def test_redis_down_is_503_on_v1(client: TestClient, queue: FakeQueue) -> None:
     queue.up = False
     resp = client.post("/v1/features", content=png_bytes(), headers={"content-type": "image/png"})
