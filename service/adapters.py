@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -32,7 +32,7 @@ from workers.protocol import (
 from workers.wire import ModelMeta
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 
 def connect(url: str, *, max_connections: int, socket_timeout: float = 5.0) -> Client:

@@ -88,7 +88,7 @@ class FeatureIndex:
         prefix: key prefix; tests and rebuilds use their own.
     """
 
-    def __init__(self, client: redis.Redis[Any], *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
         self._relocate = client.register_script(_RELOCATE_LUA)
@@ -110,7 +110,7 @@ class FeatureIndex:
     def lookup_content(self, model_version: str, content_sha256: str) -> Location | None:
         """Where the record of these image bytes under this model version lives, or None."""
         value = self.client.hget(self.loc_key(model_version), content_sha256)
-        return None if value is None else _decode(cast(bytes, value))
+        return None if value is None else _decode(value)
 
     def lookup_alias(self, namespace: str, image_id: str) -> str | None:
         """The content sha256 bound to ``(namespace, image_id)``, or None."""
@@ -196,7 +196,7 @@ class FeatureIndex:
 
 
 def reindex(
-    store_dir: str | os.PathLike[str], client: redis.Redis[Any], *, prefix: str = DEFAULT_PREFIX
+    store_dir: str | os.PathLike[str], client: redis.Redis, *, prefix: str = DEFAULT_PREFIX
 ) -> ReindexResult:
     """Rebuild the whole index from the shard files alone.
 
@@ -216,7 +216,7 @@ def reindex(
     new_keys = set()
     for key in staging.index_keys():
         target = prefix + key[len(staging.prefix) :]
-        client.execute_command("RENAME", key, target)
+        client.rename(key, target)
         new_keys.add(target)
     if old_keys - new_keys:
         client.delete(*sorted(old_keys - new_keys))

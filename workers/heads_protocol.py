@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
-from workers.protocol import GROUP, ProtocolError, decode_fields, text
+from workers.protocol import GROUP, ProtocolError, decode_fields, stream_fields, text
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 HEADS_STREAM = "butd:heads"
 # Approximate cap of the stream's length (acked entries are not trimmed otherwise).
@@ -156,7 +156,7 @@ def ensure_heads_group(r: Client) -> None:
 def heads_depth(r: Client) -> int:
     """Heads requests waiting or being answered: the group's lag + pending (0 without it)."""
     try:
-        groups: Any = r.xinfo_groups(HEADS_STREAM)  # type: ignore[no-untyped-call]
+        groups = r.xinfo_groups(HEADS_STREAM)
     except redis.ResponseError:
         return 0
     for g in groups:
@@ -176,8 +176,7 @@ def enqueue_heads(r: Client, request: HeadsRequest, *, max_depth: int) -> int | 
     depth = heads_depth(r)
     if depth >= max_depth:
         return depth
-    fields: Any = request.to_fields()
-    r.xadd(HEADS_STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+    r.xadd(HEADS_STREAM, stream_fields(request.to_fields()), maxlen=STREAM_MAXLEN, approximate=True)
     return None
 
 

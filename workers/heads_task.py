@@ -41,7 +41,7 @@ from workers.protocol import ProtocolError
 from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 log = logging.getLogger(__name__)
 

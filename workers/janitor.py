@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -40,7 +40,7 @@ from workers.protocol import (
 from workers.queue import Entry, ack, connect, dead_letter, trim_acked, write_heartbeat
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Janitor:
         return keep
 
     def _claim(self, r: Client, stream: str, count: int) -> list[Entry]:
-        reply: Any = r.xautoclaim(
+        reply = r.xautoclaim(
             stream, GROUP, self.consumer, self.claim_idle_ms, start_id="0-0", count=count
         )
         claimed, deleted = reply[1], reply[2] if len(reply) > 2 else []
@@ -148,7 +148,7 @@ class Janitor:
         counts: dict[str, int] = {}
         for stream in {e.stream for e in entries}:
             ids = sorted((e.entry_id for e in entries if e.stream == stream), key=_id_key)
-            rows: Any = r.xpending_range(
+            rows = r.xpending_range(
                 stream,
                 GROUP,
                 min=ids[0],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from workers.protocol import (
     JOBS_STREAM,
@@ -26,18 +26,15 @@ from workers.protocol import (
     job_seen_key,
     job_state,
     shard_items,
+    stream_fields,
     text,
 )
 
 if TYPE_CHECKING:
     import redis
+    from redis.typing import EncodableT, FieldT
 
-    Client = redis.Redis[Any]
-
-
-def _untyped(client: Any) -> Any:
-    """The client for commands the redis stubs leave untyped (eval)."""
-    return client
+    Client = redis.Redis
 
 
 def create_job(
@@ -75,7 +72,7 @@ def create_job(
     pipe.hset(key, mapping=_job_fields(job_id, len(items), options, namespace, ttl_s))
     for no, chunk in enumerate(shard_items(items, shard_size)):
         shard = JobShard(job_id, no, chunk, options, namespace)
-        pipe.xadd(JOBS_STREAM, shard.to_fields())
+        pipe.xadd(JOBS_STREAM, stream_fields(shard.to_fields()))
     pipe.execute()
     if not items:
         record_items(r, job_id, [], {})
@@ -86,7 +83,7 @@ def create_job(
 
 def _job_fields(
     job_id: str, total: int, options: ExtractOptions, namespace: str, ttl_s: int
-) -> dict[str | bytes, bytes | float | int | str]:
+) -> dict[FieldT, EncodableT]:
     return {
         "job_id": job_id,
         "state": "queued",
@@ -157,7 +154,7 @@ def cancel_job(r: Client, job_id: str) -> JobState | None:
         The job's state afterwards ("cancelled", or the terminal state it already had), or None
         when there is no such job.
     """
-    state = _untyped(r).eval(_CANCEL, 1, job_key(job_id), str(time.time()))
+    state = r.eval(_CANCEL, 1, job_key(job_id), str(time.time()))
     return None if state is None else job_state(state)
 
 
@@ -174,7 +171,7 @@ return state
 
 def mark_job_started(r: Client, job_id: str) -> JobState | None:
     """Move a queued job to running (first shard taken); returns its state, None if unknown."""
-    state = _untyped(r).eval(_START, 1, job_key(job_id), str(time.time()))
+    state = r.eval(_START, 1, job_key(job_id), str(time.time()))
     return None if state is None else job_state(state)
 
 
@@ -224,7 +221,7 @@ def record_items(
     for image_id, reason in failed.items():
         args += [image_id, reason]
     keys = (job_key(job_id), job_seen_key(job_id), job_errors_key(job_id))
-    reply = _untyped(r).eval(_RECORD, 3, *keys, *args)
+    reply = r.eval(_RECORD, 3, *keys, *args)
     if reply is None:
         return None
     return int(reply[0]), int(reply[1]), job_state(reply[2])

@@ -14,9 +14,12 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from store.records import FeatureRecord
+
+if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
 
 # Streams, consumer group and dead letters.
 ONLINE_STREAM = "butd:online"
@@ -95,6 +98,12 @@ def text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return str(value)
+
+
+def stream_fields(fields: Mapping[str, str]) -> dict[FieldT, EncodableT]:
+    """A str field map as the dict XADD takes (redis-py types its argument as an invariant
+    ``dict[FieldT, EncodableT]``, which a ``dict[str, str]`` is not)."""
+    return {k: v for k, v in fields.items()}
 
 
 def decode_fields(fields: Mapping[Any, Any]) -> dict[str, str]:

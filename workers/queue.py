@@ -55,7 +55,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -81,13 +81,16 @@ from workers.protocol import (
     decode_fields,
     image_key,
     result_key,
+    stream_fields,
     text,
     worker_key,
 )
 from workers.wire import decode_result, encode_result
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    from redis.typing import EncodableT
+
+    Client = redis.Redis
 
 __all__ = [
     "DLQ_STREAM",
@@ -161,11 +164,6 @@ def ensure_groups(r: Client) -> None:
                 raise
 
 
-def _untyped(client: Any) -> Any:
-    """The client for commands the redis stubs leave untyped (eval, xack, xinfo, xpending)."""
-    return client
-
-
 # --- gateway side -------------------------------------------------------------------------
 
 
@@ -184,7 +182,7 @@ def enqueue_online(
         key = image_key(request.request_id)
         request = OnlineRequest(**{**request.__dict__, "image_key": key})
         pipe.set(key, data, ex=image_ttl_s)
-    pipe.xadd(ONLINE_STREAM, request.to_fields())
+    pipe.xadd(ONLINE_STREAM, stream_fields(request.to_fields()))
     pipe.execute()
     return request
 
@@ -228,8 +226,8 @@ def enqueue_online_if_room(
     key = image_key(request.request_id)
     fields = OnlineRequest(**{**request.__dict__, "image_key": key}).to_fields()
     flat = [x for pair in fields.items() for x in pair]
-    args = [GROUP, max_depth, image_ttl_s, data, *flat]
-    script = _untyped(r).register_script(_ENQUEUE_IF_ROOM)  # EVALSHA, loaded once per server
+    args: list[EncodableT] = [GROUP, max_depth, image_ttl_s, data, *flat]
+    script = r.register_script(_ENQUEUE_IF_ROOM)  # EVALSHA, loaded once per server
     queued, depth = script(keys=[ONLINE_STREAM, key], args=args)
     return None if int(queued) else int(depth)
 
@@ -256,7 +254,7 @@ def queue_depth(r: Client) -> dict[str, int]:
 
 def _lag(r: Client, stream: str) -> int:
     try:
-        groups = _untyped(r).xinfo_groups(stream)
+        groups = r.xinfo_groups(stream)
     except redis.ResponseError:  # no such stream yet
         return 0
     for g in groups:
@@ -271,7 +269,7 @@ def pending_count(r: Client) -> dict[str, int]:
     counts: dict[str, int] = {}
     for stream in STREAMS:
         try:
-            counts[stream] = int(_untyped(r).xpending(stream, GROUP)["pending"])
+            counts[stream] = int(r.xpending(stream, GROUP)["pending"])
         except redis.ResponseError:
             counts[stream] = 0
     return counts
@@ -315,8 +313,11 @@ def read_entries(
     reply = r.xreadgroup(
         GROUP, consumer, dict.fromkeys(streams, start), count=count, block=block_ms
     )
+    # RESP2 (``connect`` keeps the default protocol): a list of [stream, [(id, fields), ...]]
+    # pairs, redis-py's ``list[list[Any]]`` member; its dict members are RESP3 shapes.
+    pairs = cast("list[list[Any]]", reply or [])
     out: list[Entry] = []
-    for stream, entries in reply or []:
+    for stream, entries in pairs:
         for entry_id, fields in entries:
             out.append(
                 Entry(
@@ -329,7 +330,7 @@ def read_entries(
 def ack(r: Client, stream: str, entry_ids: Iterable[str]) -> int:
     """XACK; returns how many were pending."""
     ids = list(entry_ids)
-    return int(_untyped(r).xack(stream, GROUP, *ids)) if ids else 0
+    return int(r.xack(stream, GROUP, *ids)) if ids else 0
 
 
 def post_result(r: Client, result: OnlineResult, *, ttl_s: int = 600) -> None:
@@ -348,8 +349,8 @@ def dead_letter(r: Client, entry: Entry, deliveries: int, reason: str) -> None:
         stream=entry.stream, entry_id=entry.entry_id, deliveries=str(deliveries), reason=reason
     )
     pipe = r.pipeline(transaction=True)
-    pipe.xadd(DLQ_STREAM, fields)
-    _untyped(pipe).xack(entry.stream, GROUP, entry.entry_id)
+    pipe.xadd(DLQ_STREAM, stream_fields(fields))
+    pipe.xack(entry.stream, GROUP, entry.entry_id)
     pipe.execute()
 
 
@@ -368,7 +369,7 @@ def trim_acked(r: Client, stream: str, *, keep_ms: int = 0) -> int:
         The number of entries deleted.
     """
     try:
-        info = _untyped(r).xinfo_groups(stream)
+        info = r.xinfo_groups(stream)
     except redis.ResponseError:
         return 0
     group = next((g for g in info if text(g["name"]) == GROUP), None)
@@ -376,7 +377,7 @@ def trim_acked(r: Client, stream: str, *, keep_ms: int = 0) -> int:
         return 0
     ms, seq = (int(x) for x in text(group["last-delivered-id"]).split("-"))
     bounds = [(ms, seq + 1)]
-    pend = _untyped(r).xpending(stream, GROUP)
+    pend = r.xpending(stream, GROUP)
     if int(pend["pending"]) > 0:
         pms, pseq = (int(x) for x in text(pend["min"]).split("-"))
         bounds.append((pms, pseq))
@@ -388,12 +389,12 @@ def trim_acked(r: Client, stream: str, *, keep_ms: int = 0) -> int:
 
 def touch(r: Client, entry: Entry, consumer: str) -> None:
     """Reset an entry's idle time without counting a delivery (a long shard's keep-alive)."""
-    _untyped(r).xclaim(entry.stream, GROUP, consumer, 0, [entry.entry_id], justid=True)
+    r.xclaim(entry.stream, GROUP, consumer, 0, [entry.entry_id], justid=True)
 
 
 def hand_off(r: Client, entry: Entry, remainder: JobShard) -> None:
     """Queue a shard's unprocessed items as a new entry and ack the old one, in one MULTI."""
     pipe = r.pipeline(transaction=True)
-    pipe.xadd(JOBS_STREAM, remainder.to_fields())
-    _untyped(pipe).xack(entry.stream, GROUP, entry.entry_id)
+    pipe.xadd(JOBS_STREAM, stream_fields(remainder.to_fields()))
+    pipe.xack(entry.stream, GROUP, entry.entry_id)
     pipe.execute()

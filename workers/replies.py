@@ -23,7 +23,7 @@ from workers.protocol import OnlineResult, model_key, result_key
 from workers.wire import ModelMeta, encode_result, stored_form
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 log = logging.getLogger(__name__)
 

@@ -70,7 +70,7 @@ from workers.sink import StoreSink
 from workers.wire import ModelMeta
 
 if TYPE_CHECKING:
-    Client = redis.Redis[Any]
+    Client = redis.Redis
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,9 @@ class Worker:
 
     def _fetch(self, key: str) -> bytes | None:
         data = self.r.get(key)
-        return None if data is None else bytes(data)
+        if isinstance(data, str):
+            raise TypeError(f"{key} came back as str; the worker's client must reply bytes")
+        return data
 
     # -- online ----------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import redis
 
@@ -34,7 +33,7 @@ from workers.protocol import JOBS_STREAM, JobItem, JobShard
 
 
 def assert_each_stored_once(
-    r: redis.Redis[Any], store: Path, items: list[JobItem], version: str
+    r: redis.Redis, store: Path, items: list[JobItem], version: str
 ) -> None:
     """One row per image over all shard files, and the index points at each of them."""
     rows = stored_rows(store)

@@ -63,7 +63,7 @@ class WorkerProc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, r: redis.Redis[Any], timeout: float = 120.0) -> None:
+    def wait_ready(self, r: redis.Redis, timeout: float = 120.0) -> None:
         """Until the heartbeat says the model is loaded (the process reads the streams)."""
         wait_for(
             lambda: any(b.worker_id == self.name and b.loaded for b in q.live_workers(r)),
@@ -188,7 +188,7 @@ def file_sha(item: JobItem) -> str:
     return hashlib.sha256(Path(item.ref).read_bytes()).hexdigest()
 
 
-def client(url: str) -> redis.Redis[Any]:
+def client(url: str) -> redis.Redis:
     r = q.connect(url)
     q.ensure_groups(r)
     return r

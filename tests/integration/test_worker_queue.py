@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis
 
@@ -20,7 +19,7 @@ from workers.protocol import (
 )
 
 
-def client(url: str) -> redis.Redis[Any]:
+def client(url: str) -> redis.Redis:
     r = q.connect(url)
     q.ensure_groups(r)
     return r
@@ -30,7 +29,7 @@ def items(n: int) -> list[JobItem]:
     return [JobItem(f"/data/{i}.jpg", f"img{i}") for i in range(n)]
 
 
-def pending_ids(r: redis.Redis[Any], stream: str) -> list[str]:
+def pending_ids(r: redis.Redis, stream: str) -> list[str]:
     return [q.text(p["message_id"]) for p in r.xpending_range(stream, q.GROUP, "-", "+", 100)]
 
 

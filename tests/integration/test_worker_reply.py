@@ -51,7 +51,7 @@ def extractor(tiny_weights: Path) -> Any:  # noqa: F811
 
 
 def make_worker(
-    r: redis.Redis[Any], url: str, store: Path, name: str, extractor: Any, claim_idle_ms: int
+    r: redis.Redis, url: str, store: Path, name: str, extractor: Any, claim_idle_ms: int
 ) -> Worker:
     settings = WorkerSettings(
         _env_file=None,
@@ -78,7 +78,7 @@ def make_worker(
     return Worker(settings, extractor, sink, client=r, model_meta=meta)
 
 
-def enqueue(r: redis.Redis[Any], request_id: str, data: bytes) -> OnlineRequest:
+def enqueue(r: redis.Redis, request_id: str, data: bytes) -> OnlineRequest:
     sha = hashlib.sha256(data).hexdigest()
     deadline = int(time.time() * 1000) + 60_000
     return q.enqueue_online(
@@ -86,7 +86,7 @@ def enqueue(r: redis.Redis[Any], request_id: str, data: bytes) -> OnlineRequest:
     )
 
 
-def stored_record(r: redis.Redis[Any], store: Path, version: str, sha: str) -> Any:
+def stored_record(r: redis.Redis, store: Path, version: str, sha: str) -> Any:
     location = FeatureIndex(r).lookup_content(version, sha)
     assert location is not None, "not indexed"
     readers = ShardReaders(store / "shards")
