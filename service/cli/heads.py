@@ -2,8 +2,9 @@
 
 Locally (``--model`` DIR): features come from a feature file (ragged HDF5 of ``store.h5``)
 given with ``--features``, or from a single-image MILVLG ``.npz`` passed in place of the image
-id. Otherwise the image id is looked up in a running gateway (``--url``, default ``BUTD_URL``)
-through ``/v1/caption`` / ``/v1/vqa``: its workers' heads answer. Torch is imported lazily.
+id, and the head runs on ``--device`` (default cpu, as ``butd extract``). Otherwise the image
+id is looked up in a running gateway (``--url``, default ``BUTD_URL``) through ``/v1/caption`` /
+``/v1/vqa``: its workers' heads answer (on their own device). Torch is imported lazily.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "--model", type=Path, help="checkpoint directory or .pt file (local; needs --features/.npz)"
     )
     p.add_argument("--features", type=Path, help="ragged HDF5 feature file holding the image")
+    p.add_argument(
+        "--device", default="cpu", help="local --model: cpu, cuda or cuda:N (as butd extract)"
+    )
     p.add_argument("--url", help="gateway to ask when no --features/.npz (default BUTD_URL)")
     p.add_argument("--namespace", help="the image id's namespace in the gateway (default)")
     p.add_argument("--sha256", action="store_true", help="IMAGE is a content hash (gateway)")
@@ -142,7 +146,7 @@ def _caption(args: argparse.Namespace) -> int:
         return _ask(args, "caption")
     from heads.inference import caption, load_head
 
-    model, meta = load_head(args.model)
+    model, meta = load_head(args.model, device=args.device)
     res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
     print(
         json.dumps(
@@ -157,7 +161,7 @@ def _answer(args: argparse.Namespace) -> int:
         return _ask(args, "vqa")
     from heads.inference import answer, load_head
 
-    model, meta = load_head(args.model)
+    model, meta = load_head(args.model, device=args.device)
     res = answer(model, meta, _record(args), args.question, args.top)
     print(json.dumps({"image_id": args.image, "question": args.question, "answers": res.answers}))
     return 0
