@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +36,30 @@ from heads.synth import unbound_oracle
 
 logger = logging.getLogger("bench.heads")
 VQA_COLS = ("overall", "color", "shape", "count", "exist", "att_hit")
-CAP_COLS = ("content_f1", "exact_set", "BLEU-4", "CIDEr-D")
+CAP_COLS = ("content_f1", "exact_set", "BLEU-4", "CIDEr-D", "beta_content", "beta_function")
+
+
+def _cell(row: dict[str, float], col: str) -> str:
+    """ "87.7", or "87.7 ± 1.2" (std over seeds) when the row has ``<col>_std``."""
+    value = row.get(col)
+    if not isinstance(value, float):
+        return str(value if value is not None else "–")
+    std = row.get(f"{col}_std")
+    return f"{value:.1f} ± {std:.1f}" if isinstance(std, float) else f"{value:.1f}"
+
+
+def over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every numeric field over seeds, its std (``<field>_std``, n − 1) and the values."""
+    row: dict[str, Any] = {"seeds": len(runs), "example": runs[0].get("example")}
+    for key, first in runs[0].items():
+        if not isinstance(first, float):
+            continue
+        values = [float(r[key]) for r in runs]
+        row[key] = statistics.fmean(values)
+        if len(values) > 1 and key != "seconds":
+            row[f"{key}_std"] = statistics.stdev(values)
+            row[f"{key}_runs"] = values
+    return row
 
 
 def _table(title: str, cols: tuple[str, ...], rows: dict[str, dict[str, float]]) -> str:
@@ -45,7 +70,7 @@ def _table(title: str, cols: tuple[str, ...], rows: dict[str, dict[str, float]])
         "|" + "---|" * (len(cols) + 2),
     ]
     for name, r in rows.items():
-        cells = [f"{r[c]:.1f}" if isinstance(r.get(c), float) else str(r.get(c, "–")) for c in cols]
+        cells = [_cell(r, c) for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -81,6 +106,9 @@ def main() -> int:
     p.add_argument("--vqa-heads", nargs="*", default=list(VQA_HEADS))
     p.add_argument("--cap-heads", nargs="*", default=list(CAPTION_HEADS))
     p.add_argument("--cap-lr", type=float, default=1e-3, help="Adam lr of the captioners")
+    p.add_argument(
+        "--cap-seeds", type=int, default=1, help="train each captioner from this many seeds"
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("bench/results/heads.md"))
     p.add_argument("--merge", type=Path, nargs="*", help="only merge these result JSONs into --out")
@@ -90,12 +118,13 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, dict[str, float]]] = {"vqa": {}, "caption": {}}
+    results: dict[str, dict[str, dict[str, Any]]] = {"vqa": {}, "caption": {}}
 
     def write() -> None:
         header = (f"D={args.dim}, hidden={args.hidden}, VQA {args.vqa_steps} updates × 64, "
-                  f"captions {args.cap_steps} updates × 50, Adam 1e-3, "
-                  f"CPU {args.threads} thread(s)\n\n")  # fmt: skip
+                  f"captions {args.cap_steps} updates × 50 (seeds 0..{args.cap_seeds - 1}: "
+                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s); beta_*: mean "
+                  f"sentinel weight (%) on colour/shape words and on the rest\n\n")  # fmt: skip
         text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
         text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
         args.out.write_text(text)
@@ -115,9 +144,12 @@ def main() -> int:
     results["caption"]["unbound oracle"] = {"content_f1": f1, "exact_set": exact}
     results["caption"]["best constant"] = {"content_f1": constant_caption_f1(ct)}
     for name in args.cap_heads:
-        t = time.time()
-        r = run_caption(name, ct, args.cap_steps, args.hidden, 50, lr=args.cap_lr)
-        results["caption"][name] = {**r, "seconds": time.time() - t}
+        runs = []
+        for seed in range(args.cap_seeds):
+            t = time.time()
+            r = run_caption(name, ct, args.cap_steps, args.hidden, 50, seed=seed, lr=args.cap_lr)
+            runs.append({**r, "seconds": time.time() - t})
+        results["caption"][name] = over_seeds(runs)
         logger.info("caption %s %s", name, results["caption"][name])
         write()
     return 0

@@ -30,6 +30,8 @@ from heads.metrics.vqa_accuracy import vqa_accuracy
 from heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_predict
 from heads.regions import RegionBatch, collate_records
 from heads.synth import (
+    COLORS,
+    SHAPES,
     Scene,
     SynthWorld,
     content_f1,
@@ -40,7 +42,7 @@ from heads.synth import (
     scene_pairs,
 )
 from heads.train import TrainSettings, fit
-from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
+from heads.vocab import PAD, Vocabulary, tokenize_caption, tokenize_question
 from heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
@@ -158,6 +160,7 @@ class CaptionTask:
     val_scenes: list[Scene]
     val_refs: dict[str, list[str]]
     vocab: Vocabulary
+    val: CaptionExamples  # the val references as teacher-forcing examples (diagnostics)
 
 
 def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTask:
@@ -169,13 +172,15 @@ def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTa
     vocab = Vocabulary.build(
         (tokenize_caption(c, keep_commas=True) for it in items for c in it.captions), 1
     )
-    (tr_r, rows), (va_r, _) = _regions(tr, False), _regions(va, False)
+    (tr_r, rows), (va_r, va_rows) = _regions(tr, False), _regions(va, False)
+    va_items = [CaptionItem(s.record.image_id, tuple(scene_captions(s, rng))) for s in va]
     refs = {
-        str(i): [" ".join(tokenize_caption(c)) for c in scene_captions(s, rng)]
-        for i, s in enumerate(va)
+        str(i): [" ".join(tokenize_caption(c)) for c in it.captions]
+        for i, it in enumerate(va_items)
     }
     ex = caption_examples(items, rows, vocab, max_len=24, keep_commas=True)
-    return CaptionTask(tr_r, ex, va_r, va, refs, vocab)
+    va_ex = caption_examples(va_items, va_rows, vocab, max_len=24, keep_commas=True)
+    return CaptionTask(tr_r, ex, va_r, va, refs, vocab, va_ex)
 
 
 def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
@@ -222,7 +227,32 @@ def run_caption(
             progress=False,
         )
     caps = caption_decode(model, val_r, list(range(len(task.val_scenes))), task.vocab, max_len=24)
-    return caption_scores(caps, task)
+    return {**caption_scores(caps, task), **sentinel_use(model, val_r, task)}
+
+
+@torch.no_grad()
+def sentinel_use(model: Captioner, regions: RegionBatch, task: CaptionTask) -> dict[str, float]:
+    """Mean sentinel weight β (%) on content words (colours, shapes) and on the other words.
+
+    Teacher-forced on the val references. Lu et al.'s diagnostic: a decoder that uses its
+    sentinel as intended looks at the regions (low β) for content words and leans on the
+    sentinel for function words. Empty for decoders without a sentinel.
+    """
+    model.eval()
+    content = torch.tensor(task.vocab.ids_of((*COLORS, *SHAPES)))
+    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    for s in range(0, len(task.val), 200):
+        idx = torch.arange(s, min(s + 200, len(task.val)))
+        out = model(regions.select(task.val.image_rows[idx]), task.val.inputs[idx])
+        if out.betas is None:
+            return {}
+        targets = task.val.targets[idx]
+        is_content = torch.isin(targets, content)
+        for k, sel in enumerate((is_content, (targets != PAD) & ~is_content)):
+            sums[k] += out.betas[sel].double().sum()
+            counts[k] += sel.sum()
+    beta = (100 * sums / counts.clamp(min=1)).tolist()
+    return {"beta_content": beta[0], "beta_function": beta[1]}
 
 
 def caption_scores(caps: list[str], task: CaptionTask) -> dict[str, Any]:

@@ -10,7 +10,14 @@ from typing import cast
 
 import torch
 
-from heads.benchmark import caption_model, caption_task, run_vqa, vqa_model, vqa_task
+from heads.benchmark import (
+    caption_model,
+    caption_task,
+    run_vqa,
+    sentinel_use,
+    vqa_model,
+    vqa_task,
+)
 from heads.captioners import AdaptiveCore, CaptionerConfig
 from heads.decoding import Captioner
 from heads.objectives import caption_batch_loss, caption_xe_loss, vqa_loss
@@ -86,6 +93,30 @@ def test_adaptive_sentinel_gate_is_higher_on_function_words_than_on_colours_and_
     content = torch.isin(targets, torch.tensor(task.vocab.ids_of([*COLORS, *SHAPES])))
     beta_function, beta_content = float(betas[function].mean()), float(betas[content].mean())
     assert beta_function > 0.2 and beta_content < 0.1, (beta_function, beta_content)
+
+
+def test_sentinel_use_splits_beta_by_target_word() -> None:
+    """``sentinel_use`` (the benchmark's β columns) equals β averaged over the whole val set at
+    once, split by whether the target is a colour/shape word; decoders without a sentinel
+    report nothing."""
+    task = caption_task(32, 40, 30, seed=2)
+    torch.manual_seed(0)
+    model = caption_model("adaptive", task, 16)
+    with torch.no_grad():  # a non-trivial β: push the sentinel's score up on some steps
+        cast(AdaptiveCore, model.core).sentinel_proj.weight.normal_(0.0, 2.0)
+    got = sentinel_use(model, task.val_regions, task)
+    model.eval()
+    with torch.no_grad():
+        betas = model(task.val_regions.select(task.val.image_rows), task.val.inputs).betas
+    assert betas is not None
+    targets = task.val.targets
+    content = torch.isin(targets, torch.tensor(task.vocab.ids_of([*COLORS, *SHAPES])))
+    other = (targets != 0) & ~content
+    assert content.sum() > 0 and other.sum() > 0
+    assert abs(got["beta_content"] - 100 * float(betas[content].double().mean())) < 1e-6
+    assert abs(got["beta_function"] - 100 * float(betas[other].double().mean())) < 1e-6
+    assert got["beta_content"] != got["beta_function"]
+    assert sentinel_use(caption_model("updown", task, 16), task.val_regions, task) == {}
 
 
 def test_ban_glimpse_attention_entropy_falls_during_training() -> None:
