@@ -1,5 +1,10 @@
 """The worker process: one per GPU (or CPU), owning one loaded model, draining the streams.
 
+This module holds the loop (``Worker``: when to read, recover, run the janitor, serve online
+entries before job shards, stop) and its construction (``build_worker``, ``main``: the
+``python -m workers.worker`` entry point). What is done with one online batch, one job shard
+or one dead letter is ``workers.handlers``.
+
 Main loop (``Worker.step``), reading like the data flow:
 
 1. After a start or a Redis outage: re-create the group if Redis lost it, re-read this
@@ -8,15 +13,13 @@ Main loop (``Worker.step``), reading like the data flow:
    poison ones, trim acknowledged ones (``workers.janitor``).
 3. Block up to ``idle_block_ms`` for one online entry and one job shard at once.
 4. Online entries first: top the batch up with entries already queued (and, during a burst, up
-   to ``batch_size`` within ``batch_wait_ms``), drop expired ones ("expired"), load /
-   skip-cached / extract (``Processor``), LPUSH each result with its record, then hand the
-   batch to the sealer thread, which seals, indexes and XACKs it (reply before seal: a crash
-   in between leaves the entries to be redelivered).
-5. A job shard: skip it if its job was cancelled; otherwise process it ``batch_size`` images at
-   a time, recording progress after each sealed piece and acking after the last. Between pieces
-   the worker serves waiting online entries, refreshes its claim on the shard and, on SIGTERM,
-   hands the rest of the shard back to the stream.
+   to ``batch_size`` within ``batch_wait_ms``), then handle it ``batch_size`` at a time
+   (``handlers.OnlineHandler``: drop expired ones, extract, answer, hand to the sealer thread,
+   which seals, indexes and XACKs it).
+5. A job shard (``handlers.ShardHandler``): processed ``batch_size`` images at a time; between
+   pieces the loop serves the online entries waiting then.
 
+A handler that raises anything but a Redis error leaves its entries pending for the janitor.
 SIGTERM / SIGINT: stop reading, finish the batch in hand, ack, exit 0. Redis errors: back off
 (0.1 s doubling to ``reconnect_max_s``) and reconnect; pending entries survive in the PEL.
 """
@@ -32,7 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -40,30 +43,12 @@ import redis
 
 from store.index import FeatureIndex
 from workers import queue as q
-from workers.batcher import (
-    ExtractorLike,
-    FeatureSink,
-    Outcome,
-    Processor,
-    Task,
-    chunks,
-    fill_batch,
-    tasks_from_online,
-    tasks_from_shard,
-)
+from workers.batcher import ExtractorLike, FeatureSink, Processor, chunks, fill_batch
+from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
 from workers.heads_task import start_heads
 from workers.janitor import HeartbeatThread, Janitor
-from workers.protocol import (
-    JOBS_STREAM,
-    ONLINE_STREAM,
-    STREAMS,
-    Heartbeat,
-    JobShard,
-    OnlineRequest,
-    OnlineResult,
-    ProtocolError,
-)
-from workers.replies import Replies, online_result
+from workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
+from workers.replies import Replies
 from workers.sealer import Sealer
 from workers.settings import WorkerSettings
 from workers.sink import StoreSink
@@ -77,17 +62,11 @@ log = logging.getLogger(__name__)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-@dataclass
-class Counters:
-    """Since start: model batches run, images processed, items failed, handler crashes."""
-
-    batches: int = 0
-    images: int = 0
-    errors: int = 0
-
-
 class Worker:
     """Drains ``butd:online`` and ``butd:jobs`` with one loaded model.
+
+    The loop decides what to handle when; ``handle_online`` and ``handle_shard``
+    (``workers.handlers``) do the work, sharing ``counters`` for the heartbeat.
 
     Args:
         settings: worker settings.
@@ -126,7 +105,7 @@ class Worker:
             interval_s=settings.janitor_interval_s,
             trim_keep_ms=settings.trim_keep_ms,
             claim_counts={ONLINE_STREAM: settings.batch_size, JOBS_STREAM: 1},
-            on_dead=self._on_dead,
+            on_dead=functools.partial(fail_dead, self.r),
         )
         self.counters = Counters()
         self.replies = Replies(
@@ -138,6 +117,18 @@ class Worker:
         self.sealer = Sealer(sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0)
         self.online = Processor(extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels)
         self.stopping = threading.Event()
+        self.handle_online = OnlineHandler(
+            self.r, self.consumer, self.online, self.replies, self.sealer, self.counters
+        )
+        self.handle_shard = ShardHandler(
+            self.r,
+            self.consumer,
+            self.processor,
+            self.counters,
+            batch_size=settings.batch_size,
+            stopping=self.stopping,
+            between_pieces=self._serve_online_now,
+        )
         self._recover = True
         version = extractor.version_for(extractor.config)
         self._beat = Heartbeat(
@@ -274,125 +265,6 @@ class Worker:
         waiting = q.read_entries(self.r, [ONLINE_STREAM], self.consumer, count=self.s.batch_size)
         if waiting:
             self._serve_online(waiting, fill=False)
-
-    def handle_online(self, entries: Sequence[q.Entry], *, redelivered: bool = False) -> None:
-        """Compute one batch, answer each request with its record, then have it sealed and acked.
-
-        Reply before seal (``workers.replies``): the records are pushed to the waiting
-        gateways as soon as they are computed; the sealer thread then seals and indexes them,
-        and only then acks the entries (``workers.sealer``). A crash in between leaves them
-        pending: redelivered, they are computed again and sealed (at-least-once caching). A
-        fresh entry past its deadline is answered "expired" without computing; a redelivered
-        one is computed and sealed without an answer (nobody waits for it any more).
-        """
-        t_batch = time.time()
-        now_ms = int(t_batch * 1000)
-        finished: list[tuple[q.Entry, OnlineResult | None]] = []
-        tasks: list[Task] = []
-        for entry in entries:
-            try:
-                task = tasks_from_online(entry)
-            except ProtocolError as exc:
-                self._reject_online(entry, str(exc))
-                continue
-            if task.expired(now_ms) and not redelivered:
-                late = now_ms - task.deadline_ms
-                reason = f"deadline passed {late} ms before a worker reached the request"
-                finished.append((entry, OnlineResult(task.request_id, "expired", reason=reason)))
-            else:
-                tasks.append(task)
-        quiet = {t.entry.entry_id for t in tasks if t.expired(now_ms)}
-        answered: set[str] = set(quiet)
-        t_answered = t_batch
-        if tasks:
-
-            def answer(outcomes: list[Outcome]) -> None:
-                nonlocal t_answered
-                answered.update(self.replies.answer(outcomes, t_batch, quiet))
-                t_answered = time.time()
-
-            outcomes = self.online.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
-            self._count(outcomes)
-            finished += [
-                (o.task.entry, None if o.task.entry.entry_id in answered else online_result(o))
-                for o in outcomes
-            ]
-        self.sealer.submit(finished)
-        log.info(
-            "online batch: %d entries, answered after %.1f ms, handed to the sealer after %.1f ms",
-            len(entries),
-            1e3 * (t_answered - t_batch),
-            1e3 * (time.time() - t_batch),
-        )
-
-    def _reject_online(self, entry: q.Entry, reason: str) -> None:
-        """A malformed online entry: report it if it has a request id, dead-letter it."""
-        log.error("worker %s: malformed online entry %s: %s", self.consumer, entry.entry_id, reason)
-        request_id = (entry.fields or {}).get("request_id")
-        if request_id:
-            q.post_result(self.r, OnlineResult(request_id, "error", reason=reason))
-        q.dead_letter(self.r, entry, 1, f"malformed entry: {reason}")
-
-    # -- jobs ------------------------------------------------------------------------------
-
-    def handle_shard(self, entry: q.Entry) -> None:
-        """Process one job shard piece by piece; ack after the last piece is recorded."""
-        try:
-            shard, tasks = tasks_from_shard(entry)
-        except ProtocolError as exc:
-            log.error("worker %s: malformed shard %s: %s", self.consumer, entry.entry_id, exc)
-            q.dead_letter(self.r, entry, 1, f"malformed entry: {exc}")
-            return
-        start = time.perf_counter()
-        pieces = chunks(len(tasks), self.s.batch_size)
-        for k, piece in enumerate(pieces):
-            state = q.mark_job_started(self.r, shard.job_id)
-            if state is None or state == "cancelled":
-                log.info("job %s shard %d: job %s, skipped", shard.job_id, shard.shard_no, state)
-                break
-            if k > 0 and self.stopping.is_set():
-                self._hand_off(entry, shard, piece.start)
-                return
-            if k > 0:
-                q.touch(self.r, entry, self.consumer)
-                self._serve_online_now()
-            name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
-            outcomes = self.processor.run([tasks[i] for i in piece], name)
-            self._count(outcomes)
-            done = [o.task.image_id for o in outcomes if o.ok]
-            failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
-            q.record_items(self.r, shard.job_id, done, failed)
-        q.ack(self.r, entry.stream, [entry.entry_id])
-        took = time.perf_counter() - start
-        log.info(
-            "job %s shard %d: %d items in %.3fs", shard.job_id, shard.shard_no, len(tasks), took
-        )
-
-    def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
-        rest = replace(shard, items=shard.items[start:])
-        q.hand_off(self.r, entry, rest)
-        n = len(rest.items)
-        log.info("job %s shard %d: stopping, handed %d items back", shard.job_id, shard.shard_no, n)
-
-    # -- janitor callback ------------------------------------------------------------------
-
-    def _on_dead(self, entry: q.Entry, deliveries: int, reason: str) -> None:
-        """Fail a dead-lettered entry's online request or job items with ``reason``."""
-        try:
-            if entry.stream == ONLINE_STREAM:
-                req = OnlineRequest.from_fields(entry.fields or {})
-                q.post_result(self.r, OnlineResult(req.request_id, "error", reason=reason))
-            else:
-                shard = JobShard.from_fields(entry.fields or {})
-                failed = {item.image_id: reason for item in shard.items}
-                q.record_items(self.r, shard.job_id, [], failed)
-        except ProtocolError as exc:
-            log.error("dead entry %s is malformed (%s); nobody to tell", entry.entry_id, exc)
-
-    def _count(self, outcomes: Sequence[Outcome]) -> None:
-        self.counters.batches += 1
-        self.counters.images += len(outcomes)
-        self.counters.errors += sum(not o.ok for o in outcomes)
 
 
 def build_worker(settings: WorkerSettings) -> Worker:

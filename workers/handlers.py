@@ -1,0 +1,232 @@
+"""What a worker does with one unit of work: an online batch, a job shard, a dead letter.
+
+The loop that reads the streams and decides what to handle when is ``workers.worker``; each
+handler here takes the entries it is given to the end:
+
+* ``OnlineHandler``: one online batch. Malformed entries are answered "error" and
+  dead-lettered; fresh ones past their deadline are answered "expired" without computing; the
+  rest are loaded / skipped if cached / extracted (``workers.batcher.Processor``), each record
+  is answered first (``workers.replies``), then the batch goes to the sealer thread, which
+  seals, indexes and acks it (``workers.sealer``).
+* ``ShardHandler``: one job shard, ``batch_size`` images a piece. Progress is recorded after
+  each sealed piece and the entry acked after the last; between pieces it serves waiting online
+  entries (a callback into the loop), refreshes its claim on the shard, skips the rest of a
+  cancelled job and, once the worker is stopping, hands the unstarted rest back to the stream.
+* ``fail_dead``: the janitor's callback for a dead-lettered entry: fails its online request or
+  its job items with the reason.
+* ``Counters``: batches, images and failed items since start, for the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import redis
+
+from workers import queue as q
+from workers.batcher import Outcome, Processor, Task, chunks, tasks_from_online, tasks_from_shard
+from workers.protocol import ONLINE_STREAM, JobShard, OnlineRequest, OnlineResult, ProtocolError
+from workers.replies import Replies, online_result
+from workers.sealer import Sealer
+
+if TYPE_CHECKING:
+    Client = redis.Redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """Since start: model batches run, images processed, items failed, handler crashes."""
+
+    batches: int = 0
+    images: int = 0
+    errors: int = 0
+
+    def count(self, outcomes: Sequence[Outcome]) -> None:
+        """Add one model batch and its outcomes (a failed outcome counts as an error)."""
+        self.batches += 1
+        self.images += len(outcomes)
+        self.errors += sum(not o.ok for o in outcomes)
+
+
+class OnlineHandler:
+    """Computes one online batch, answers each request with its record, hands it to the sealer.
+
+    Args:
+        client: Redis client (bytes replies).
+        consumer: the worker's consumer name, for the log.
+        processor: the online ``Processor``, whose sink is ``sealer``.
+        replies: answers the waiting gateways.
+        sealer: seals, indexes and acks the answered batch on its own thread.
+        counters: the worker's counters.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        consumer: str,
+        processor: Processor,
+        replies: Replies,
+        sealer: Sealer,
+        counters: Counters,
+    ) -> None:
+        self.r = client
+        self.consumer = consumer
+        self.processor = processor
+        self.replies = replies
+        self.sealer = sealer
+        self.counters = counters
+
+    def __call__(self, entries: Sequence[q.Entry], *, redelivered: bool = False) -> None:
+        """Compute one batch, answer each request with its record, then have it sealed and acked.
+
+        Reply before seal (``workers.replies``): the records are pushed to the waiting
+        gateways as soon as they are computed; the sealer thread then seals and indexes them,
+        and only then acks the entries (``workers.sealer``). A crash in between leaves them
+        pending: redelivered, they are computed again and sealed (at-least-once caching). A
+        fresh entry past its deadline is answered "expired" without computing; a redelivered
+        one is computed and sealed without an answer (nobody waits for it any more).
+        """
+        t_batch = time.time()
+        now_ms = int(t_batch * 1000)
+        finished: list[tuple[q.Entry, OnlineResult | None]] = []
+        tasks: list[Task] = []
+        for entry in entries:
+            try:
+                task = tasks_from_online(entry)
+            except ProtocolError as exc:
+                self._reject(entry, str(exc))
+                continue
+            if task.expired(now_ms) and not redelivered:
+                late = now_ms - task.deadline_ms
+                reason = f"deadline passed {late} ms before a worker reached the request"
+                finished.append((entry, OnlineResult(task.request_id, "expired", reason=reason)))
+            else:
+                tasks.append(task)
+        quiet = {t.entry.entry_id for t in tasks if t.expired(now_ms)}
+        answered: set[str] = set(quiet)
+        t_answered = t_batch
+        if tasks:
+
+            def answer(outcomes: list[Outcome]) -> None:
+                nonlocal t_answered
+                answered.update(self.replies.answer(outcomes, t_batch, quiet))
+                t_answered = time.time()
+
+            outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
+            self.counters.count(outcomes)
+            finished += [
+                (o.task.entry, None if o.task.entry.entry_id in answered else online_result(o))
+                for o in outcomes
+            ]
+        self.sealer.submit(finished)
+        log.info(
+            "online batch: %d entries, answered after %.1f ms, handed to the sealer after %.1f ms",
+            len(entries),
+            1e3 * (t_answered - t_batch),
+            1e3 * (time.time() - t_batch),
+        )
+
+    def _reject(self, entry: q.Entry, reason: str) -> None:
+        """A malformed online entry: report it if it has a request id, dead-letter it."""
+        log.error("worker %s: malformed online entry %s: %s", self.consumer, entry.entry_id, reason)
+        request_id = (entry.fields or {}).get("request_id")
+        if request_id:
+            q.post_result(self.r, OnlineResult(request_id, "error", reason=reason))
+        q.dead_letter(self.r, entry, 1, f"malformed entry: {reason}")
+
+
+class ShardHandler:
+    """Processes one job shard piece by piece; acks it after the last piece is recorded.
+
+    Args:
+        client: Redis client.
+        consumer: the worker's consumer name (claim refreshes, the log).
+        processor: the job ``Processor``, whose sink seals and indexes each piece.
+        counters: the worker's counters.
+        batch_size: images per piece (one model call each).
+        stopping: set once the worker is stopping: the unstarted rest is handed back.
+        between_pieces: called before every piece but the first (the loop serves the online
+            entries waiting then).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        consumer: str,
+        processor: Processor,
+        counters: Counters,
+        *,
+        batch_size: int,
+        stopping: threading.Event,
+        between_pieces: Callable[[], None],
+    ) -> None:
+        self.r = client
+        self.consumer = consumer
+        self.processor = processor
+        self.counters = counters
+        self.batch_size = batch_size
+        self.stopping = stopping
+        self.between_pieces = between_pieces
+
+    def __call__(self, entry: q.Entry) -> None:
+        """Process one job shard piece by piece; ack after the last piece is recorded."""
+        try:
+            shard, tasks = tasks_from_shard(entry)
+        except ProtocolError as exc:
+            log.error("worker %s: malformed shard %s: %s", self.consumer, entry.entry_id, exc)
+            q.dead_letter(self.r, entry, 1, f"malformed entry: {exc}")
+            return
+        start = time.perf_counter()
+        pieces = chunks(len(tasks), self.batch_size)
+        for k, piece in enumerate(pieces):
+            state = q.mark_job_started(self.r, shard.job_id)
+            if state is None or state == "cancelled":
+                log.info("job %s shard %d: job %s, skipped", shard.job_id, shard.shard_no, state)
+                break
+            if k > 0 and self.stopping.is_set():
+                self._hand_off(entry, shard, piece.start)
+                return
+            if k > 0:
+                q.touch(self.r, entry, self.consumer)
+                self.between_pieces()
+            name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
+            outcomes = self.processor.run([tasks[i] for i in piece], name)
+            self.counters.count(outcomes)
+            done = [o.task.image_id for o in outcomes if o.ok]
+            failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
+            q.record_items(self.r, shard.job_id, done, failed)
+        q.ack(self.r, entry.stream, [entry.entry_id])
+        took = time.perf_counter() - start
+        log.info(
+            "job %s shard %d: %d items in %.3fs", shard.job_id, shard.shard_no, len(tasks), took
+        )
+
+    def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
+        rest = replace(shard, items=shard.items[start:])
+        q.hand_off(self.r, entry, rest)
+        n = len(rest.items)
+        log.info("job %s shard %d: stopping, handed %d items back", shard.job_id, shard.shard_no, n)
+
+
+def fail_dead(client: Client, entry: q.Entry, deliveries: int, reason: str) -> None:
+    """Fail a dead-lettered entry's online request or job items with ``reason``.
+
+    The janitor's ``on_dead`` callback, bound to the worker's client.
+    """
+    try:
+        if entry.stream == ONLINE_STREAM:
+            req = OnlineRequest.from_fields(entry.fields or {})
+            q.post_result(client, OnlineResult(req.request_id, "error", reason=reason))
+        else:
+            shard = JobShard.from_fields(entry.fields or {})
+            failed = {item.image_id: reason for item in shard.items}
+            q.record_items(client, shard.job_id, [], failed)
+    except ProtocolError as exc:
+        log.error("dead entry %s is malformed (%s); nobody to tell", entry.entry_id, exc)
