@@ -36,7 +36,9 @@ from heads.synth import unbound_oracle
 
 logger = logging.getLogger("bench.heads")
 VQA_COLS = ("overall", "color", "shape", "count", "exist", "att_hit")
-CAP_COLS = ("content_f1", "exact_set", "BLEU-4", "CIDEr-D", "beta_content", "beta_function")
+CAP_COLS = (
+    "content_f1", "exact_set", "BLEU-4", "CIDEr-D", "att_named", "beta_content", "beta_function",
+)  # fmt: skip
 
 
 def _cell(row: dict[str, float], col: str) -> str:
@@ -123,7 +125,8 @@ def main() -> int:
     def write() -> None:
         header = (f"D={args.dim}, hidden={args.hidden}, VQA {args.vqa_steps} updates × 64, "
                   f"captions {args.cap_steps} updates × 50 (seeds 0..{args.cap_seeds - 1}: "
-                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s); beta_*: mean "
+                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s); att_named: % of "
+                  f"colour/shape words whose argmax region shows that colour/shape; beta_*: mean "
                   f"sentinel weight (%) on colour/shape words and on the rest\n\n")  # fmt: skip
         text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
         text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])

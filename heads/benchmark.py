@@ -227,32 +227,68 @@ def run_caption(
             progress=False,
         )
     caps = caption_decode(model, val_r, list(range(len(task.val_scenes))), task.vocab, max_len=24)
-    return {**caption_scores(caps, task), **sentinel_use(model, val_r, task)}
+    return {**caption_scores(caps, task), **caption_diagnostics(model, val_r, task)}
+
+
+def region_words(task: CaptionTask, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, K) vocabulary ids of each val region's colour word and shape word; -1 on clutter
+    and padding (K = the padded region count of ``task.val_regions``)."""
+    k = task.val_regions.features.shape[1]
+    colour = torch.full((len(task.val_scenes), k), -1, dtype=torch.long)
+    shape = torch.full_like(colour, -1)
+    for row, scene in enumerate(task.val_scenes):
+        rec = scene.record
+        real = torch.tensor(rec.extra["object"]) >= 0
+        n = len(real)
+        colour_ids = torch.tensor([vocab.index.get(COLORS[c], -1) for c in rec.attrs_id.tolist()])
+        shape_ids = torch.tensor(
+            [vocab.index.get(SHAPES[c], -1) if c < len(SHAPES) else -1 for c in rec.objects_id]
+        )
+        colour[row, :n] = torch.where(real, colour_ids, -1)
+        shape[row, :n] = torch.where(real, shape_ids, -1)
+    return colour, shape
 
 
 @torch.no_grad()
-def sentinel_use(model: Captioner, regions: RegionBatch, task: CaptionTask) -> dict[str, float]:
-    """Mean sentinel weight β (%) on content words (colours, shapes) and on the other words.
+def caption_diagnostics(
+    model: Captioner, regions: RegionBatch, task: CaptionTask
+) -> dict[str, float]:
+    """Where a captioner looks, teacher-forced on the val references.
 
-    Teacher-forced on the val references. Lu et al.'s diagnostic: a decoder that uses its
-    sentinel as intended looks at the regions (low β) for content words and leans on the
-    sentinel for function words. Empty for decoders without a sentinel.
+    ``att_named``: % of colour and shape target words whose argmax region under α_t (the
+    weights used to predict that word) shows an object of that colour or shape: the caption
+    counterpart of the VQA ``att_hit``. ``beta_content`` / ``beta_function``: mean sentinel
+    weight β (%) on colour/shape words and on every other word (Lu et al.'s diagnostic: high on
+    function words, low where the decoder must look); absent without a sentinel.
     """
     model.eval()
+    colour, shape = region_words(task, task.vocab)
     content = torch.tensor(task.vocab.ids_of((*COLORS, *SHAPES)))
-    sums, counts = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    hits = named = 0.0
+    beta_sum, beta_n = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    has_beta = False
     for s in range(0, len(task.val), 200):
         idx = torch.arange(s, min(s + 200, len(task.val)))
-        out = model(regions.select(task.val.image_rows[idx]), task.val.inputs[idx])
-        if out.betas is None:
-            return {}
-        targets = task.val.targets[idx]
+        rows = task.val.image_rows[idx]
+        out = model(regions.select(rows), task.val.inputs[idx])
+        targets = task.val.targets[idx]  # (B, T)
         is_content = torch.isin(targets, content)
-        for k, sel in enumerate((is_content, (targets != PAD) & ~is_content)):
-            sums[k] += out.betas[sel].double().sum()
-            counts[k] += sel.sum()
-    beta = (100 * sums / counts.clamp(min=1)).tolist()
-    return {"beta_content": beta[0], "beta_function": beta[1]}
+        look = out.alphas.argmax(-1)  # (B, T) region of each step
+        seen_colour = colour[rows].gather(1, look)
+        seen_shape = shape[rows].gather(1, look)
+        hit = (seen_colour == targets) | (seen_shape == targets)
+        hits += float(hit[is_content].sum())
+        named += float(is_content.sum())
+        if out.betas is not None:
+            has_beta = True
+            for k, sel in enumerate((is_content, (targets != PAD) & ~is_content)):
+                beta_sum[k] += out.betas[sel].double().sum()
+                beta_n[k] += sel.sum()
+    result = {"att_named": 100.0 * hits / max(named, 1.0)}
+    if has_beta:
+        beta = (100 * beta_sum / beta_n.clamp(min=1)).tolist()
+        result |= {"beta_content": beta[0], "beta_function": beta[1]}
+    return result
 
 
 def caption_scores(caps: list[str], task: CaptionTask) -> dict[str, Any]:

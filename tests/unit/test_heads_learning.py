@@ -11,10 +11,10 @@ from typing import cast
 import torch
 
 from heads.benchmark import (
+    caption_diagnostics,
     caption_model,
     caption_task,
     run_vqa,
-    sentinel_use,
     vqa_model,
     vqa_task,
 )
@@ -95,28 +95,48 @@ def test_adaptive_sentinel_gate_is_higher_on_function_words_than_on_colours_and_
     assert beta_function > 0.2 and beta_content < 0.1, (beta_function, beta_content)
 
 
-def test_sentinel_use_splits_beta_by_target_word() -> None:
-    """``sentinel_use`` (the benchmark's β columns) equals β averaged over the whole val set at
-    once, split by whether the target is a colour/shape word; decoders without a sentinel
-    report nothing."""
+def test_caption_diagnostics_against_a_per_word_loop() -> None:
+    """``caption_diagnostics`` (the benchmark's att_named and β columns) equals a plain loop
+    over every (caption, step): argmax region's object named by the target word, and β split
+    by whether the target is a colour/shape word; decoders without a sentinel report no β."""
     task = caption_task(32, 40, 30, seed=2)
     torch.manual_seed(0)
     model = caption_model("adaptive", task, 16)
-    with torch.no_grad():  # a non-trivial β: push the sentinel's score up on some steps
-        cast(AdaptiveCore, model.core).sentinel_proj.weight.normal_(0.0, 2.0)
-    got = sentinel_use(model, task.val_regions, task)
+    with torch.no_grad():  # sharper attention and a non-trivial β than at initialisation
+        core = cast(AdaptiveCore, model.core)
+        core.sentinel_proj.weight.normal_(0.0, 2.0)
+        core.attention.feature_proj.weight.normal_(0.0, 1.0)
+    got = caption_diagnostics(model, task.val_regions, task)
+
     model.eval()
     with torch.no_grad():
-        betas = model(task.val_regions.select(task.val.image_rows), task.val.inputs).betas
-    assert betas is not None
-    targets = task.val.targets
-    content = torch.isin(targets, torch.tensor(task.vocab.ids_of([*COLORS, *SHAPES])))
-    other = (targets != 0) & ~content
-    assert content.sum() > 0 and other.sum() > 0
-    assert abs(got["beta_content"] - 100 * float(betas[content].double().mean())) < 1e-6
-    assert abs(got["beta_function"] - 100 * float(betas[other].double().mean())) < 1e-6
+        out = model(task.val_regions.select(task.val.image_rows), task.val.inputs)
+    assert out.betas is not None
+    hits, named = 0, 0
+    beta_by_kind: dict[bool, list[float]] = {True: [], False: []}
+    for i, row in enumerate(task.val.image_rows.tolist()):
+        record = task.val_scenes[row].record
+        for t, target in enumerate(task.val.targets[i].tolist()):
+            if target == 0:  # <pad>
+                continue
+            word = task.vocab.words[target]
+            is_content = word in COLORS or word in SHAPES
+            beta_by_kind[is_content].append(float(out.betas[i, t]))
+            if not is_content:
+                continue
+            named += 1
+            r = int(out.alphas[i, t].argmax())
+            if record.extra["object"][r] >= 0:
+                seen = (COLORS[record.attrs_id[r]], SHAPES[record.objects_id[r]])
+                hits += word in seen
+    assert named > 0 and 0 < hits < named
+    assert abs(got["att_named"] - 100 * hits / named) < 1e-9
+    for key, kind in (("beta_content", True), ("beta_function", False)):
+        expected = 100 * sum(beta_by_kind[kind]) / len(beta_by_kind[kind])
+        assert abs(got[key] - expected) < 1e-6, key
     assert got["beta_content"] != got["beta_function"]
-    assert sentinel_use(caption_model("updown", task, 16), task.val_regions, task) == {}
+    plain = caption_diagnostics(caption_model("updown", task, 16), task.val_regions, task)
+    assert set(plain) == {"att_named"}
 
 
 def test_ban_glimpse_attention_entropy_falls_during_training() -> None:
