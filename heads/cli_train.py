@@ -133,12 +133,18 @@ def train_caption(args: argparse.Namespace) -> None:
     regions = FileRegions(args.features, ids, l2_normalise=False)
     meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
     args.out.mkdir(parents=True, exist_ok=True)
-    lam = 1.0 if cfg.kind == "sat" else 0.0
+    lam = args.ds_lambda if cfg.kind == "sat" else 0.0
     core = model.core
-    # Adaptive attention: the first half without the visual sentinel, which otherwise takes
-    # every word before the region attention has learnt anything (docs/heads.md, benchmark).
-    phases = [(args.steps // 2, False), (args.steps, True)]
-    for until, sentinel in phases if isinstance(core, AdaptiveCore) else [(args.steps, True)]:
+    phases = [(args.steps, True)]
+    if isinstance(core, AdaptiveCore):
+        # The first part without the visual sentinel, which otherwise takes every word before
+        # the region attention has learnt anything (docs/heads.md, benchmark).
+        warm = int(args.steps * args.sentinel_warmup)
+        phases = [(warm, False), (args.steps, True)] if warm > 0 else phases
+        meta["sentinel_warmup_steps"] = warm
+    if cfg.kind == "sat":
+        meta["ds_lambda"] = lam
+    for until, sentinel in phases:
         if isinstance(core, AdaptiveCore):
             core.use_sentinel = sentinel and cfg.sentinel
         fit(

@@ -66,7 +66,29 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE"
     )
+    t.add_argument(
+        "--ds-lambda",
+        type=float,
+        default=1.0,
+        help="sat: weight of the doubly stochastic penalty against the summed NLL (Xu et al.: "
+        "1; 0 turns it off, which binds better over region sets: docs/heads.md)",
+    )
+    t.add_argument(
+        "--sentinel-warmup",
+        type=_fraction,
+        default=0.5,
+        help="adaptive: fraction of the updates trained without the visual sentinel first (0: "
+        "jointly from the start as Lu et al., which collapses onto the sentinel: docs/heads.md)",
+    )
     t.set_defaults(handler=_train)  # fmt: skip
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1) (argparse type)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text}")
+    return value
 
 
 def _source_args(p: argparse.ArgumentParser) -> None:

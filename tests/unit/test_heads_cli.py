@@ -105,6 +105,62 @@ def test_cli_train_caption_and_answer(
     assert len(ans["answers"]) == 3
 
 
+@pytest.mark.parametrize(
+    ("head", "extra", "expected"),
+    [
+        ("adaptive", [], [(2, False, 0.0), (4, True, 0.0)]),  # half without the sentinel
+        ("adaptive", ["--sentinel-warmup", "0.75"], [(3, False, 0.0), (4, True, 0.0)]),
+        ("adaptive", ["--sentinel-warmup", "0"], [(4, True, 0.0)]),  # Lu et al.: jointly
+        ("sat", [], [(4, True, 1.0)]),  # Xu et al.'s λ
+        ("sat", ["--ds-lambda", "0"], [(4, True, 0.0)]),
+    ],
+)
+def test_caption_training_phases_and_penalty(
+    dataset: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    head: str,
+    extra: list[str],
+    expected: list[tuple[int, bool, float]],
+) -> None:
+    """--sentinel-warmup splits an adaptive run into (until, sentinel on) phases; --ds-lambda
+    reaches SAT's loss; the checkpoint meta records both."""
+    from heads import cli_train
+    from heads.captioners import AdaptiveCore
+
+    seen: list[tuple[int, bool, float]] = []
+
+    def fake_fit(model, loss_fn, n, settings, out_dir, meta, until):  # type: ignore[no-untyped-def]
+        core = model.core
+        sentinel = core.use_sentinel if isinstance(core, AdaptiveCore) else True
+        lambdas: list[float] = []
+        monkeypatch.setattr(
+            cli_train, "caption_batch_loss", lambda m, r, ex, idx, lam: lambdas.append(lam)
+        )
+        loss_fn(torch.arange(2))
+        seen.append((until, sentinel, lambdas[0]))
+        (out_dir / "meta.json").write_text(json.dumps(meta))
+        return []
+
+    monkeypatch.setattr(cli_train, "fit", fake_fit)
+    out = dataset["root"] / f"phases-{head}-{len(extra)}-{extra[-1] if extra else ''}"
+    _run(["heads", "train", "caption", "--features", str(dataset["features"]), "--annotations",
+          str(dataset["karpathy"]), "--out", str(out), "--steps", "4", "--min-count", "1",
+          "--hidden", "16", "--head", head, *extra])  # fmt: skip
+    assert seen == expected
+    meta = json.loads((out / "meta.json").read_text())
+    if head == "sat":
+        assert meta["ds_lambda"] == expected[0][2]
+    else:
+        assert meta["sentinel_warmup_steps"] == (expected[0][0] if len(expected) == 2 else 0)
+
+
+def test_sentinel_warmup_must_be_a_fraction(dataset: dict[str, Path]) -> None:
+    with pytest.raises(SystemExit):
+        _run(["heads", "train", "caption", "--features", str(dataset["features"]),
+              "--annotations", str(dataset["karpathy"]), "--out", str(dataset["root"] / "x"),
+              "--sentinel-warmup", "1.5"])  # fmt: skip
+
+
 def test_training_resumes_from_checkpoint(dataset: dict[str, Path]) -> None:
     out = dataset["root"] / "resume"
     base = ["heads", "train", "vqa", "--features", str(dataset["features"]), "--annotations",
