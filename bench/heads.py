@@ -35,6 +35,13 @@ from heads.benchmark import (
 from heads.synth import unbound_oracle
 
 logger = logging.getLogger("bench.heads")
+LEGEND = """\
+att_hit: % of colour questions whose argmax region shows the asked object (or its duplicate).
+att_named: % of colour/shape words in the val references (teacher-forced) whose argmax region
+shows an object of that colour/shape. beta_content / beta_function: mean β_t (%) on colour/shape
+words and on the other words; adaptive: the sentinel weight (low = looking at regions), SAT: the
+selector gate on the context (high = looking). "± x": std over the seeds.
+"""
 VQA_COLS = ("overall", "color", "shape", "count", "exist", "att_hit")
 CAP_COLS = (
     "content_f1", "exact_set", "BLEU-4", "CIDEr-D", "att_named", "beta_content", "beta_function",
@@ -84,9 +91,10 @@ def merge(paths: list[Path], out: Path) -> int:
         part = json.loads(path.read_text())
         for task in results:
             results[task].update(part.get(task, {}))
-    text = _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
+    header = f"Merged from {', '.join(p.name for p in paths)} (settings: each run's .md).\n\n"
+    text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
     text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
-    out.write_text(text)
+    out.write_text(text + "\n" + LEGEND)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     return 0
 
@@ -125,12 +133,10 @@ def main() -> int:
     def write() -> None:
         header = (f"D={args.dim}, hidden={args.hidden}, VQA {args.vqa_steps} updates × 64, "
                   f"captions {args.cap_steps} updates × 50 (seeds 0..{args.cap_seeds - 1}: "
-                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s); att_named: % of "
-                  f"colour/shape words whose argmax region shows that colour/shape; beta_*: mean "
-                  f"sentinel weight (%) on colour/shape words and on the rest\n\n")  # fmt: skip
+                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s)\n\n")  # fmt: skip
         text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
         text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
-        args.out.write_text(text)
+        args.out.write_text(text + "\n" + LEGEND)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
     vt = vqa_task(args.dim, *args.vqa_scenes)

@@ -257,9 +257,11 @@ def caption_diagnostics(
 
     ``att_named``: % of colour and shape target words whose argmax region under α_t (the
     weights used to predict that word) shows an object of that colour or shape: the caption
-    counterpart of the VQA ``att_hit``. ``beta_content`` / ``beta_function``: mean sentinel
-    weight β (%) on colour/shape words and on every other word (Lu et al.'s diagnostic: high on
-    function words, low where the decoder must look); absent without a sentinel.
+    counterpart of the VQA ``att_hit``. ``beta_content`` / ``beta_function``: mean β_t (%) on
+    colour/shape words and on every other word, for decoders with a gate. Adaptive attention:
+    the sentinel weight, so LOW means looking (Lu et al.'s diagnostic: high on function words,
+    low where the decoder must look). Show-Attend-Tell: the selector gate on the context, so
+    HIGH means looking. Absent for Up-Down.
     """
     model.eval()
     colour, shape = region_words(task, task.vocab)
