@@ -39,17 +39,25 @@ logger = logging.getLogger(__name__)
 class FileRegions:
     """Row-indexed view of a feature file: ``select(rows)`` reads and pads those images."""
 
-    def __init__(self, path: Path, image_ids: Sequence[str], l2_normalise: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        image_ids: Sequence[str],
+        l2_normalise: bool,
+        device: torch.device | str = "cpu",
+    ) -> None:
         from store.h5 import FeatureFile
 
         self.file = FeatureFile(path)
         self.image_ids = list(image_ids)
         self.l2 = l2_normalise
+        self.device = torch.device(device)
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> RegionBatch:
-        """Padded batch of images ``rows``."""
+        """Padded batch of images ``rows``, on ``device``."""
         ids = [self.image_ids[int(r)] for r in torch.as_tensor(rows).tolist()]
-        return collate_records([self.file.get(i) for i in ids], l2_normalise=self.l2)
+        batch = collate_records([self.file.get(i) for i in ids], l2_normalise=self.l2)
+        return batch.to(self.device)
 
 
 def _available(path: Path, wanted: Sequence[str]) -> list[str]:
@@ -94,7 +102,10 @@ def train_vqa(args: argparse.Namespace) -> None:
     recipe = args.recipe or ("ban" if head == "ban" else "hengyuan")
     batch = args.batch_size or (256 if head == "ban" else 512)
     settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
-    regions = FileRegions(args.features, ids, l2_normalise=True)
+    device = torch.device(args.device)
+    model.to(device)
+    ex = ex.to(device)
+    regions = FileRegions(args.features, ids, l2_normalise=True, device=device)
     meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
             "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,11 +137,13 @@ def train_caption(args: argparse.Namespace) -> None:
     cfg = CaptionerConfig(
         kind=args.head or "updown", feature_dim=_feature_dim(args.features), **sizes
     )
-    model = Captioner(len(vocab), cfg)
+    device = torch.device(args.device)
+    model = Captioner(len(vocab), cfg).to(device)
+    ex = ex.to(device)
     recipe = args.recipe or "updown_caffe"
     batch = args.batch_size or 100
     settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
-    regions = FileRegions(args.features, ids, l2_normalise=False)
+    regions = FileRegions(args.features, ids, l2_normalise=False, device=device)
     meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
     args.out.mkdir(parents=True, exist_ok=True)
     lam = args.ds_lambda if cfg.kind == "sat" else 0.0

@@ -81,8 +81,9 @@ def scst_loss(
     rewards = torch.tensor(
         [cider.score(" ".join(vocab.decode(s)), references[i // w]) for i, s in enumerate(seqs)]
     ).view(b, w)
-    advantage = (rewards - rewards.mean(1, keepdim=True)).view(-1)
-    inputs, targets = (torch.tensor(x) for x in pad_captions(seqs, max_len + 1))
+    device = regions.features.device
+    advantage = (rewards - rewards.mean(1, keepdim=True)).view(-1).to(device)
+    inputs, targets = (torch.tensor(x, device=device) for x in pad_captions(seqs, max_len + 1))
     rows = torch.arange(b).repeat_interleave(w)
     out = model(regions.select(rows), inputs)
     logp = torch.log_softmax(out.logits, -1).gather(2, targets.unsqueeze(-1)).squeeze(-1)
@@ -94,8 +95,9 @@ def vqa_loss(
     model: nn.Module, regions: RegionSource, ex: VQAExamples, idx: torch.Tensor
 ) -> torch.Tensor:
     """BCE × N on the soft scores of questions ``idx``."""
+    idx = idx.to(ex.questions.device)
     out = model(regions.select(ex.image_rows[idx]), ex.questions[idx])
-    return vqa_bce_loss(out.logits, ex.targets[idx])
+    return vqa_bce_loss(out.logits, ex.targets(idx))
 
 
 @torch.no_grad()
@@ -151,6 +153,7 @@ def caption_batch_loss(
     ds_lambda: float = 0.0,
 ) -> torch.Tensor:
     """XE loss of caption examples ``idx``."""
+    idx = idx.to(ex.inputs.device)
     t = int((ex.targets[idx] != PAD).sum(1).max())
     return caption_xe_loss(
         model,

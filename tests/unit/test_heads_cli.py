@@ -33,7 +33,7 @@ def test_readers_and_soft_targets(dataset: dict[str, Path]) -> None:
     assert (
         ex.questions.shape == (len(items), 14) and ex.questions[:, 0].eq(PAD).all()
     )  # left-padded
-    row = ex.targets[0]
+    row = ex.targets(torch.tensor([0]))[0]
     first = items[0]
     for a in set(first.answers):
         if a in answers:
@@ -43,6 +43,26 @@ def test_readers_and_soft_targets(dataset: dict[str, Path]) -> None:
             )
     caps = read_karpathy(dataset["karpathy"])
     assert len(caps) == 12 and len(caps[0].captions) == 5
+
+
+def test_sparse_vqa_targets_densify_to_the_soft_scores(dataset: dict[str, Path]) -> None:
+    """Every question's dense target row, built per batch from the sparse (ids, scores), equals
+    the soft scores counted directly: 0.3 per human up to 3, 1.0 from 4, 0 elsewhere."""
+    items = read_vqa(dataset["questions"], dataset["annotations"])
+    answers = build_answer_set((a for it in items for a in it.answers), min_count=2)
+    vocab = Vocabulary.build((tokenize_question(it.question) for it in items), min_count=1)
+    ex = vqa_examples(items, {it.image_id: 0 for it in items}, vocab, answers)
+    dense = ex.targets(torch.arange(len(ex)))
+    expected = torch.zeros(len(items), len(answers))
+    for r, it in enumerate(items):
+        for j, a in enumerate(answers):
+            n = it.answers.count(a)
+            expected[r, j] = 0.0 if n == 0 else (1.0 if n >= 4 else 0.3 * n)
+    assert dense.shape == (len(items), len(answers)) and ex.answer_ids.shape[1] <= 10
+    torch.testing.assert_close(dense, expected, atol=1e-6, rtol=0)
+    assert (expected > 0).sum() > len(items)  # several answers per question on average
+    picked = torch.tensor([3, 0, 3])  # any order, repeats allowed
+    torch.testing.assert_close(ex.targets(picked), expected[picked], atol=1e-6, rtol=0)
 
 
 def test_answer_set_threshold_counts_normalised_answers() -> None:
@@ -152,6 +172,40 @@ def test_caption_training_phases_and_penalty(
         assert meta["ds_lambda"] == expected[0][2]
     else:
         assert meta["sentinel_warmup_steps"] == (expected[0][0] if len(expected) == 2 else 0)
+
+
+@pytest.mark.parametrize("task", ["caption", "vqa"])
+def test_train_device_reaches_model_examples_and_regions(
+    dataset: dict[str, Path], monkeypatch: pytest.MonkeyPatch, task: str
+) -> None:
+    """--device moves the head and the examples and makes FileRegions pad batches there
+    (PyTorch's shape-only ``meta`` device stands in for a GPU here; tests/gpu trains on CUDA)."""
+    from heads import cli_train
+
+    seen: dict[str, str] = {}
+    real_regions = cli_train.FileRegions
+
+    def regions(*args: object, **kwargs: object) -> object:
+        seen["regions"] = str(kwargs["device"])
+        return real_regions(*args, **kwargs)  # type: ignore[arg-type]
+
+    def fake_fit(model, loss_fn, n, settings, out_dir, meta, until=None):  # type: ignore[no-untyped-def]
+        seen["model"] = str(next(model.parameters()).device)
+        cells = loss_fn.__closure__ or ()
+        examples = [c.cell_contents for c in cells if hasattr(c.cell_contents, "image_rows")]
+        seen["examples"] = str(examples[0].image_rows.device)
+        return []
+
+    monkeypatch.setattr(cli_train, "FileRegions", regions)
+    monkeypatch.setattr(cli_train, "fit", fake_fit)
+    files = ["--annotations", str(dataset["karpathy"])]
+    if task == "vqa":
+        files = ["--annotations", str(dataset["annotations"]), "--questions",
+                 str(dataset["questions"])]  # fmt: skip
+    _run(["heads", "train", task, "--features", str(dataset["features"]), *files, "--out",
+          str(dataset["root"] / f"meta-{task}"), "--steps", "2", "--min-count", "1",
+          "--hidden", "16", "--device", "meta"])  # fmt: skip
+    assert seen == {"regions": "meta", "model": "meta", "examples": "meta"}
 
 
 def test_sentinel_warmup_must_be_a_fraction(dataset: dict[str, Path]) -> None:
