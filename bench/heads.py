@@ -120,6 +120,7 @@ def main() -> int:
         "--cap-seeds", type=int, default=1, help="train each captioner from this many seeds"
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--out", type=Path, default=Path("bench/results/heads.md"))
     p.add_argument("--merge", type=Path, nargs="*", help="only merge these result JSONs into --out")
     args = p.parse_args()
@@ -133,7 +134,8 @@ def main() -> int:
     def write() -> None:
         header = (f"D={args.dim}, hidden={args.hidden}, VQA {args.vqa_steps} updates × 64, "
                   f"captions {args.cap_steps} updates × 50 (seeds 0..{args.cap_seeds - 1}: "
-                  f"mean ± std), Adam 1e-3, CPU {args.threads} thread(s)\n\n")  # fmt: skip
+                  f"mean ± std), Adam 1e-3, {args.device}, {args.threads} CPU thread(s)"
+                  "\n\n")  # fmt: skip
         text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
         text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
         args.out.write_text(text + "\n" + LEGEND)
@@ -143,7 +145,7 @@ def main() -> int:
     for name in args.vqa_heads:
         t = time.time()
         results["vqa"][name] = {
-            **run_vqa(name, vt, args.vqa_steps, args.hidden, 64),
+            **run_vqa(name, vt, args.vqa_steps, args.hidden, 64, device=args.device),
             "seconds": time.time() - t,
         }
         logger.info("vqa %s %s", name, results["vqa"][name])
@@ -156,7 +158,9 @@ def main() -> int:
         runs = []
         for seed in range(args.cap_seeds):
             t = time.time()
-            r = run_caption(name, ct, args.cap_steps, args.hidden, 50, seed=seed, lr=args.cap_lr)
+            r = run_caption(
+                name, ct, args.cap_steps, args.hidden, 50, seed, args.cap_lr, args.device
+            )
             runs.append({**r, "seconds": time.time() - t})
         results["caption"][name] = over_seeds(runs)
         logger.info("caption %s %s", name, results["caption"][name])

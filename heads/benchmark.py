@@ -111,29 +111,36 @@ def vqa_model(name: str, task: VQATask, hidden: int) -> torch.nn.Module:
 
 
 def run_vqa(
-    name: str, task: VQATask, steps: int, hidden: int = 256, batch: int = 128, seed: int = 0
+    name: str,
+    task: VQATask,
+    steps: int,
+    hidden: int = 256,
+    batch: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one head and score it: official accuracy per question type, attention hit rate."""
     torch.manual_seed(seed)
-    model = vqa_model(name, task, hidden)
-    train_r, val_r = task.train_regions, task.val_regions
+    model = vqa_model(name, task, hidden).to(device)
+    train_r, val_r = task.train_regions.to(device), task.val_regions.to(device)
     if name == "blind":
         train_r, val_r = train_r.zeroed(), val_r.zeroed()
+    train = task.train.to(device)
     settings = TrainSettings("adam", steps, batch, 1e-3, seed=seed)
     fit(
         model,
-        lambda idx: vqa_loss(model, train_r, task.train, idx),
-        len(task.train),
+        lambda idx: vqa_loss(model, train_r, train, idx),
+        len(train),
         settings,
         progress=False,
     )
-    preds, att = vqa_predict(model, val_r, task.val, task.answers)
+    preds, att = vqa_predict(model, val_r, task.val.to(device), task.answers)
     by_type: dict[str, list[float]] = {}
     for p, it in zip(preds, task.val.items, strict=True):
         by_type.setdefault(it.answer_type, []).append(vqa_accuracy(p, it.answers))
     row = {t: 100 * sum(v) / len(v) for t, v in by_type.items()}
     row["overall"] = 100 * sum(sum(v) for v in by_type.values()) / len(preds)
-    row["att_hit"] = attention_hit_rate(att, task)
+    row["att_hit"] = attention_hit_rate(att.cpu(), task)
     return row
 
 
@@ -205,13 +212,15 @@ def run_caption(
     batch: int = 100,
     seed: int = 0,
     lr: float = 1e-3,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Train one captioner (XE); score greedy captions: content-F1, exact-set, BLEU-4, CIDEr-D."""
     torch.manual_seed(seed)
-    model = caption_model(name, task, hidden)
-    train_r, val_r = task.train_regions, task.val_regions
+    model = caption_model(name, task, hidden).to(device)
+    train_r, val_r = task.train_regions.to(device), task.val_regions.to(device)
     if name == "blind":
         train_r, val_r = train_r.zeroed(), val_r.zeroed()
+    train = task.train.to(device)
     lam = 1.0 if name == "sat" else 0.0
     warmup = steps // 2 if name == "adaptive_warmup" else 0
     for phase_steps, sentinel in ((warmup, False), (steps - warmup, True)):
@@ -221,8 +230,8 @@ def run_caption(
             model.core.use_sentinel = sentinel and name != "adaptive_spatial"
         fit(
             model,
-            lambda idx: caption_batch_loss(model, train_r, task.train, idx, lam),
-            len(task.train),
+            lambda idx: caption_batch_loss(model, train_r, train, idx, lam),
+            len(train),
             TrainSettings("adam", phase_steps, batch, lr, seed=seed),
             progress=False,
         )
@@ -264,16 +273,18 @@ def caption_diagnostics(
     HIGH means looking. Absent for Up-Down.
     """
     model.eval()
-    colour, shape = region_words(task, task.vocab)
-    content = torch.tensor(task.vocab.ids_of((*COLORS, *SHAPES)))
+    device = regions.features.device
+    colour, shape = (t.to(device) for t in region_words(task, task.vocab))
+    val = task.val.to(device)
+    content = torch.tensor(task.vocab.ids_of((*COLORS, *SHAPES)), device=device)
     hits = named = 0.0
     beta_sum, beta_n = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     has_beta = False
-    for s in range(0, len(task.val), 200):
-        idx = torch.arange(s, min(s + 200, len(task.val)))
-        rows = task.val.image_rows[idx]
-        out = model(regions.select(rows), task.val.inputs[idx])
-        targets = task.val.targets[idx]  # (B, T)
+    for s in range(0, len(val), 200):
+        idx = torch.arange(s, min(s + 200, len(val)), device=device)
+        rows = val.image_rows[idx]
+        out = model(regions.select(rows), val.inputs[idx])
+        targets = val.targets[idx]  # (B, T)
         is_content = torch.isin(targets, content)
         look = out.alphas.argmax(-1)  # (B, T) region of each step
         seen_colour = colour[rows].gather(1, look)

@@ -112,7 +112,7 @@ def vqa_predict(
     model.eval()
     preds, atts = [], []
     for s in range(0, len(ex), batch):
-        idx = torch.arange(s, min(s + batch, len(ex)))
+        idx = torch.arange(s, min(s + batch, len(ex)), device=ex.questions.device)
         out = model(regions.select(ex.image_rows[idx]), ex.questions[idx])
         preds += [answers[i] for i in out.logits.argmax(1).tolist()]
         att = out.attention
