@@ -60,6 +60,18 @@ def load_head(
     return model.to(device).eval(), ckpt["meta"]
 
 
+def check_features(meta: dict[str, Any], record: FeatureRecord) -> None:
+    """Raise ValueError when the record's feature size is not the one the head was trained on
+    (a head trained on another detector's features), instead of a matrix-shape error."""
+    expected = int(meta["config"]["feature_dim"])
+    if record.feature_dim != expected:
+        raise ValueError(
+            f"this {meta.get('task', '')} head was trained on {expected}-d region features; "
+            f"image {record.image_id!r} has {record.feature_dim}-d features "
+            f"(model {record.model_version}): train the head on features of this model"
+        )
+
+
 def head_device(model: nn.Module) -> torch.device:
     """The device of the head's parameters (CPU for a head without any)."""
     param = next(model.parameters(), None)
@@ -87,6 +99,7 @@ def caption(
 
     Runs on the head's device (``head_device``); the result is on the CPU.
     """
+    check_features(meta, record)
     device = head_device(model)
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", False)))
@@ -111,6 +124,7 @@ def answer(
     model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5
 ) -> Answer:
     """Answer one question about one image, on the head's device (``head_device``)."""
+    check_features(meta, record)
     device = head_device(model)
     vocab = Vocabulary(meta["vocab"])
     regions = collate_records([record], l2_normalise=bool(meta.get("l2_normalise", True)))

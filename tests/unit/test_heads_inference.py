@@ -100,7 +100,7 @@ def no_region_checks(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_region_checks")
 def test_inputs_are_built_on_the_heads_device() -> None:
     record = scene_record()
-    meta = {"vocab": WORDS, "answers": ANSWERS}
+    meta = {"vocab": WORDS, "answers": ANSWERS, "config": {"feature_dim": record.feature_dim}}
     head = _MetaHead(len(ANSWERS))
     assert head_device(head) == torch.device("meta")
     got = answer(head, meta, record, QUESTION, top=2)
@@ -127,3 +127,19 @@ def test_worker_load_heads_puts_heads_on_the_device(tmp_path: Path) -> None:
     on_cpu = load_heads({"caption": paths["caption"], "vqa": None})
     assert list(on_cpu) == ["caption"]
     assert head_device(on_cpu["caption"].model) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("task", "head"), [("caption", "updown"), ("vqa", "ban")])
+def test_a_record_of_another_feature_size_is_refused_clearly(
+    tmp_path: Path, task: str, head: str
+) -> None:
+    """A head trained on D-d features, asked about a record of another size, says so (the
+    worker passes the message on as the request's error) instead of a matrix-shape error."""
+    model, meta = load_head(write_head(tmp_path / head, task, head))
+    dim = int(meta["config"]["feature_dim"])
+    record = scene_record(dim=dim + 8)
+    with pytest.raises(ValueError, match=rf"trained on {dim}-d .* has {dim + 8}-d features"):
+        if task == "caption":
+            caption(model, meta, record)
+        else:
+            answer(model, meta, record, QUESTION)
