@@ -66,9 +66,7 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--scst-steps", type=int, default=0, help="caption: CIDEr-D SCST updates after XE"
     )
-    t.add_argument(
-        "--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)"
-    )
+    t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     t.add_argument(
         "--ds-lambda",
         type=float,
