@@ -35,6 +35,7 @@ from workers.queue import Entry
 log = logging.getLogger(__name__)
 
 ARCHIVE_SEPARATOR = "::"
+AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
@@ -243,7 +244,7 @@ class FeatureSink(Protocol):
         records: Sequence[StoredItem],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[tuple[str, str, str]] = (),
+        aliases: Sequence[AliasTriple] = (),
     ) -> None:
         """Store new ``records`` (made under ``config``) and bind every (namespace, image_id,
         sha256) of ``aliases``; on return both are durable and indexed."""

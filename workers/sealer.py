@@ -28,11 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.batcher import FeatureSink, StoredItem
+from workers.batcher import AliasTriple, FeatureSink, StoredItem
 
 log = logging.getLogger(__name__)
-
-AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 
 @dataclass(frozen=True)

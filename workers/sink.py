@@ -29,12 +29,11 @@ from typing import Any
 from store.index import FeatureIndex
 from store.records import FeatureRecord
 from store.shards import Alias, ShardEntries, seal_shard
-from workers.batcher import StoredItem
+from workers.batcher import AliasTriple, StoredItem
 
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 
 class StoreSink:
