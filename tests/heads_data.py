@@ -2,11 +2,12 @@
 
 Writes a ragged feature file (``store.h5`` layout), a Karpathy-split caption file and VQA v2
 questions / annotations for ``n`` simulated scenes (``heads.synth``), for the tests of the heads
-command line and of the HTTP heads endpoints.
+command line and of the HTTP heads endpoints, and runs that command line in-process.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -39,3 +40,15 @@ def write_heads_dataset(root: Path, *, dim: int, scenes: int) -> dict[str, Path]
     (root / "a.json").write_text(json.dumps({"annotations": anns}))
     return {"root": root, "features": root / "f.h5", "karpathy": root / "karpathy.json",
             "questions": root / "q.json", "annotations": root / "a.json"}  # fmt: skip
+
+
+def run_heads_cli(argv: list[str]) -> int:
+    """Run ``butd`` heads commands (``heads train``, ``caption``, ``answer``) in this process;
+    their exit status."""
+    from service.cli import heads as cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    status: int = args.handler(args)
+    return status

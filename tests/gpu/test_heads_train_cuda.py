@@ -3,7 +3,6 @@ GPU, with SCST for captions; the checkpoints then load and run on the CPU."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -11,18 +10,13 @@ import torch
 
 from heads.inference import answer, caption, load_head
 from store.h5 import FeatureFile
-from tests.heads_data import write_heads_dataset
+from tests.heads_data import run_heads_cli, write_heads_dataset
 
 pytestmark = pytest.mark.gpu
 
 
 def _run(argv: list[str]) -> None:
-    from service.cli import heads as cli
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    assert args.handler(args) == 0
+    assert run_heads_cli(argv) == 0
 
 
 @pytest.mark.parametrize("head", ["updown", "sat", "adaptive"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from heads.data import build_answer_set, read_coco_captions, read_karpathy, read_vqa, vqa_examples
 from heads.visualise import attention_panels
 from heads.vocab import EOS, PAD, Vocabulary, left_pad, pad_captions, tokenize_question
-from tests.heads_data import write_heads_dataset
+from tests.heads_data import run_heads_cli, write_heads_dataset
 
 torch.set_num_threads(1)
 
@@ -85,12 +84,7 @@ def test_padding_helpers() -> None:
 
 
 def _run(argv: list[str]) -> None:
-    from service.cli import heads as cli
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    assert args.handler(args) == 0
+    assert run_heads_cli(argv) == 0
 
 
 def test_cli_train_caption_and_answer(

@@ -6,7 +6,6 @@ checkpoint on the CPU (no GPU needed), so the command still prints a real captio
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 import heads.inference
 from store.h5_writer import write_feature_file
 from tests.head_checkpoints import DIM, scene_record, write_head
+from tests.heads_data import run_heads_cli
 
 torch.set_num_threads(1)
 
@@ -35,16 +35,6 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return devices
 
 
-def _run(argv: list[str]) -> int:
-    from service.cli import heads as cli
-
-    parser = argparse.ArgumentParser()
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    result: int = args.handler(args)
-    return result
-
-
 def _local_args(tmp_path: Path, task: str) -> list[str]:
     record = scene_record()
     features = tmp_path / "f.h5"
@@ -60,7 +50,7 @@ def _local_args(tmp_path: Path, task: str) -> list[str]:
 def test_device_option_reaches_load_head(
     tmp_path: Path, task: str, spy: list[Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _run([*_local_args(tmp_path, task), "--device", "cuda:1"]) == 0
+    assert run_heads_cli([*_local_args(tmp_path, task), "--device", "cuda:1"]) == 0
     assert spy == ["cuda:1"]
     out = json.loads(capsys.readouterr().out)
     assert "caption" in out if task == "caption" else len(out["answers"]) == 2
@@ -68,5 +58,5 @@ def test_device_option_reaches_load_head(
 
 @pytest.mark.parametrize("task", ["caption", "vqa"])
 def test_device_defaults_to_cpu_like_extract(tmp_path: Path, task: str, spy: list[Any]) -> None:
-    assert _run(_local_args(tmp_path, task)) == 0
+    assert run_heads_cli(_local_args(tmp_path, task)) == 0
     assert spy == ["cpu"]
