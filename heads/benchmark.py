@@ -239,19 +239,20 @@ def run_caption(
     return {**caption_scores(caps, task), **caption_diagnostics(model, val_r, task)}
 
 
-def region_words(task: CaptionTask, vocab: Vocabulary) -> tuple[torch.Tensor, torch.Tensor]:
+def region_words(task: CaptionTask) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, K) vocabulary ids of each val region's colour word and shape word; -1 on clutter
     and padding (K = the padded region count of ``task.val_regions``)."""
     k = task.val_regions.features.shape[1]
     colour = torch.full((len(task.val_scenes), k), -1, dtype=torch.long)
     shape = torch.full_like(colour, -1)
+    index = task.vocab.index
     for row, scene in enumerate(task.val_scenes):
         rec = scene.record
         real = torch.tensor(rec.extra["object"]) >= 0
         n = len(real)
-        colour_ids = torch.tensor([vocab.index.get(COLORS[c], -1) for c in rec.attrs_id.tolist()])
+        colour_ids = torch.tensor([index.get(COLORS[c], -1) for c in rec.attrs_id.tolist()])
         shape_ids = torch.tensor(
-            [vocab.index.get(SHAPES[c], -1) if c < len(SHAPES) else -1 for c in rec.objects_id]
+            [index.get(SHAPES[c], -1) if c < len(SHAPES) else -1 for c in rec.objects_id]
         )
         colour[row, :n] = torch.where(real, colour_ids, -1)
         shape[row, :n] = torch.where(real, shape_ids, -1)
@@ -274,7 +275,7 @@ def caption_diagnostics(
     """
     model.eval()
     device = regions.features.device
-    colour, shape = (t.to(device) for t in region_words(task, task.vocab))
+    colour, shape = (t.to(device) for t in region_words(task))
     val = task.val.to(device)
     content = torch.tensor(task.vocab.ids_of((*COLORS, *SHAPES)), device=device)
     hits = named = 0.0
