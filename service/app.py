@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.backend import FeatureStore, Queue
 from service.errors import install_error_handlers
 from service.heads_online import HeadsService
+from service.limits import BodyDeadline
 from service.metrics import Metrics
 from service.online import ModelVersions, OnlineService, new_request_id
 from service.routes import features, heads, health, jobs
@@ -164,6 +165,7 @@ def create_app(
     app.state.queue = None
     if queue is not None and store is not None:
         _wire(app, queue, store)
+    app.add_middleware(BodyDeadline, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in (features.router, heads.router, jobs.router, health.router):

@@ -62,6 +62,13 @@ class PathNotAllowedError(ServiceError):
     code = "path_not_allowed"
 
 
+class BodyTimeoutError(ServiceError):
+    """The request body did not arrive within ``body_timeout_s`` (a slow or stalled upload)."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
 class NotFoundError(ServiceError):
     """No cached record, job or export for the given key."""
 

@@ -96,6 +96,11 @@ class Metrics:
         self.cache_hits = Counter(
             "butd_cache_hits", "online requests answered from the store", registry=self.registry
         )
+        self.refused = Counter(
+            "butd_online_refused",
+            "online requests refused with 503 because the queue could not answer them in time",
+            registry=self.registry,
+        )
 
     def bind(self, queue: Queue) -> None:
         """Read the queue gauges from ``queue`` at scrape time (once per registry)."""

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from service.admission import Admission, admission
 from service.backend import FeatureStore, Queue, StoredRecord
+from service.budget import BudgetTimeoutError, PixelBudget
 from service.errors import (
     ConflictError,
     OverloadedError,
@@ -130,7 +132,12 @@ class ModelVersions:
             if time.monotonic() - self._read_at < self._refresh_s:
                 return
         try:
-            beats = [b for b in self._queue.live_workers() if b.loaded and b.model_version]
+            now = time.time()
+            beats = [
+                b
+                for b in self._queue.live_workers()
+                if b.loaded and b.model_version and not b.stalled(now)
+            ]
         except Exception as exc:  # Redis down: keep serving the cache under the last version
             if raise_errors:
                 raise
@@ -201,6 +208,7 @@ class OnlineService:
         self.metrics = metrics
         self.models = models
         self.timings = OnlineTimings(metrics.registry)
+        self.decodes = PixelBudget(settings.decode_pixel_budget)
 
     def extract(self, upload: Upload, request_id: str) -> Extracted:
         """The record of ``upload``, from the cache or from a worker.
@@ -217,8 +225,7 @@ class OnlineService:
             self.metrics.cache_hits.inc()
             return Extracted(hit, request_id, cached=True)
         self.validate(upload.data)
-        self.admit()
-        result = self.round_trip(upload, request_id)
+        result = self.round_trip(upload, request_id, self.admit())
         return Extracted(self.read_result(upload, result), request_id, cached=result.cached)
 
     def check_alias(self, upload: Upload) -> None:
@@ -246,23 +253,43 @@ class OnlineService:
         return hit
 
     def validate(self, data: bytes) -> None:
-        """Probe the header (pixel limit) and, when configured, decode the whole image."""
-        probe_image(data, max_pixels=self.settings.max_pixels)
-        if self.settings.full_decode_check:
-            decode_image(data, max_pixels=self.settings.max_pixels)
+        """Probe the header (pixel limit) and, when configured, decode the whole image within
+        the decode pixel budget (waiting at most the request timeout for room, else 503)."""
+        w, h = probe_image(data, max_pixels=self.settings.max_pixels)
+        if not self.settings.full_decode_check:
+            return
+        try:
+            with self.decodes.hold(w * h, timeout_s=self.settings.request_timeout_s):
+                decode_image(data, max_pixels=self.settings.max_pixels)
+        except BudgetTimeoutError as exc:
+            raise OverloadedError(
+                f"the gateway is decoding too many pixels at once: {exc}",
+                retry_after_s=self.settings.retry_after_s,
+            ) from None
 
-    def admit(self) -> None:
-        """Refuse (503 + Retry-After) when no worker is live; heartbeats are those of
-        ``ModelVersions`` (read at most once a second). The depth is checked with the enqueue
-        (``round_trip``)."""
-        if not self.models.loaded_workers():
+    def admit(self) -> Admission:
+        """The queue depth under which a request is admitted (``service.admission``), from the
+        live, non-stuck workers' measured throughput; 503 + Retry-After when none is live.
+        Heartbeats are those of ``ModelVersions`` (read at most once a second). The depth is
+        checked with the enqueue (``round_trip``)."""
+        workers = self.models.loaded_workers()
+        if not workers:
             raise OverloadedError(
                 "no worker with a loaded model is live", retry_after_s=self.settings.retry_after_s
             )
+        s = self.settings
+        return admission(
+            workers,
+            timeout_s=s.request_timeout_s,
+            margin=s.admission_margin,
+            max_depth=s.max_queue_depth,
+        )
 
-    def round_trip(self, upload: Upload, request_id: str) -> OnlineResult:
-        """Enqueue the upload, unless the online queue is full (503 + Retry-After), and wait
-        for its worker's answer."""
+    def round_trip(
+        self, upload: Upload, request_id: str, admitted: Admission | None = None
+    ) -> OnlineResult:
+        """Enqueue the upload, unless the online queue is at the admission limit (503 +
+        Retry-After), and wait for its worker's answer."""
         timeout = self.settings.request_timeout_s
         request = OnlineRequest(
             request_id=request_id,
@@ -273,13 +300,12 @@ class OnlineService:
             deadline_ms=int((time.time() + timeout + self.settings.compute_grace_s) * 1000),
         )
         start, enqueued = time.perf_counter(), time.time()
-        limit = self.settings.max_queue_depth
-        depth = self.queue.enqueue_online(request, upload.data, max_depth=limit)
+        admitted = admitted or Admission(self.settings.max_queue_depth, 0.0, timeout)
+        depth = self.queue.enqueue_online(request, upload.data, max_depth=admitted.limit)
         if depth is not None:
-            raise OverloadedError(
-                f"online queue is full: {depth} requests waiting, limit {limit}",
-                retry_after_s=self.settings.retry_after_s,
-            )
+            self.metrics.refused.inc()
+            message, retry_after = admitted.refusal(depth, self.settings.retry_after_s)
+            raise OverloadedError(message, retry_after_s=retry_after)
         result = self.queue.wait_result(request_id, timeout)
         self.metrics.online_wait_seconds.observe(time.perf_counter() - start)
         if result is not None:

@@ -136,6 +136,15 @@ class WorkerInfo(BaseModel):
     heads: list[str] = Field(
         default_factory=list, description="trained heads it serves, sorted (caption, vqa)"
     )
+    stuck: bool = Field(
+        default=False,
+        description="its main loop has not moved for longer than its STALL_AFTER_S: it does "
+        "not count as ready and other workers take over its entries",
+    )
+    progress_age_s: float | None = Field(
+        default=None, description="seconds since its main loop last moved (None: not reported)"
+    )
+    working_on: str = Field(default="", description="the stream entry it handles now")
 
 
 class ReadyResponse(BaseModel):

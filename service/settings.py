@@ -11,8 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from store.images import DEFAULT_MAX_PIXELS
 
 FeatureDtype = Literal["float16", "float32"]
 
@@ -47,11 +49,18 @@ class Settings(BaseSettings):
     model_version: str | None = None
     # Largest accepted upload, bytes (20 MiB: a 50 MP JPEG is well below it). Over it: 413.
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
-    # Largest accepted image, pixels (w * h; 50 MP). Over it: 413 with the value and the limit.
-    max_pixels: int = Field(default=50_000_000, gt=0)
-    # Decode the whole image in the gateway before enqueueing (catches truncated files with a
-    # 422); False = header probe only and the worker reports decode errors.
-    full_decode_check: bool = True
+    # Largest accepted image, pixels (w * h, from the header; 50 MP). Over it: 413 with the value
+    # and the limit. The same variable (and default) bounds what a worker decodes, so an image
+    # the gateway or a job accepts is never refused later, and the reverse.
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, gt=0)
+    # Decode the whole image in the gateway before enqueueing (a truncated file is then a 422
+    # before queueing). False (default) = header probe only: the gateway never holds decoded
+    # pixels and the worker reports decode errors (still 422).
+    full_decode_check: bool = False
+    # Pixels (sum of w * h) the gateway decodes at once when ``full_decode_check`` is on; a
+    # decode waits for room (at most the request timeout, then 503). ~10 bytes of memory per
+    # pixel at the peak of a decode: 100 MP bounds decoding to ~1 GB. At least ``max_pixels``.
+    decode_pixel_budget: int = Field(default=2 * DEFAULT_MAX_PIXELS, gt=0)
     # How long POST /v1/features waits for a worker, seconds. Past it: 504 with the request id.
     request_timeout_s: float = Field(default=30.0, gt=0)
     # After a 504 the request stays in the queue: a worker that reaches it within this many
@@ -60,7 +69,12 @@ class Settings(BaseSettings):
     compute_grace_s: float = Field(default=30.0, ge=0)
     # Online requests allowed in the queue (waiting + being computed). Over it: 503 + Retry-After.
     max_queue_depth: int = Field(default=256, gt=0)
-    # Value of the Retry-After header on 503 (queue full, no worker), seconds.
+    # Share of the request timeout the online queue may fill: a request is admitted only when
+    # the requests ahead of it finish within timeout x this at the workers' measured throughput
+    # (service.admission); otherwise an immediate 503 + Retry-After instead of a late 504.
+    admission_margin: float = Field(default=0.7, gt=0, le=1)
+    # Smallest Retry-After on 503 (queue full, no worker), seconds; a full queue answers the
+    # time it needs to drain when that is longer.
     retry_after_s: int = Field(default=2, ge=1)
     # A worker heartbeat older than this is not "live", seconds (workers beat every few seconds).
     heartbeat_max_age_s: float = Field(default=15.0, gt=0)
@@ -87,6 +101,16 @@ class Settings(BaseSettings):
     image_suffixes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
+    # Slow clients (service.limits). The request head must arrive within header_timeout_s of
+    # the connection opening (or of the previous response), else 408 and close (``butd serve``
+    # only: uvicorn reads the head before the app); the whole body within body_timeout_s of
+    # the head (20 MiB in 60 s needs ~350 KB/s), else 408. Seconds.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    # Open connections ``butd serve`` handles at once (uvicorn limit_concurrency); past it new
+    # requests get 503. Idle keep-alive connections are closed after keep_alive_s.
+    max_connections: int = Field(default=512, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
     # Listen address of ``butd serve``.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
@@ -104,6 +128,15 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_roots(cls, value: object) -> list[Path]:
         return [Path(item).expanduser() for item in _split_list(value)]
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> Settings:
+        if self.decode_pixel_budget < self.max_pixels:
+            raise ValueError(
+                f"decode_pixel_budget ({self.decode_pixel_budget}) must be at least max_pixels "
+                f"({self.max_pixels}): an image at the limit could never be decoded"
+            )
+        return self
 
     @property
     def jobs_upload_dir(self) -> Path:

@@ -44,8 +44,9 @@ from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 100_000_000
-"""Default pixel limit: 100 MP (a 10000 x 10000 photo; decoded BGR is 300 MB)."""
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Default pixel limit: 50 MP (a 7071 x 7071 photo; decoded BGR is 150 MB, ~500 MB at the peak
+of a decode). The one default of the gateway's and the workers' ``BUTD_MAX_PIXELS``."""
 
 BGRImage = npt.NDArray[np.uint8]
 

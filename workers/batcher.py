@@ -29,6 +29,7 @@ import numpy.typing as npt
 from detector.config import ExtractionConfig
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
+from workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from workers.queue import Entry
 
@@ -151,8 +152,10 @@ class Loaded:
         return self.image is not None
 
 
-def read_source(source: str, fetch: FetchFn) -> bytes:
+def read_source(source: str, fetch: FetchFn, limits: ReadLimits = DEFAULT_LIMITS) -> bytes:
     """Bytes of a task's source: ``redis:KEY`` through ``fetch``, a file, or an archive member.
+
+    Files and members are read only when regular, within ``limits`` (``workers.files``).
 
     Raises:
         FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
@@ -164,28 +167,22 @@ def read_source(source: str, fetch: FetchFn) -> bytes:
         return data
     if ARCHIVE_SEPARATOR in source:
         archive, member = source.split(ARCHIVE_SEPARATOR, 1)
-        return _read_member(Path(archive), member)
+        return read_member(Path(archive), member, limits)
     path = Path(source)
     if not path.is_absolute():
         raise ValueError(f"image path must be absolute; got {source!r}")
-    return path.read_bytes()
+    return read_file(path, limits)
 
 
-def _read_member(archive: Path, member: str) -> bytes:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            return zf.read(member)
-    with tarfile.open(archive) as tf:
-        handle = tf.extractfile(member)
-        if handle is None:
-            raise KeyError(f"{member!r} in {archive} is not a regular file")
-        return handle.read()
+def load_task(
+    task: Task, fetch: FetchFn, *, max_pixels: int, limits: ReadLimits = DEFAULT_LIMITS
+) -> Loaded:
+    """Read, hash and decode one task's image; a failure is returned as its reason.
 
-
-def load_task(task: Task, fetch: FetchFn, *, max_pixels: int) -> Loaded:
-    """Read, hash and decode one task's image; a failure is returned as its reason."""
+    The pixel limit is checked on the header, before any pixel is decoded.
+    """
     try:
-        data = read_source(task.source, fetch)
+        data = read_source(task.source, fetch, limits)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
         return Loaded(task, reason=f"cannot read {task.source!r}: {exc}")
     sha = hashlib.sha256(data).hexdigest()
@@ -283,15 +280,23 @@ class Processor:
         sink: the feature store.
         fetch: reads an uploaded image's bytes from Redis by key (None when gone).
         max_pixels: largest image decoded, pixels.
+        limits: how job files are read (regular files only, timeout, size cap).
     """
 
     def __init__(
-        self, extractor: ExtractorLike, sink: FeatureSink, fetch: FetchFn, *, max_pixels: int
+        self,
+        extractor: ExtractorLike,
+        sink: FeatureSink,
+        fetch: FetchFn,
+        *,
+        max_pixels: int,
+        limits: ReadLimits = DEFAULT_LIMITS,
     ) -> None:
         self.extractor = extractor
         self.sink = sink
         self.fetch = fetch
         self.max_pixels = max_pixels
+        self.limits = limits
 
     def run(
         self, tasks: Sequence[Task], name: str, on_computed: ComputedFn | None = None
@@ -304,7 +309,9 @@ class Processor:
                 answers there. An exception it raises propagates; nothing is sealed then.
         """
         start = time.perf_counter()
-        loaded = [load_task(t, self.fetch, max_pixels=self.max_pixels) for t in tasks]
+        loaded = [
+            load_task(t, self.fetch, max_pixels=self.max_pixels, limits=self.limits) for t in tasks
+        ]
         outcomes: dict[int, Outcome] = {}
         for options, idx in group_by_options(loaded).items():
             group = [loaded[i] for i in idx]

@@ -23,8 +23,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, ClassVar
 
 import redis
 
@@ -42,17 +42,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Counters:
-    """Since start: model batches run, images processed, items failed, handler crashes."""
+    """Since start: model batches run, images processed, items failed, handler crashes; and
+    the main loop's progress (``tick``), published in the heartbeat.
+
+    Attributes:
+        progress_at: epoch seconds of the loop's last tick or counted batch.
+        working_on: what the loop is handling now ("" when idle).
+        seconds_per_image: moving average (weight ``SPI_WEIGHT`` per batch) of a batch's
+            seconds divided by its images; 0 until the first timed batch.
+    """
 
     batches: int = 0
     images: int = 0
     errors: int = 0
+    progress_at: float = field(default_factory=time.time)
+    working_on: str = ""
+    seconds_per_image: float = 0.0
 
-    def count(self, outcomes: Sequence[Outcome]) -> None:
-        """Add one model batch and its outcomes (a failed outcome counts as an error)."""
+    SPI_WEIGHT: ClassVar[float] = 0.2
+
+    def tick(self, working_on: str | None = None) -> None:
+        """The loop moved (and, when given, now handles ``working_on``)."""
+        self.progress_at = time.time()
+        if working_on is not None:
+            self.working_on = working_on
+
+    def count(self, outcomes: Sequence[Outcome], seconds: float | None = None) -> None:
+        """Add one model batch and its outcomes (a failed outcome counts as an error) and,
+        with ``seconds`` (the batch's duration), update ``seconds_per_image``."""
         self.batches += 1
         self.images += len(outcomes)
         self.errors += sum(not o.ok for o in outcomes)
+        if seconds is not None and outcomes:
+            spi = seconds / len(outcomes)
+            old = self.seconds_per_image
+            self.seconds_per_image = spi if old == 0 else old + self.SPI_WEIGHT * (spi - old)
+        self.tick()
 
 
 class OnlineHandler:
@@ -120,7 +145,7 @@ class OnlineHandler:
                 t_answered = time.time()
 
             outcomes = self.processor.run(tasks, f"online-{tasks[0].entry.entry_id}", answer)
-            self.counters.count(outcomes)
+            self.counters.count(outcomes, time.time() - t_batch)
             finished += [
                 (o.task.entry, None if o.task.entry.entry_id in answered else online_result(o))
                 for o in outcomes
@@ -197,8 +222,9 @@ class ShardHandler:
                 q.touch(self.r, entry, self.consumer)
                 self.between_pieces()
             name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
+            t_piece = time.perf_counter()
             outcomes = self.processor.run([tasks[i] for i in piece], name)
-            self.counters.count(outcomes)
+            self.counters.count(outcomes, time.perf_counter() - t_piece)
             done = [o.task.image_id for o in outcomes if o.ok]
             failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
             q.record_items(self.r, shard.job_id, done, failed)

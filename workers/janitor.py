@@ -2,8 +2,14 @@
 
 Runs inside every worker as a periodic step of its main loop (no thread, no lock to expire):
 
-1. ``XAUTOCLAIM`` entries pending longer than ``claim_idle_ms`` under any consumer (a crashed or
-   stuck worker). Claiming resets their idle time, so one janitor wins each entry.
+1. Take over the pending entries of *orphaned* consumers at once: a consumer whose heartbeat key
+   has expired (the worker died) or whose heartbeat says its loop is stuck (``Heartbeat.stalled``)
+   (``XINFO CONSUMERS``, then ``XCLAIM`` of its ``XPENDING`` ids). The heartbeat TTL is the
+   signal, so a crashed worker's online requests are redone within seconds, not
+   ``claim_idle_ms``. Then ``XAUTOCLAIM`` entries pending longer than ``claim_idle_ms`` under
+   any consumer (a worker that lost its heartbeat key some other way). Claiming resets their
+   idle time and counts a delivery, so one janitor wins each entry, and an entry that makes
+   every worker crash or hang is dead-lettered after ``max_deliveries``.
 2. Look up each claimed entry's delivery count (``XPENDING`` extended form). An entry delivered
    more than ``max_deliveries`` times is copied to ``butd:dlq`` and acked in one MULTI, and the
    ``on_dead`` callback fails its online request or job items with the reason. The others are
@@ -24,7 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
@@ -83,20 +89,26 @@ class Janitor:
         self.clock = clock
         self._next_run = 0.0
         self.reclaimed = 0
+        self.orphans_claimed = 0
         self.dead = 0
 
     def due(self) -> bool:
         """True when ``interval_s`` has passed since the last run."""
         return self.clock() >= self._next_run
 
-    def run(self, r: Client) -> list[Entry]:
-        """One pass over both streams; returns the reclaimed entries the worker should process."""
+    def run(self, r: Client, streams: Sequence[str] | None = None) -> list[Entry]:
+        """One pass over ``streams`` (default: all of ``claim_counts``); returns the reclaimed
+        entries the worker should process."""
         self._next_run = self.clock() + self.interval_s
         start = time.perf_counter()
         keep: list[Entry] = []
         trimmed = 0
         for stream, count in self.claim_counts.items():
-            keep += self.screen(r, self._claim(r, stream, count))
+            if streams is not None and stream not in streams:
+                continue
+            claimed = self._claim_orphaned(r, stream, count)
+            claimed += self._claim(r, stream, count - len(claimed))
+            keep += self.screen(r, claimed)
             trimmed += trim_acked(r, stream, keep_ms=self.trim_keep_ms)
         if keep or trimmed:
             log.info(
@@ -109,7 +121,55 @@ class Janitor:
         self.reclaimed += len(keep)
         return keep
 
+    def orphaned_consumers(self, r: Client, stream: str) -> list[str]:
+        """Other consumers holding entries of ``stream`` whose worker is dead or stuck."""
+        try:
+            consumers = r.xinfo_consumers(stream, GROUP)
+        except redis.ResponseError:  # no stream or group yet
+            return []
+        holders = [text(c["name"]) for c in consumers if int(c["pending"]) > 0]
+        holders = [name for name in holders if name != self.consumer]
+        if not holders:
+            return []
+        beats = r.mget([worker_key(name) for name in holders])
+        now = time.time()
+        return [
+            name
+            for name, raw in zip(holders, beats, strict=True)
+            if raw is None or Heartbeat.from_json(raw).stalled(now)
+        ]
+
+    def _claim_orphaned(self, r: Client, stream: str, count: int) -> list[Entry]:
+        """Up to ``count`` pending entries of orphaned consumers, claimed for this one."""
+        out: list[Entry] = []
+        for name in self.orphaned_consumers(r, stream):
+            rows = r.xpending_range(stream, GROUP, "-", "+", count - len(out), consumername=name)
+            ids: list[Any] = [text(row["message_id"]) for row in rows]
+            if not ids:
+                continue
+            # RESP2 (``connect``): a list of (id, fields) pairs, as XAUTOCLAIM's second item.
+            claimed = cast(
+                "list[tuple[bytes, Any]]", r.xclaim(stream, GROUP, self.consumer, 0, ids)
+            )
+            log.warning(
+                "janitor %s: took over %d entries of %s from %s (heartbeat expired or stuck)",
+                self.consumer,
+                len(claimed),
+                stream,
+                name,
+            )
+            for entry_id, fields in claimed:
+                out.append(
+                    Entry(stream, text(entry_id), None if fields is None else decode_fields(fields))
+                )
+            if len(out) >= count:
+                break
+        self.orphans_claimed += len(out)
+        return out
+
     def _claim(self, r: Client, stream: str, count: int) -> list[Entry]:
+        if count <= 0:
+            return []
         reply = r.xautoclaim(
             stream, GROUP, self.consumer, self.claim_idle_ms, start_id="0-0", count=count
         )

@@ -374,6 +374,12 @@ class Heartbeat:
         batches, images, errors: counters since start.
         started_at, updated_at: epoch seconds.
         heads: tasks of the trained heads it serves on ``butd:heads`` ("caption", "vqa").
+        progress_at: epoch seconds of the last turn of the worker's main loop (set by the loop
+            itself, not by the heartbeat thread: a loop stuck on one item stops moving it).
+        stall_after_s: the worker's ``STALL_AFTER_S``: a loop silent longer is stuck.
+        working_on: what the loop is handling now ("" when idle), e.g. "butd:jobs 17-0".
+        seconds_per_image: moving average of busy seconds per image processed (0 = none
+            yet); the gateway's admission estimates throughput from it.
     """
 
     worker_id: str
@@ -389,6 +395,14 @@ class Heartbeat:
     started_at: float = 0.0
     updated_at: float = 0.0
     heads: tuple[str, ...] = ()
+    progress_at: float = 0.0
+    stall_after_s: float = 0.0
+    working_on: str = ""
+    seconds_per_image: float = 0.0
+
+    def stalled(self, now: float) -> bool:
+        """True when the main loop has not moved for more than ``stall_after_s`` at ``now``."""
+        return self.stall_after_s > 0 and 0 < self.progress_at < now - self.stall_after_s
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

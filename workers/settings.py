@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from store.images import DEFAULT_MAX_PIXELS
+
 
 def _env(name: str, default: Any, **constraints: Any) -> Any:
     """A field read from BUTD_NAME or NAME."""
@@ -66,17 +68,34 @@ class WorkerSettings(BaseSettings):
     claim_idle_ms: int = _env("claim_idle_ms", 60_000, ge=100)
     # Deliveries after which an entry is dead-lettered to butd:dlq and its items failed.
     max_deliveries: int = _env("max_deliveries", 3, ge=1)
-    # How often the janitor reclaims and trims, seconds.
-    janitor_interval_s: float = _env("janitor_interval_s", 5.0, gt=0)
+    # How often the janitor reclaims and trims, seconds. Each run also takes over the pending
+    # entries of workers whose heartbeat expired or whose loop is stuck (no CLAIM_IDLE_MS wait),
+    # so a crashed worker's online requests are redone within HEARTBEAT_TTL_S + this.
+    janitor_interval_s: float = _env("janitor_interval_s", 2.0, gt=0)
     # Acknowledged stream entries are kept this long (ms) for inspection before trimming.
     trim_keep_ms: int = _env("trim_keep_ms", 3_600_000, ge=0)
     # Heartbeat refresh period and TTL, seconds (TTL > 2 periods tolerates one missed beat).
-    heartbeat_s: float = _env("heartbeat_s", 5.0, gt=0)
-    heartbeat_ttl_s: int = _env("heartbeat_ttl_s", 15, ge=1)
+    # The TTL is how long a crashed worker's entries wait before another worker takes them.
+    heartbeat_s: float = _env("heartbeat_s", 2.0, gt=0)
+    heartbeat_ttl_s: int = _env("heartbeat_ttl_s", 6, ge=1)
+    # A main loop that has not moved (no turn, no batch finished) for this long is stuck,
+    # seconds: /health/ready reports it and other workers take over its entries (each such
+    # take-over counts a delivery: after MAX_DELIVERIES the entry is dead-lettered and its items
+    # failed). Must exceed the worst time of one batch, including its reads.
+    stall_after_s: float = _env("stall_after_s", 120.0, gt=0)
+    # Job images are read only from regular files (a FIFO, device or socket fails its item at
+    # once), each within this many seconds (a hung network mount fails the item, not the
+    # worker), and of at most this many bytes (the file size is checked before reading).
+    read_timeout_s: float = _env("read_timeout_s", 10.0, gt=0)
+    max_file_bytes: int = _env("max_file_bytes", 64 * 1024 * 1024, ge=1)
+    # Return freed heap to the OS after each batch (glibc malloc_trim; workers.memory): keeps the
+    # RSS of a long-running worker flat instead of at the high mark of its largest batch.
+    malloc_trim: bool = _env("malloc_trim", True)
     # How long an online result waits in Redis for the gateway, seconds.
     result_ttl_s: int = _env("result_ttl_s", 600, ge=1)
-    # Largest image a worker decodes, pixels (w * h).
-    max_pixels: int = _env("max_pixels", 100_000_000, ge=1)
+    # Largest image a worker decodes, pixels (w * h, checked on the header before decoding).
+    # The same variable and default as the gateway's BUTD_MAX_PIXELS (one limit everywhere).
+    max_pixels: int = _env("max_pixels", DEFAULT_MAX_PIXELS, ge=1)
     # Longest pause between reconnection attempts while Redis is unreachable, seconds.
     reconnect_max_s: float = _env("reconnect_max_s", 5.0, gt=0)
     # Trained caption / VQA heads (directories written by `butd heads train`), loaded at start

@@ -44,9 +44,11 @@ import redis
 from store.index import FeatureIndex
 from workers import queue as q
 from workers.batcher import ExtractorLike, FeatureSink, Processor, chunks, fill_batch
+from workers.files import ReadLimits
 from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
 from workers.heads_task import start_heads
 from workers.janitor import HeartbeatThread, Janitor
+from workers.memory import trim_heap
 from workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
 from workers.replies import Replies
 from workers.sealer import Sealer
@@ -97,7 +99,10 @@ class Worker:
         self.s = settings
         self.r = client if client is not None else q.connect(settings.redis_url)
         self.consumer = settings.worker_id
-        self.processor = Processor(extractor, sink, self._fetch, max_pixels=settings.max_pixels)
+        limits = ReadLimits(settings.read_timeout_s, settings.max_file_bytes)
+        self.processor = Processor(
+            extractor, sink, self._fetch, max_pixels=settings.max_pixels, limits=limits
+        )
         self.janitor = Janitor(
             self.consumer,
             claim_idle_ms=settings.claim_idle_ms,
@@ -115,7 +120,9 @@ class Worker:
             feature_dtype=feature_dtype,
         )
         self.sealer = Sealer(sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0)
-        self.online = Processor(extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels)
+        self.online = Processor(
+            extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels, limits=limits
+        )
         self.stopping = threading.Event()
         self.handle_online = OnlineHandler(
             self.r, self.consumer, self.online, self.replies, self.sealer, self.counters
@@ -148,7 +155,15 @@ class Worker:
         """The current heartbeat record."""
         c = self.counters
         return replace(
-            self._beat, batches=c.batches, images=c.images, errors=c.errors, updated_at=time.time()
+            self._beat,
+            batches=c.batches,
+            images=c.images,
+            errors=c.errors,
+            updated_at=time.time(),
+            progress_at=c.progress_at,
+            stall_after_s=self.s.stall_after_s,
+            working_on=c.working_on,
+            seconds_per_image=round(c.seconds_per_image, 6),
         )
 
     def request_stop(self, signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
@@ -197,6 +212,7 @@ class Worker:
 
     def step(self) -> None:
         """One turn of the main loop (see the module docstring)."""
+        self.counters.tick()
         if self._recover:
             self.sealer.drain()  # what it acks is not "own pending" to redo
             q.ensure_groups(self.r)
@@ -225,7 +241,11 @@ class Worker:
                 self._guard(self.handle_shard, entry)
 
     def _guard(self, handler: Callable[[Any], None], arg: Any) -> None:
-        """Run a handler; an unexpected error leaves its entries pending for the janitor."""
+        """Run a handler; an unexpected error leaves its entries pending for the janitor.
+
+        The loop's progress marks (``Counters.tick``) bracket it, and the heap is trimmed after
+        it (``workers.memory``)."""
+        self.counters.tick(_describe(arg))
         try:
             handler(arg)
         except REDIS_DOWN:
@@ -233,6 +253,10 @@ class Worker:
         except Exception:
             self.counters.errors += 1
             log.exception("worker %s: handler failed; entries stay pending", self.consumer)
+        finally:
+            self.counters.tick("")
+            if self.s.malloc_trim:
+                trim_heap()
 
     def _fetch(self, key: str) -> bytes | None:
         data = self.r.get(key)
@@ -261,10 +285,27 @@ class Worker:
         )
 
     def _serve_online_now(self) -> None:
-        """Online entries waiting right now (called between pieces of a long shard)."""
+        """Between pieces of a long shard: online entries waiting right now, and those of dead
+        or stuck workers when the janitor is due (job shards wait for the next full run)."""
+        self.counters.tick()
+        working_on = self.counters.working_on
+        if self.janitor.due():
+            reclaimed = self.janitor.run(self.r, streams=(ONLINE_STREAM,))
+            if reclaimed:
+                self._serve_online(reclaimed, fill=False, redelivered=True)
         waiting = q.read_entries(self.r, [ONLINE_STREAM], self.consumer, count=self.s.batch_size)
         if waiting:
             self._serve_online(waiting, fill=False)
+        self.counters.tick(working_on)
+
+
+def _describe(arg: Any) -> str:
+    """What a handler works on, for the heartbeat: "STREAM ID[ +N more]"."""
+    entries = list(arg) if isinstance(arg, list | tuple) else [arg]
+    if not entries or not isinstance(entries[0], q.Entry):
+        return ""
+    more = f" +{len(entries) - 1} more" if len(entries) > 1 else ""
+    return f"{entries[0].stream} {entries[0].entry_id}{more}"
 
 
 def build_worker(settings: WorkerSettings) -> Worker:

@@ -80,6 +80,7 @@ def _serve_http(settings: Any) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.limits import uvicorn_limits
 
     config = uvicorn.Config(
         create_app(settings),
@@ -88,6 +89,7 @@ def _serve_http(settings: Any) -> None:
         log_level="info",
         access_log=False,
         timeout_graceful_shutdown=10,
+        **uvicorn_limits(settings),
     )
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:

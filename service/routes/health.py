@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.backend import Queue
 from service.schemas import ReadyResponse, WorkerInfo
 from workers.heads_protocol import TASKS
+from workers.protocol import Heartbeat
 
 router = APIRouter(tags=["health"])
 
@@ -34,6 +35,33 @@ def heads_served(workers: Sequence[WorkerInfo]) -> dict[str, int]:
     return {task: sum(task in w.heads for w in loaded) for task in tasks}
 
 
+def _worker_info(beat: Heartbeat, now: float) -> WorkerInfo:
+    return WorkerInfo(
+        worker_id=beat.worker_id,
+        device=beat.device,
+        model_version=beat.model_version or None,
+        loaded=beat.loaded,
+        age_s=round(max(now - beat.updated_at, 0.0), 3),
+        heads=sorted(beat.heads),
+        stuck=beat.stalled(now),
+        progress_age_s=round(max(now - beat.progress_at, 0.0), 3) if beat.progress_at else None,
+        working_on=beat.working_on,
+    )
+
+
+def _not_ready_reason(workers: Sequence[WorkerInfo]) -> str:
+    if not workers:
+        return "no worker heartbeat"
+    stuck = [w for w in workers if w.loaded and w.stuck]
+    if stuck:
+        return "; ".join(
+            f"worker {w.worker_id} is stuck: its loop has not moved for {w.progress_age_s:.0f} s"
+            f" (on {w.working_on or 'nothing'})"
+            for w in stuck
+        )
+    return "no worker has its model loaded"
+
+
 def _readiness(queue: Queue) -> ReadyResponse:
     try:
         queue.ping()
@@ -42,21 +70,11 @@ def _readiness(queue: Queue) -> ReadyResponse:
         reason = f"redis does not answer: {exc}"
         return ReadyResponse(ready=False, reason=reason, heads=heads_served([]))
     now = time.time()
-    workers = [
-        WorkerInfo(
-            worker_id=b.worker_id,
-            device=b.device,
-            model_version=b.model_version or None,
-            loaded=b.loaded,
-            age_s=round(max(now - b.updated_at, 0.0), 3),
-            heads=sorted(b.heads),
-        )
-        for b in beats
-    ]
+    workers = [_worker_info(b, now) for b in beats]
     heads = heads_served(workers)
-    loaded = [w for w in workers if w.loaded]
+    loaded = [w for w in workers if w.loaded and not w.stuck]
     if not loaded:
-        reason = "no worker heartbeat" if not workers else "no worker has its model loaded"
+        reason = _not_ready_reason(workers)
         return ReadyResponse(ready=False, reason=reason, workers=workers, heads=heads)
     version = loaded[0].model_version
     return ReadyResponse(ready=True, model_version=version, workers=workers, heads=heads)

@@ -168,20 +168,35 @@ def test_too_many_pixels_is_413_with_value_and_limit(
     assert "1200" in resp.json()["detail"] and "500" in resp.json()["detail"]
 
 
-def test_not_an_image_is_415_and_truncated_is_422(client: TestClient, queue: FakeQueue) -> None:
-    resp = client.post(
-        "/v1/features", content=b"hello, not an image", headers={"content-type": "image/png"}
-    )
-    assert resp.status_code == 415 and resp.json()["error"] == "not_an_image"
+def test_not_an_image_is_415_and_truncated_is_422(
+    tmp_path: Path, queue: FakeQueue, store: FakeStore
+) -> None:
+    app = create_app(_settings(tmp_path, full_decode_check=True), queue=queue, store=store)
+    with TestClient(app) as client:
+        resp = client.post(
+            "/v1/features", content=b"hello, not an image", headers={"content-type": "image/png"}
+        )
+        assert resp.status_code == 415 and resp.json()["error"] == "not_an_image"
+        jpeg = png_bytes(64, 64, fmt="JPEG")
+        resp = client.post(
+            "/v1/features", content=jpeg[: len(jpeg) // 2], headers={"content-type": "image/jpeg"}
+        )
+        assert resp.status_code == 422 and resp.json()["error"] == "corrupt_image"
+        assert resp.json()["detail"]
+        wrong = client.post("/v1/features", content=b"{}", headers={"content-type": "text/plain"})
+        assert wrong.status_code == 415
+    assert queue.enqueued == []
+
+
+def test_by_default_the_gateway_reads_only_the_header(client: TestClient, queue: FakeQueue) -> None:
+    """A truncated file passes the header probe and reaches the worker, which reports it."""
     jpeg = png_bytes(64, 64, fmt="JPEG")
+    queue.worker = lambda request, data: OnlineResult(request.request_id, "error", reason="trunc")
     resp = client.post(
         "/v1/features", content=jpeg[: len(jpeg) // 2], headers={"content-type": "image/jpeg"}
     )
-    assert resp.status_code == 422 and resp.json()["error"] == "corrupt_image"
-    assert resp.json()["detail"]
-    wrong_type = client.post("/v1/features", content=b"{}", headers={"content-type": "text/plain"})
-    assert wrong_type.status_code == 415
-    assert queue.enqueued == []
+    assert resp.status_code == 422 and "trunc" in resp.json()["detail"]
+    assert len(queue.enqueued) == 1
 
 
 def test_queue_full_and_no_worker_are_503_with_retry_after(
