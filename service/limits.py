@@ -108,7 +108,8 @@ class BodyDeadline:
             except TimeoutError:
                 raise BodyTimeoutError(
                     f"the request body did not arrive within {self.timeout_s:g} s "
-                    "(BUTD_BODY_TIMEOUT_S); send it faster or raise the limit"
+                    "(BUTD_BODY_TIMEOUT_S); send it faster or raise the limit",
+                    headers={"Connection": "close"},  # the rest of the body is not read
                 ) from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
