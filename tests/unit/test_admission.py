@@ -16,7 +16,9 @@ from service.app import create_app
 from service.budget import BudgetTimeoutError, PixelBudget
 from service.settings import Settings
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
-from workers.protocol import Heartbeat
+from workers.batcher import Outcome, Task
+from workers.protocol import ExtractOptions, Heartbeat
+from workers.queue import Entry
 
 
 def beat(spi: float, **changes: object) -> Heartbeat:
@@ -129,3 +131,28 @@ def test_a_stuck_worker_is_not_ready_and_not_admitted(
     assert resp.status_code == 503 and "no worker" in resp.json()["detail"]
     queue.beats = [beat(0.1, progress_at=now, stall_after_s=120.0)]
     assert client.get("/health/ready").status_code == 200
+
+
+def test_the_worker_measures_seconds_per_image_and_its_loop_progress() -> None:
+    from workers.handlers import Counters
+    from workers.protocol import Heartbeat as Beat
+
+    counters = Counters()
+    before = counters.progress_at
+    counters.count([_ok()] * 4, seconds=2.0)
+    assert counters.seconds_per_image == pytest.approx(0.5)
+    counters.count([_ok()] * 2, seconds=3.0)
+    assert counters.seconds_per_image == pytest.approx(0.5 + Counters.SPI_WEIGHT * (1.5 - 0.5))
+    assert counters.progress_at >= before and counters.images == 6
+    counters.tick("butd:online 1-0")
+    assert counters.working_on == "butd:online 1-0"
+    now = time.time()
+    fresh = Beat("w", "h", 1, "cpu", progress_at=now - 5, stall_after_s=10.0)
+    silent = replace(fresh, progress_at=now - 11)
+    never = replace(fresh, progress_at=0.0)  # an old worker that does not report progress
+    assert [b.stalled(now) for b in (fresh, silent, never)] == [False, True, False]
+
+
+def _ok() -> Outcome:
+    task = Task(Entry("butd:online", "1-0", {}), "id", "ns", ExtractOptions(), "redis:k")
+    return Outcome(task, True)
