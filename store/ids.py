@@ -1,0 +1,82 @@
+"""The one rule for names a client chooses: image ids, namespaces, job ids (torch-free).
+
+The gateway applies it at the edge (query string, form field, JSON body, job files) and the
+worker applies it again to every item before it is stored, so a name the store cannot hold
+(HDF5 variable-length strings refuse an embedded NUL) fails only its own request or job item.
+
+* image id: 1 to ``MAX_IMAGE_ID_CHARS`` printable characters (``str.isprintable``: no NUL, no
+  control characters such as tab or newline, no line or paragraph separators, no lone
+  surrogates); any other Unicode is kept as given, ``/`` included (ids from job directories are
+  relative paths).
+* namespace: 1 to ``MAX_NAMESPACE_CHARS`` of ``A-Z a-z 0-9 . _ -`` (it names a Redis key and an
+  alias file, and is read back by ``GET /v1/features/{image_id}?namespace=``).
+* job id (``Idempotency-Key``): 1 to ``MAX_JOB_ID_CHARS`` printable ASCII characters, no space.
+"""
+
+from __future__ import annotations
+
+import re
+
+MAX_IMAGE_ID_CHARS = 512
+MAX_NAMESPACE_CHARS = 64
+MAX_JOB_ID_CHARS = 200
+
+NAMESPACE_PATTERN = rf"^[A-Za-z0-9._-]{{1,{MAX_NAMESPACE_CHARS}}}$"
+_NAMESPACE = re.compile(NAMESPACE_PATTERN)
+_JOB_ID = re.compile(rf"^[\x21-\x7e]{{1,{MAX_JOB_ID_CHARS}}}$")
+
+IMAGE_ID_RULE = (
+    f"an image id is 1 to {MAX_IMAGE_ID_CHARS} printable characters "
+    "(no NUL, control or separator characters)"
+)
+NAMESPACE_RULE = f"a namespace is 1 to {MAX_NAMESPACE_CHARS} characters of A-Z a-z 0-9 . _ -"
+JOB_ID_RULE = f"an Idempotency-Key is 1 to {MAX_JOB_ID_CHARS} printable ASCII characters, no space"
+
+
+class InvalidNameError(ValueError):
+    """A client-chosen name that breaks the rule; the message states the rule and the value."""
+
+    def __init__(self, rule: str, value: str) -> None:
+        shown = value if len(value) <= 80 else f"{value[:80]}... ({len(value)} characters)"
+        super().__init__(f"{rule}; got {shown!r}")
+        self.rule = rule
+
+
+def image_id_problem(value: str) -> str | None:
+    """None when ``value`` is a valid image id, else the rule it breaks (with the value)."""
+    if 0 < len(value) <= MAX_IMAGE_ID_CHARS and value.isprintable():
+        return None
+    return str(InvalidNameError(IMAGE_ID_RULE, value))
+
+
+def check_image_id(value: str) -> str:
+    """``value`` unchanged when it is a valid image id.
+
+    Raises:
+        InvalidNameError: empty, over ``MAX_IMAGE_ID_CHARS``, or a non-printable character.
+    """
+    if image_id_problem(value) is not None:
+        raise InvalidNameError(IMAGE_ID_RULE, value)
+    return value
+
+
+def check_namespace(value: str) -> str:
+    """``value`` unchanged when it is a valid namespace (``NAMESPACE_PATTERN``).
+
+    Raises:
+        InvalidNameError: any other character, empty, or over ``MAX_NAMESPACE_CHARS``.
+    """
+    if not _NAMESPACE.match(value):
+        raise InvalidNameError(NAMESPACE_RULE, value)
+    return value
+
+
+def check_job_id(value: str) -> str:
+    """``value`` unchanged when it can be a job id / Idempotency-Key.
+
+    Raises:
+        InvalidNameError: empty, too long, a space or a non-ASCII / control character.
+    """
+    if not _JOB_ID.match(value):
+        raise InvalidNameError(JOB_ID_RULE, value)
+    return value
