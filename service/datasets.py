@@ -44,6 +44,10 @@ class ArchiveError(InvalidRequestError):
     code = "bad_archive"
 
 
+class UnpackTooLargeError(ArchiveError):
+    """The archive unpacks to more bytes than it may take."""
+
+
 class BadPathError(InvalidRequestError):
     """A job path that cannot name a file: NUL byte, too long, a symlink loop, unreadable."""
 
@@ -223,7 +227,7 @@ class _Budget:
             while chunk := src.read(_COPY_CHUNK):
                 self.bytes += len(chunk)
                 if self.bytes > self.limits.max_unpacked_bytes:
-                    raise ArchiveError(
+                    raise UnpackTooLargeError(
                         f"archive unpacks to over {self.limits.max_unpacked_bytes} bytes "
                         "(the limit)"
                     )

@@ -49,6 +49,13 @@ def image_id_problem(value: str) -> str | None:
     return str(InvalidNameError(IMAGE_ID_RULE, value))
 
 
+def name_problem(namespace: str, image_id: str) -> str | None:
+    """Why ``(namespace, image_id)`` cannot be stored (namespace "" = none), or None."""
+    if namespace and not _NAMESPACE.match(namespace):
+        return str(InvalidNameError(NAMESPACE_RULE, namespace))
+    return image_id_problem(image_id)
+
+
 def check_image_id(value: str) -> str:
     """``value`` unchanged when it is a valid image id.
 

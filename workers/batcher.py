@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.config import ExtractionConfig
+from store import ids
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
@@ -184,6 +185,9 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 def load_task(task: Task, fetch: FetchFn, *, max_pixels: int) -> Loaded:
     """Read, hash and decode one task's image; a failure is returned as its reason."""
+    problem = ids.name_problem(task.namespace, task.image_id)
+    if problem is not None:  # fails this item only, before it reaches a shared seal
+        return Loaded(task, reason=problem)
     try:
         data = read_source(task.source, fetch)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:

@@ -28,7 +28,7 @@ from service.errors import (
     NotFoundError,
     UnsupportedMediaError,
 )
-from service.job_uploads import UploadArea
+from service.job_uploads import UploadArea, UploadsFullError
 from service.schemas import (
     ErrorBody,
     ExtractOptions,
@@ -248,7 +248,17 @@ def _unpack_upload(archive: Path, dest: Path, settings: Settings, max_bytes: int
     limits = datasets.ArchiveLimits(
         max_members=settings.max_archive_members, max_unpacked_bytes=max_bytes
     )
-    count = datasets.unpack(archive, dest, limits)
+    try:
+        count = datasets.unpack(archive, dest, limits)
+    except datasets.UnpackTooLargeError:
+        if max_bytes >= settings.max_archive_unpacked_bytes:
+            raise  # the archive cap itself: the archive is at fault (422)
+        raise UploadsFullError(  # the disk budget left: retry once running jobs have ended
+            f"the archive unpacks to over {max_bytes} bytes, what is left of the disk budget "
+            f"of pending uploads ({settings.max_pending_upload_bytes} bytes, "
+            "BUTD_MAX_PENDING_UPLOAD_BYTES); retry when running jobs have finished",
+            retry_after_s=max(settings.retry_after_s, 30),
+        ) from None
     logger.info("unpacked job archive into %s: %d files", dest, count)
 
 
