@@ -16,16 +16,23 @@ from store import ids
 DEFAULT_NAMESPACE = "default"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"
 
+IMAGE_ID_PATTERN = ids.IMAGE_ID_PATTERN
 ImageIdQuery = Annotated[
     str | None,
-    Query(description=ids.IMAGE_ID_RULE, json_schema_extra={"maxLength": ids.MAX_IMAGE_ID_CHARS}),
+    Query(
+        description=ids.IMAGE_ID_RULE,
+        json_schema_extra={"pattern": IMAGE_ID_PATTERN.replace("{1,", "{0,")},
+    ),
 ]
 NamespaceQuery = Annotated[
     str | None,
     Query(
         description=f"{ids.NAMESPACE_RULE} (default: {DEFAULT_NAMESPACE})",
-        json_schema_extra={"pattern": ids.NAMESPACE_PATTERN},
+        json_schema_extra={"pattern": ids.NAMESPACE_PATTERN.replace("{1,", "{0,")},
     ),
+]
+ImageIdPath = Annotated[
+    str, Path(description=ids.IMAGE_ID_RULE, json_schema_extra={"pattern": IMAGE_ID_PATTERN})
 ]
 Sha256Path = Annotated[str, Path(pattern=SHA256_PATTERN, description="hex sha256 of the bytes")]
 Sha256Query = Annotated[

@@ -5,7 +5,7 @@ Shapes: N regions of one image, D feature size.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -85,7 +85,7 @@ class FeaturesResponse(BaseModel):
 class JobRequest(BaseModel):
     """A batch job over server-side files: paths or directories under the allowed roots."""
 
-    paths: list[str] = Field(
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
         min_length=1,
         max_length=MAX_JOB_PATHS,
         description="files or directories (recursed), each at most 4096 characters",

@@ -4,10 +4,10 @@ The gateway applies it at the edge (query string, form field, JSON body, job fil
 worker applies it again to every item before it is stored, so a name the store cannot hold
 (HDF5 variable-length strings refuse an embedded NUL) fails only its own request or job item.
 
-* image id: 1 to ``MAX_IMAGE_ID_CHARS`` printable characters (``str.isprintable``: no NUL, no
-  control characters such as tab or newline, no line or paragraph separators, no lone
-  surrogates); any other Unicode is kept as given, ``/`` included (ids from job directories are
-  relative paths).
+* image id: 1 to ``MAX_IMAGE_ID_CHARS`` printable characters: no control character (C0 incl.
+  NUL, tab and newline; DEL; C1), no line or paragraph separator (U+2028, U+2029), no lone
+  surrogate; any other Unicode is kept as given, ``/`` and spaces included (ids from job
+  directories are relative paths). ``IMAGE_ID_PATTERN`` is the same rule as a regex.
 * namespace: 1 to ``MAX_NAMESPACE_CHARS`` of ``A-Z a-z 0-9 . _ -`` (it names a Redis key and an
   alias file, and is read back by ``GET /v1/features/{image_id}?namespace=``).
 * job id (``Idempotency-Key``): 1 to ``MAX_JOB_ID_CHARS`` printable ASCII characters, no space.
@@ -21,13 +21,17 @@ MAX_IMAGE_ID_CHARS = 512
 MAX_NAMESPACE_CHARS = 64
 MAX_JOB_ID_CHARS = 200
 
+_NOT_PRINTABLE = r"\x00-\x1f\x7f-\x9f\u2028\u2029"  # + lone surrogates, checked apart
+IMAGE_ID_PATTERN = rf"^[^{_NOT_PRINTABLE}]{{1,{MAX_IMAGE_ID_CHARS}}}$"
+_IMAGE_ID = re.compile(IMAGE_ID_PATTERN)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 NAMESPACE_PATTERN = rf"^[A-Za-z0-9._-]{{1,{MAX_NAMESPACE_CHARS}}}$"
 _NAMESPACE = re.compile(NAMESPACE_PATTERN)
 _JOB_ID = re.compile(rf"^[\x21-\x7e]{{1,{MAX_JOB_ID_CHARS}}}$")
 
 IMAGE_ID_RULE = (
     f"an image id is 1 to {MAX_IMAGE_ID_CHARS} printable characters "
-    "(no NUL, control or separator characters)"
+    "(no NUL or other control character, no line or paragraph separator)"
 )
 NAMESPACE_RULE = f"a namespace is 1 to {MAX_NAMESPACE_CHARS} characters of A-Z a-z 0-9 . _ -"
 JOB_ID_RULE = f"an Idempotency-Key is 1 to {MAX_JOB_ID_CHARS} printable ASCII characters, no space"
@@ -44,7 +48,7 @@ class InvalidNameError(ValueError):
 
 def image_id_problem(value: str) -> str | None:
     """None when ``value`` is a valid image id, else the rule it breaks (with the value)."""
-    if 0 < len(value) <= MAX_IMAGE_ID_CHARS and value.isprintable():
+    if _IMAGE_ID.match(value) and not _SURROGATE.search(value):
         return None
     return str(InvalidNameError(IMAGE_ID_RULE, value))
 

@@ -15,7 +15,14 @@ from service import encoding
 from service.auth import require_api_key
 from service.backend import StoredRecord
 from service.errors import InvalidRequestError, NotFoundError
-from service.names import ImageIdQuery, NamespaceQuery, Sha256Path, given_id, namespace_of
+from service.names import (
+    ImageIdPath,
+    ImageIdQuery,
+    NamespaceQuery,
+    Sha256Path,
+    given_id,
+    namespace_of,
+)
 from service.online import OnlineService, Upload
 from service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
 from service.uploads import read_image_body
@@ -38,7 +45,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_RESPONSES,
-    **{code: {"model": ErrorBody} for code in (401, 409, 413, 415, 422, 503, 504)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 409, 413, 415, 422, 503, 504)},
 }
 
 Dtype = Annotated[
@@ -169,7 +176,7 @@ async def get_by_sha256(
 )
 async def get_by_id(
     request: Request,
-    image_id: str,
+    image_id: ImageIdPath,
     namespace: NamespaceQuery = None,
     dtype: Dtype = None,
     model_version: str | None = None,
