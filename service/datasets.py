@@ -15,11 +15,13 @@ and the bytes actually written are counted (a lying header does not get past the
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,16 +60,18 @@ def check_path_text(raw: str) -> None:
     """Refuse a path string no file system call should see (NUL, over the length caps).
 
     Raises:
-        BadPathError: a NUL byte, over ``MAX_PATH_CHARS`` characters, or a component over
-            ``MAX_COMPONENT_BYTES`` bytes of UTF-8.
+        BadPathError: a NUL byte or a lone surrogate, over ``MAX_PATH_CHARS`` characters, or a
+            component over ``MAX_COMPONENT_BYTES`` bytes of UTF-8.
     """
     shown = raw if len(raw) <= 80 else f"{raw[:80]}... ({len(raw)} characters)"
     if "\x00" in raw:
         raise BadPathError(f"path {shown!r} holds a NUL byte")
+    if any("\ud800" <= c <= "\udfff" for c in raw):  # only JSON escapes can make one
+        raise BadPathError(f"path {shown!r} holds a lone surrogate (not UTF-8)")
     if not raw or len(raw) > MAX_PATH_CHARS:
         raise BadPathError(f"a path is 1 to {MAX_PATH_CHARS} characters; got {shown!r}")
     for part in raw.split("/"):
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_COMPONENT_BYTES:
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
             raise BadPathError(
                 f"path {shown!r} has a component over {MAX_COMPONENT_BYTES} bytes "
                 f"({part[:40]!r}...)"
@@ -97,7 +101,10 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
         raise PathNotAllowedError("server paths are disabled: BUTD_ALLOWED_ROOTS is empty")
     check_path_text(raw)
     real_roots = [r.resolve() for r in roots]
-    path = Path(raw).expanduser() if raw.startswith("~") else Path(raw)
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # "~nobody/x": no such user's home
+        raise BadPathError(f"path {raw!r} cannot be expanded: {exc}") from None
     if not path.is_absolute():
         path = real_roots[0] / path
     real = _resolved(path, raw)
@@ -148,13 +155,21 @@ def expand(paths: list[str], roots: list[Path], suffixes: list[str]) -> Expansio
         for real, image_id in files:
             problem = ids.image_id_problem(image_id)
             if problem is not None:
-                out.skipped[repr(image_id)[1:-1][: ids.MAX_IMAGE_ID_CHARS]] = problem
+                out.skipped[_shown(image_id)] = problem
                 continue
             if real.suffix.lower() not in wanted:
                 out.skipped[image_id] = f"suffix {real.suffix!r} is not an image suffix"
                 continue
             out.items.append(JobItem(ref=str(real), image_id=image_id))
     return _checked(out)
+
+
+def _shown(image_id: str) -> str:
+    """The id as listed in ``skipped``: escaped (``repr``) when it breaks the name rule, so the
+    answer stays printable UTF-8 (a file name of non-UTF-8 bytes holds lone surrogates)."""
+    if ids.image_id_problem(image_id) is None:
+        return image_id
+    return repr(image_id)[1:-1][: ids.MAX_IMAGE_ID_CHARS]
 
 
 def _dir_files(base: Path, real_roots: list[Path], out: Expansion) -> list[tuple[Path, str]]:
@@ -165,7 +180,7 @@ def _dir_files(base: Path, real_roots: list[Path], out: Expansion) -> list[tuple
         try:
             real = path.resolve()
         except (OSError, RuntimeError) as exc:
-            out.skipped[path.relative_to(base).as_posix()] = f"cannot be resolved: {exc}"
+            out.skipped[_shown(path.relative_to(base).as_posix())] = f"cannot be resolved: {exc}"
             continue
         if not _inside(real, real_roots):
             raise PathNotAllowedError(
@@ -186,6 +201,22 @@ def _checked(out: Expansion) -> Expansion:
 
 
 # --- archives ------------------------------------------------------------------------------
+
+
+# What reading a hostile archive can raise besides ArchiveError: a damaged container or stream,
+# an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError),
+# a bad header field (ValueError), a member name the file system refuses (OSError).
+UNREADABLE: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 @dataclass(frozen=True)
@@ -278,7 +309,7 @@ def unpack(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
             _unpack_tar(archive, dest, budget)
         else:
             raise ArchiveError("the upload is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except UNREADABLE as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"cannot unpack the archive: {exc}") from exc
     except ArchiveError:

@@ -4,8 +4,11 @@ job paths that used to 500, idempotency keys bound to their request, upload clea
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import os
+import tarfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -149,11 +152,14 @@ def test_a_loop_or_an_unnameable_file_inside_a_directory_is_skipped(
     os.symlink(roots / "set" / "l2.jpg", roots / "set" / "l1.jpg")
     os.symlink(roots / "set" / "l1.jpg", roots / "set" / "l2.jpg")
     (roots / "set" / "new\nline.jpg").write_bytes(png_bytes(seed=9))
+    with open(os.fsencode(roots / "set") + b"/latin1-\xe9.jpg", "wb") as fh:  # not UTF-8
+        fh.write(png_bytes(seed=10))
     resp = client.post("/v1/jobs", json={"paths": [str(roots / "set")]})
     assert resp.status_code == 201, resp.text
     skipped = {s["image_id"]: s["reason"] for s in resp.json()["skipped"]}
     assert "cannot be resolved" in skipped["l1.jpg"] and "cannot be resolved" in skipped["l2.jpg"]
     assert "printable" in skipped["new\\nline.jpg"]
+    assert "printable" in skipped["latin1-\\udce9.jpg"]
     assert [i.image_id for i in queue.job_items[resp.json()["job_id"]]] == ["a.jpg"]
 
 
@@ -282,3 +288,62 @@ def test_framework_errors_use_the_one_error_body(client: TestClient) -> None:
     _error(client.post("/v1/jobs", content=b"[1, 2]", headers={"content-type": "application/json"}),
            422, "invalid_request")  # fmt: skip
     _error(client.get("/v1/jobs/x/export?format=zip"), 422, "invalid_request")
+
+
+# --- a corpus of hostile job paths and archives: never a 500 --------------------------------
+
+_PATHS = ["", " ", "..", "/", "~", "~nobody-zz9/x", "\\\\srv\\share", "C:\\x", "/dev/null",
+          "/proc/self/environ", "\x00", "%00", "set/../../..", "😀", "a" * 255, "/" * 5000,
+          "set/\ud800.jpg", "set\n", "../" * 50 + "etc/passwd"]  # fmt: skip
+
+
+@pytest.mark.parametrize("path", _PATHS, ids=range(len(_PATHS)))
+def test_hostile_job_paths_get_a_4xx_with_the_error_body(client: TestClient, path: str) -> None:
+    body = json.dumps({"paths": [path]})  # ensure_ascii: a lone surrogate travels as \ud800
+    resp = client.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert 400 <= resp.status_code < 500, resp.text
+    assert set(resp.json()) >= {"error", "detail", "request_id"}
+
+
+def _patched_zip(method: int | None = None, flags: int | None = None) -> bytes:
+    """A one-member zip with its compression method or flag bits overwritten in both headers."""
+    raw = bytearray(_zip({"a.jpg": png_bytes()}))
+    for sig, at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        pos = raw.index(sig)
+        if flags is not None:
+            raw[pos + at : pos + at + 2] = flags.to_bytes(2, "little")
+        if method is not None:
+            raw[pos + at + 2 : pos + at + 4] = method.to_bytes(2, "little")
+    return bytes(raw)
+
+
+def _tar(name: str, data: bytes = b"x", mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+_ARCHIVES = {
+    "encrypted member": _patched_zip(flags=1),
+    "unknown compression": _patched_zip(method=99),
+    "truncated zip": _zip({"a.jpg": png_bytes()})[:-30],
+    "truncated tar.gz": _tar("a.jpg", os.urandom(4000))[:-200],
+    "300-char component": _tar("c" * 300 + "/a.jpg"),
+    "control characters only": _tar("new\nline.jpg"),
+    "empty zip": _zip({}),
+    "gzip of garbage": gzip.compress(os.urandom(500)),
+    "empty": b"",
+}
+
+
+@pytest.mark.parametrize("name", list(_ARCHIVES))
+def test_hostile_archives_get_a_4xx_with_the_error_body(
+    client: TestClient, tmp_path: Path, name: str
+) -> None:
+    resp = client.post("/v1/jobs", files={"archive": ("a.bin", _ARCHIVES[name])})
+    assert 400 <= resp.status_code < 500, resp.text
+    assert set(resp.json()) >= {"error", "detail", "request_id"}
+    assert _uploads(tmp_path) in ([], [".incoming"])  # nothing left behind
