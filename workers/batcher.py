@@ -30,6 +30,7 @@ from detector.config import ExtractionConfig
 from store import ids
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
+from workers.isolate import seal_isolated
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from workers.queue import Entry
 
@@ -358,7 +359,9 @@ class Processor:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if stored or aliases:
-            self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
+            lost = seal_isolated(self.sink, f"{name}-{version}", stored, version,
+                                 config.to_json(), aliases)  # fmt: skip
+            outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:

@@ -10,7 +10,9 @@ One shard holds many batches: the cost of a seal is shared, and the seals take l
 (and of the GIL) the main loop computes with.
 
 Durability is unchanged: an entry is acked only after its records are sealed and indexed. A
-seal that fails leaves its entries pending (they are reclaimed, recomputed and sealed); a
+record the store can never hold (a NUL in its id) is sealed apart and dropped, so it never
+takes the good records sharing its shard with it (``workers.isolate``). A seal that fails
+otherwise leaves its entries pending (they are reclaimed, recomputed and sealed); a
 crash loses only unacked work, which is redelivered. While a record waits to be sealed,
 ``has`` says it is stored, so the same bytes arriving meanwhile are not computed twice (their
 answer says ``cached``; the gateway then reads the record once it is sealed).
@@ -29,12 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.batcher import AliasTriple, FeatureSink, StoredItem
+from workers.isolate import seal_isolated
 
 log = logging.getLogger(__name__)
-
-# Errors that say a record can never be stored (h5py refuses a NUL in a string, a bad value):
-# retrying the same records would fail again, so the seal is split to keep the others.
-UNSTORABLE: tuple[type[Exception], ...] = (ValueError, TypeError)
 
 
 @dataclass(frozen=True)
@@ -206,12 +205,7 @@ class Sealer:
             records = list(unique.values())
             aliases = [a for c in calls for a in c.aliases]
             name = first.name if len(calls) == 1 else f"{first.name}+{len(calls) - 1}"
-            try:
-                self.sink.seal(name, records, first.model_version, first.config, aliases)
-            except UNSTORABLE as exc:
-                log.warning("%s: one shard for %d records failed (%s); sealing apart", name,
-                            len(records), exc)  # fmt: skip
-                self._seal_apart(name, records, first, aliases)
+            seal_isolated(self.sink, name, records, first.model_version, first.config, aliases)
         self._finish([item for job in jobs for item in job.finished])
         log.info(
             "sealed and acked %d online batches (%d shards) in %.1f ms",
@@ -219,25 +213,6 @@ class Sealer:
             len(groups),
             1e3 * (time.perf_counter() - start),
         )
-
-    def _seal_apart(
-        self, name: str, records: list[StoredItem], first: SealCall, aliases: list[AliasTriple]
-    ) -> None:
-        """Seal each record (with its aliases) alone, then each remaining alias alone, so one
-        that the store cannot hold is dropped (logged) and the good ones around it are kept.
-        A transient error (OSError, Redis) still propagates: the entries then stay pending."""
-        version, config = first.model_version, first.config
-        by_sha: dict[str, list[AliasTriple]] = {}
-        for alias in aliases:
-            by_sha.setdefault(alias[2], []).append(alias)
-        units = [([r], by_sha.pop(r.content_sha256, [])) for r in records]
-        units += [([], [a]) for rest in by_sha.values() for a in rest]
-        for rows, bound in units:
-            try:
-                self.sink.seal(name, rows, version, config, bound)
-            except UNSTORABLE as exc:
-                what = f"record {rows[0].image_id!r}" if rows else f"alias {bound[0][1]!r}"
-                log.error("%s: dropped %s: the store cannot hold it: %s", name, what, exc)
 
 
 def _keys(calls: Sequence[SealCall]) -> list[tuple[str, str]]:
