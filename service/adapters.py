@@ -35,9 +35,12 @@ from workers.wire import ModelMeta
 if TYPE_CHECKING:
     Client = redis.Redis
 
-# How long an Idempotency-Key stays bound to its first request, seconds (as long as a finished
-# job's keys live: ``workers.jobs.create_job``'s ttl_s).
+# How long an Idempotency-Key stays bound to its first request once answered, seconds (as long
+# as a finished job's keys live: ``workers.jobs.create_job``'s ttl_s) ...
 CLAIM_TTL_S = 7 * 24 * 3600
+# ... and while that request is still being processed (a gateway that dies mid-request frees
+# the key after this long; unpacking the largest archive takes minutes), seconds.
+CLAIM_PENDING_TTL_S = 3600
 
 
 def request_claim_key(job_id: str) -> str:
@@ -160,7 +163,7 @@ class RedisQueue:
         key = request_claim_key(job_id)
         pipe = self.client.pipeline(transaction=True)
         pipe.hsetnx(key, "fingerprint", fingerprint)
-        pipe.expire(key, CLAIM_TTL_S, nx=True)
+        pipe.expire(key, CLAIM_PENDING_TTL_S, nx=True)
         pipe.hgetall(key)
         taken, _, fields = pipe.execute()
         if taken:
@@ -169,7 +172,10 @@ class RedisQueue:
         return RequestClaim(found.get("fingerprint", ""), found.get("answer"))
 
     def save_answer(self, job_id: str, answer: str) -> None:
-        self.client.hset(request_claim_key(job_id), "answer", answer)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(request_claim_key(job_id), "answer", answer)
+        pipe.expire(request_claim_key(job_id), CLAIM_TTL_S)
+        pipe.execute()
 
     def release_request(self, job_id: str) -> None:
         self.client.delete(request_claim_key(job_id))

@@ -122,7 +122,7 @@ def _errors(exc: ValidationError) -> str:
 def _fields_job(fields: dict[str, str], dest: str) -> JobRequest:
     """The job of a multipart upload: its namespace and options fields, the upload's root."""
     options = {k: v for k, v in fields.items() if k in ExtractOptions.model_fields}
-    return _job_of({"paths": [dest], "namespace": fields.get("namespace", "default"),
+    return _job_of({"paths": [dest], "namespace": fields.get("namespace") or "default",
                     "options": options})  # fmt: skip
 
 
@@ -138,6 +138,8 @@ async def _once(
 ) -> JSONResponse:
     """Run ``create`` once per job id: a repeat of the same request gets the first answer, a
     different request under the same Idempotency-Key a 409 naming the key."""
+    if request.headers.get("idempotency-key") is None:  # a fresh uuid: nothing to guard
+        return _created(await create(), replayed=False)
     queue = _queue(request)
     claim = await run_in_threadpool(queue.claim_request, job_id, fingerprint)
     if claim is not None:

@@ -160,3 +160,20 @@ def test_a_reused_key_leaves_the_running_job_whole(stack: dict[str, Any]) -> Non
         assert (status["done"], status["failed"]) == (12, 0), status["errors"]
         assert not list(uploads.glob("hardening-upload.*"))  # removed once the job ended
         assert not any((uploads / ".incoming").iterdir())
+
+
+def test_request_claims_in_redis(redis_url: str) -> None:
+    from service.adapters import CLAIM_PENDING_TTL_S, CLAIM_TTL_S, RedisQueue, request_claim_key
+
+    r = q.connect(redis_url)
+    queue = RedisQueue(r, r, heartbeat_max_age_s=5, job_shard_size=8, image_ttl_s=60)
+    assert queue.claim_request("k1", "fp-a") is None  # taken by this call
+    assert 0 < r.ttl(request_claim_key("k1")) <= CLAIM_PENDING_TTL_S  # a dead taker frees it
+    pending = queue.claim_request("k1", "fp-b")
+    assert pending is not None and (pending.fingerprint, pending.answer) == ("fp-a", None)
+    queue.save_answer("k1", '{"job_id": "k1"}')
+    assert r.ttl(request_claim_key("k1")) > CLAIM_TTL_S - 60
+    answered = queue.claim_request("k1", "fp-a")
+    assert answered is not None and answered.answer == '{"job_id": "k1"}'
+    queue.release_request("k1")
+    assert queue.claim_request("k1", "fp-c") is None
