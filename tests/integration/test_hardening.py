@@ -2,12 +2,16 @@
 
 Replays of issue 10: one NUL byte among 8 concurrent uploads; a name the store cannot hold
 reaching the worker (bypassing the gateway) and the sealer; an Idempotency-Key reused with
-another archive while the first job runs.
+another archive while the first job runs; a second ``butd serve`` on a store in use.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +24,7 @@ import redis
 from store.index import FeatureIndex
 from store.records import FeatureRecord
 from tests.integration.test_gateway import gateway, image_bytes, stack, wait_ready
+from tests.redis_proc import free_port
 from workers import queue as q
 from workers.batcher import StoredItem
 from workers.protocol import JobItem
@@ -177,3 +182,53 @@ def test_request_claims_in_redis(redis_url: str) -> None:
     assert answered is not None and answered.answer == '{"job_id": "k1"}'
     queue.release_request("k1")
     assert queue.claim_request("k1", "fp-c") is None
+
+
+def _redis_servers_on(store: Path) -> int:
+    """redis-server processes working in ``store`` (redis chdirs to its ``--dir``)."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        count += comm == "redis-server" and Path(cwd).is_relative_to(store)
+    return count
+
+
+def test_a_second_butd_serve_on_a_store_stops_at_once(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    store, port = tmp_path / "store", free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BUTD_REDIS_URL")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+
+    def serve(port: int) -> list[str]:
+        argv = [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port)]
+        return [*argv, "--store-dir", str(store), "--weights", str(stack["weights"])]
+
+    first = subprocess.Popen(serve(port), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait(lambda: httpx_ok(f"http://127.0.0.1:{port}/health/live"), 120, "the first serve")
+        assert _redis_servers_on(store) == 1
+        second = subprocess.run(serve(free_port()), env=env, capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+        assert second.returncode == 1, second.stderr
+        assert f"pid {first.pid}" in second.stderr and f"127.0.0.1:{port}" in second.stderr
+        assert "--store-dir OTHER_DIR --port OTHER_PORT" in second.stderr
+        assert _redis_servers_on(store) == 1  # the second started no redis-server
+        assert httpx_ok(f"http://127.0.0.1:{port}/health/live")  # the first is unharmed
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+
+
+def httpx_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
