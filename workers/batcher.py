@@ -27,9 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.config import ExtractionConfig
+from store import ids
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
 from workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
+from workers.isolate import seal_isolated
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from workers.queue import Entry
 
@@ -181,6 +183,9 @@ def load_task(
 
     The pixel limit is checked on the header, before any pixel is decoded.
     """
+    problem = ids.name_problem(task.namespace, task.image_id)
+    if problem is not None:  # fails this item only, before it reaches a shared seal
+        return Loaded(task, reason=problem)
     try:
         data = read_source(task.source, fetch, limits)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
@@ -361,7 +366,9 @@ class Processor:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if stored or aliases:
-            self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
+            lost = seal_isolated(self.sink, f"{name}-{version}", stored, version,
+                                 config.to_json(), aliases)  # fmt: skip
+            outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
