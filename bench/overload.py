@@ -63,7 +63,14 @@ class Stack:
             device="cpu",
             extra_env={"OMP_NUM_THREADS": "1", "BUTD_EXTRACTION": extraction},
         )
-        self.workers: list[Child] = [start_worker(self.redis.url, spec, i) for i in range(workers)]
+        here = Path.cwd()
+        os.chdir(code)  # ``python -m`` puts the working directory first on sys.path
+        try:
+            self.workers: list[Child] = [
+                start_worker(self.redis.url, spec, i) for i in range(workers)
+            ]
+        finally:
+            os.chdir(here)
         env = dict(os.environ, OMP_NUM_THREADS="1", BUTD_REDIS_URL=self.redis.url)
         env.update(BUTD_STORE_DIR=str(root / "store"), BUTD_REQUEST_TIMEOUT_S=str(timeout_s))
         port = free_port()
@@ -166,6 +173,8 @@ def crash(stack: Stack, timeout_s: float) -> dict[str, Any]:
             time.sleep(0.05)
         found["t_claimed"] = time.monotonic()
 
+    while sum(q.pending_count(stack.r).values()):  # the warm-up's entries are all acked
+        time.sleep(0.05)
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     entries_before = time.monotonic()
@@ -174,11 +183,13 @@ def crash(stack: Stack, timeout_s: float) -> dict[str, Any]:
     held = set(found.get("held", []))
     held_requests = {text_id(stack.r, entry_id) for entry_id in held}  # entry ids -> request ids
     statuses = [status for status, _, rid in results if rid in held_requests]
+    latencies = [round(lat, 3) for _, lat, rid in results if rid in held_requests]
     return {
         "killed_after_s": found.get("t_kill", 0) - entries_before,
         "entries_held_by_victim": len(held),
         "kill_to_claimed_s": found.get("t_claimed", float("nan")) - found.get("t_kill", 0),
         "held_request_statuses": statuses,
+        "held_request_latency_s": latencies,
         "all_statuses": {
             str(s): sum(1 for x, _, _ in results if x == s) for s in {x for x, _, _ in results}
         },

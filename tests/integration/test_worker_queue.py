@@ -13,6 +13,7 @@ from workers.protocol import (
     JOBS_STREAM,
     ONLINE_STREAM,
     ExtractOptions,
+    Heartbeat,
     JobItem,
     JobShard,
     OnlineRequest,
@@ -80,11 +81,21 @@ def test_online_round_trip_and_result_expiry(redis_url: str) -> None:
     assert res is not None and (res.status, res.num_boxes) == ("ok", 7)
 
 
-def test_janitor_reclaims_a_dead_consumers_entries(redis_url: str) -> None:
+def _beat(r: redis.Redis, name: str, progress_age_s: float = 0.0) -> None:
+    now = time.time()
+    beat = Heartbeat(name, "h", 1, "cpu", "v", "m", True, updated_at=now,
+                     progress_at=now - progress_age_s, stall_after_s=30.0)  # fmt: skip
+    q.write_heartbeat(r, beat, ttl_s=600)
+
+
+def test_janitor_reclaims_idle_entries_of_a_consumer_with_a_live_heartbeat(
+    redis_url: str,
+) -> None:
     r = client(redis_url)
     q.create_job(r, "j", items(6), shard_size=2)
     dead = q.read_entries(r, [JOBS_STREAM], "dead", count=2)
     assert len(dead) == 2
+    _beat(r, "dead")  # its heartbeat says alive and moving: only CLAIM_IDLE_MS can reclaim
     janitor = Janitor("alive", claim_idle_ms=100, max_deliveries=3, interval_s=0, trim_keep_ms=0)
     assert janitor.run(r) == []  # not idle long enough yet
     time.sleep(0.15)
@@ -96,6 +107,27 @@ def test_janitor_reclaims_a_dead_consumers_entries(redis_url: str) -> None:
     assert pending_ids(r, JOBS_STREAM) == [dead[0].entry_id, dead[1].entry_id]
     owners = {q.text(p["consumer"]) for p in r.xpending_range(JOBS_STREAM, q.GROUP, "-", "+", 9)}
     assert owners == {"alive"}
+
+
+def test_entries_of_a_consumer_without_heartbeat_or_stuck_are_taken_over_at_once(
+    redis_url: str,
+) -> None:
+    r = client(redis_url)
+    q.create_job(r, "j", items(6), shard_size=2)
+    gone = q.read_entries(r, [JOBS_STREAM], "gone", count=1)  # no heartbeat: dead
+    stuck = q.read_entries(r, [JOBS_STREAM], "stuck", count=1)
+    moving = q.read_entries(r, [JOBS_STREAM], "moving", count=1)
+    _beat(r, "stuck", progress_age_s=31.0)  # beating, but its loop silent past STALL_AFTER_S
+    _beat(r, "moving", progress_age_s=1.0)
+    janitor = Janitor("alive", claim_idle_ms=600_000, max_deliveries=3, interval_s=0,
+                      trim_keep_ms=0, claim_counts={JOBS_STREAM: 5})  # fmt: skip
+    assert sorted(janitor.orphaned_consumers(r, JOBS_STREAM)) == ["gone", "stuck"]
+    claimed = janitor.run(r)
+    assert {e.entry_id for e in claimed} == {gone[0].entry_id, stuck[0].entry_id}
+    assert janitor.delivery_counts(r, claimed) == {e.entry_id: 2 for e in claimed}
+    owners = {q.text(p["consumer"]) for p in r.xpending_range(JOBS_STREAM, q.GROUP, "-", "+", 9)}
+    assert owners == {"alive", "moving"} and janitor.run(r) == []
+    assert moving[0].entry_id not in {e.entry_id for e in claimed}
 
 
 def test_poison_entry_goes_to_the_dlq_after_max_deliveries(redis_url: str) -> None:
