@@ -211,8 +211,9 @@ def test_error_statuses(stack: dict[str, Any]) -> None:
         assert big.status_code == 413 and "30000" in big.json()["detail"]
         assert post(client, b"plain text, no image").status_code == 415
         jpeg = image_bytes(3, fmt="JPEG")
-        truncated = post(client, jpeg[: len(jpeg) // 2])
-        assert truncated.status_code == 422 and truncated.json()["error"] == "corrupt_image"
+        truncated = post(client, jpeg[: len(jpeg) // 2])  # header only: the worker decodes
+        assert truncated.status_code == 422 and truncated.json()["error"] == "worker_error"
+        assert "TruncatedImageError" in truncated.json()["detail"]
         assert client.get("/v1/features/never-seen").status_code == 404
         assert client.get(f"/v1/features/sha256/{'a' * 64}").status_code == 404
         outside = client.post("/v1/jobs", json={"paths": [str(stack["root"])]})
@@ -268,16 +269,16 @@ def _wait_job(client: TestClient, job_id: str, timeout_s: float = 180.0) -> dict
 
 def test_timeout_504_then_cached_and_queue_full_503(stack: dict[str, Any]) -> None:
     slow, queued = image_bytes(30), image_bytes(31)
-    with gateway(stack, request_timeout_s=1.0, max_queue_depth=2, heartbeat_max_age_s=60) as client:
+    # max_queue_depth=1: whatever throughput the worker measured, one request may be ahead
+    with gateway(stack, request_timeout_s=1.0, max_queue_depth=1, heartbeat_max_age_s=60) as client:
         wait_ready(client)
         stack["worker"].signal(signal.SIGSTOP)  # alive (heartbeat fresh) but not working
         try:
             first = post(client, slow)
             assert first.status_code == 504
             assert first.json()["request_id"] == first.headers["x-request-id"]
-            assert post(client, queued).status_code == 504
-            full = post(client, image_bytes(32))
-            assert full.status_code == 503 and full.headers["retry-after"] == "2"
+            full = post(client, queued)
+            assert full.status_code == 503 and int(full.headers["retry-after"]) >= 2
             assert "queue is full" in full.json()["detail"]
         finally:
             stack["worker"].signal(signal.SIGCONT)
