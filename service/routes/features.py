@@ -45,7 +45,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_RESPONSES,
-    **{code: {"model": ErrorBody} for code in (400, 401, 409, 413, 415, 422, 503, 504)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 408, 409, 413, 415, 422, 503, 504)},
 }
 
 Dtype = Annotated[

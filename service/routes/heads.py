@@ -30,7 +30,7 @@ from workers.protocol import ExtractOptions
 router = APIRouter(prefix="/v1", tags=["heads"], dependencies=[Depends(require_api_key)])
 
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 408, 409, 413, 415, 422, 503, 504)
 }
 _UPLOAD_BODY = {
     "requestBody": {
