@@ -104,6 +104,7 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         FeatureIndex(client),
         max_open=settings.max_open_shards,
         cache_bytes=settings.record_cache_mib * 2**20,
+        store_url=settings.store_url,
     )
     return queue, store
 

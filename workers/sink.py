@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from store.index import FeatureIndex
+from store.objects import BucketShards
 from store.records import FeatureRecord
 from store.shards import Alias, ShardEntries, seal_shard
 from workers.batcher import AliasTriple, StoredItem
@@ -44,6 +45,8 @@ class StoreSink:
         index: the Redis feature index.
         worker_id: prefix of the shard names this worker writes.
         meta: ``seal_shard`` metadata besides the config (vocabularies, feature_dim, dtype).
+        bucket: where sealed shards go when they live in object storage: each is sealed in
+            ``root/shards`` first, uploaded, deleted locally, then indexed. None = stay local.
     """
 
     def __init__(
@@ -53,8 +56,10 @@ class StoreSink:
         *,
         worker_id: str,
         meta: dict[str, Any],
+        bucket: BucketShards | None = None,
     ) -> None:
         self.root = Path(root)
+        self.bucket = bucket
         self.shards = self.root / "shards"
         self.aliases_dir = self.root / "aliases"
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -97,6 +102,8 @@ class StoreSink:
                 aliases=[Alias(*a) for a in extra],
                 worker_id=self.worker_id,
             )
+            if self.bucket is not None:
+                self.bucket.upload(self.shards / info.name)
             bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
             contents = [(item.content_sha256, row) for row, item in enumerate(records)]
             with self._lock:
