@@ -141,7 +141,8 @@ class BucketShards:
 
 class BucketShardReaders(ShardReaders):
     """``ShardReaders`` over a ``BucketShards`` prefix: the same LRU of open handles, each a
-    block-cached remote file. ``bytes_fetched`` counts the bytes GET from the store so far.
+    block-cached remote file. ``bytes_fetched`` and ``gets`` count the bytes and the ranged
+    GET requests fetched from the store so far.
 
     Args:
         shards: the bucket prefix.
@@ -164,6 +165,7 @@ class BucketShardReaders(ShardReaders):
         self.max_blocks = max_blocks
         self._files: dict[int, Any] = {}
         self._closed_bytes = 0
+        self._closed_gets = 0
 
     def _open(self, shard: str) -> FeatureFile:
         fh = self.shards.open(shard, block_size=self.block_size, max_blocks=self.max_blocks)
@@ -175,6 +177,7 @@ class BucketShardReaders(ShardReaders):
         fh = self._files.pop(id(ff), None)
         if fh is not None:
             self._closed_bytes += int(fh.cache.total_requested_bytes)
+            self._closed_gets += int(fh.cache.miss_count)
             fh.close()
 
     @property
@@ -182,6 +185,11 @@ class BucketShardReaders(ShardReaders):
         """Bytes fetched from the store by every handle opened so far."""
         open_bytes = sum(int(fh.cache.total_requested_bytes) for fh in self._files.values())
         return self._closed_bytes + open_bytes
+
+    @property
+    def gets(self) -> int:
+        """Ranged GET requests (cache-block misses) made by every handle opened so far."""
+        return self._closed_gets + sum(int(fh.cache.miss_count) for fh in self._files.values())
 
 
 def open_readers(
