@@ -21,12 +21,14 @@ from workers.protocol import JobItem
 
 
 def normalised(url: str) -> str:
-    """``url`` with its scheme lower-cased; refused when a segment is empty, ``.`` or ``..``."""
+    """``url`` with its scheme lower-cased; refused when a segment is empty, ``.`` or ``..``
+    (``file:///data`` and ``memory:///x`` keep their leading ``/``)."""
     scheme, sep, rest = url.partition("://")
-    parts = rest.rstrip("/").split("/")
+    lead = "/" if rest.startswith("/") else ""
+    parts = rest[len(lead) :].rstrip("/").split("/")
     if not sep or not rest or any(p in ("", ".", "..") for p in parts):
         raise InvalidRequestError(f"URL {url!r} must be scheme://bucket/key without ., .. or //")
-    return f"{scheme.lower()}://{'/'.join(parts)}"
+    return f"{scheme.lower()}://{lead}{'/'.join(parts)}"
 
 
 def check_allowed(url: str, allowed: Sequence[str], setting: str = "BUTD_ALLOWED_URLS") -> str:

@@ -34,6 +34,7 @@ HDF5 refuses a second writer in another process but not in a forked child (refer
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -105,7 +106,9 @@ class FeatureFile(FileHandle):
             bucket: ``store.objects``); it stays the caller's to close.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fileobj: BinaryIO | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fileobj: io.IOBase | BinaryIO | None = None
+    ) -> None:
         self.path = Path(path)
         self._file = h5py.File(fileobj if fileobj is not None else self.path, "r")
         f = self._file

@@ -10,13 +10,14 @@ staging directory exactly as before (``store.shards.seal_shard``), uploads it as
 ``<url>/<name>`` (one PUT: an object is either absent or complete, never half-written), deletes
 the local copy, and only then indexes it. Objects are never rewritten: a shard name is unique
 (``<worker>-<seq>-<uuid>.h5``). ``BucketShardReaders`` opens each shard lazily as a read-only
-file object whose reads are ranged GETs through a small block cache (``block_size`` bytes per
-block, ``max_blocks`` per open shard), so a GET by id fetches the shard's metadata once per open
-handle and then only the blocks holding that image's rows.
+file object (``RangedFile``) whose reads are ranged GETs through a small block cache
+(``block_size`` bytes per block, ``max_blocks`` per open shard), so a GET by id fetches the
+shard's metadata once per open handle and then only the blocks holding that image's rows.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
+from fsspec.caching import BlockCache
 from fsspec.core import url_to_fs
 
 from store.h5 import FeatureFile
@@ -121,22 +123,65 @@ class BucketShards:
         """Shard names in the bucket, sorted."""
         return sorted(PurePosixPath(p).name for p in self.fs.find(self.root) if p.endswith(".h5"))
 
-    def open(self, name: str, *, block_size: int, max_blocks: int) -> Any:
+    def open(self, name: str, *, block_size: int, max_blocks: int) -> RangedFile:
         """A read-only file object on one shard whose reads are cached ranged GETs.
 
         Raises:
             ShardMissingError: no such object.
         """
+        path = f"{self.root}/{name}"
         try:
-            return self.fs.open(
-                f"{self.root}/{name}",
-                "rb",
-                block_size=block_size,
-                cache_type="blockcache",
-                cache_options={"maxblocks": max_blocks},
-            )
+            size = int(self.fs.size(path))
         except FileNotFoundError as err:
             raise ShardMissingError(f"shard {name!r} is not in {self.url}") from err
+        return RangedFile(self.fs, path, size, block_size=block_size, max_blocks=max_blocks)
+
+
+class RangedFile(io.RawIOBase):
+    """A seekable, read-only view of one object: each read is served from a block cache whose
+    misses are ranged reads (``fs.cat_file(path, start, end)``: one ranged GET on S3).
+
+    ``fetched_bytes`` and ``gets`` count what came from the store.
+    """
+
+    def __init__(self, fs: Any, path: str, size: int, *, block_size: int, max_blocks: int) -> None:
+        super().__init__()
+        self.path, self.size = path, size
+        self._fs = fs
+        self._cache = BlockCache(block_size, self._fetch, size, maxblocks=max_blocks)
+        self._pos = 0
+        self.fetched_bytes = 0
+        self.gets = 0
+
+    def _fetch(self, start: int, end: int) -> bytes:
+        data: bytes = self._fs.cat_file(self.path, start=start, end=end)
+        self.fetched_bytes += len(data)
+        self.gets += 1
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        end = min(self._pos + len(view), self.size)
+        if end <= self._pos:
+            return 0
+        data = self._cache._fetch(self._pos, end)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
 
 
 class BucketShardReaders(ShardReaders):
@@ -163,7 +208,7 @@ class BucketShardReaders(ShardReaders):
         self.shards = shards
         self.block_size = block_size
         self.max_blocks = max_blocks
-        self._files: dict[int, Any] = {}
+        self._files: dict[int, RangedFile] = {}
         self._closed_bytes = 0
         self._closed_gets = 0
 
@@ -176,20 +221,20 @@ class BucketShardReaders(ShardReaders):
     def _closed(self, ff: FeatureFile) -> None:
         fh = self._files.pop(id(ff), None)
         if fh is not None:
-            self._closed_bytes += int(fh.cache.total_requested_bytes)
-            self._closed_gets += int(fh.cache.miss_count)
+            self._closed_bytes += fh.fetched_bytes
+            self._closed_gets += fh.gets
             fh.close()
 
     @property
     def bytes_fetched(self) -> int:
         """Bytes fetched from the store by every handle opened so far."""
-        open_bytes = sum(int(fh.cache.total_requested_bytes) for fh in self._files.values())
+        open_bytes = sum(fh.fetched_bytes for fh in self._files.values())
         return self._closed_bytes + open_bytes
 
     @property
     def gets(self) -> int:
         """Ranged GET requests (cache-block misses) made by every handle opened so far."""
-        return self._closed_gets + sum(int(fh.cache.miss_count) for fh in self._files.values())
+        return self._closed_gets + sum(fh.gets for fh in self._files.values())
 
 
 def open_readers(
