@@ -87,6 +87,22 @@ def measure(url: str, rows: list[tuple[str, int, int]], reads: int, block: int) 
     return out
 
 
+def get_baseline(url: str, rows: list[tuple[str, int, int]], n: int = 30) -> dict[str, float]:
+    """ms of one bare 64 KiB ranged GET from a shard of this set (the server's own cost)."""
+    bucket = BucketShards(url)
+    shard = rows[0][0]
+    path = f"{bucket.root}/{shard}"
+    times = []
+    for k in range(n):
+        t0 = time.perf_counter()
+        bucket.fs.cat_file(path, start=k * 1024, end=k * 1024 + 65536)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {
+        "p50_ms": round(float(np.percentile(times, 50)), 2),
+        "object_bytes": bucket.fs.size(path),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
@@ -101,6 +117,9 @@ def main() -> None:
         for per_shard in (8, 256):
             url = f"s3://bench/shards-{per_shard}"
             rows = upload(url, args.images, per_shard, Path(tmp))
+            key = f"{per_shard} images/shard, one bare 64 KiB ranged GET"
+            results[key] = get_baseline(url, rows)
+            print(key, json.dumps(results[key]), flush=True)
             for block in blocks:
                 key = f"{per_shard} images/shard, block {block // 1024} KiB"
                 results[key] = measure(url, rows, args.reads, block)
