@@ -16,6 +16,7 @@ from pathlib import Path
 
 from service import datasets
 from service.errors import InvalidRequestError, PathNotAllowedError
+from store import ids
 from store.objects import is_url, list_files
 from workers.protocol import JobItem
 
@@ -65,8 +66,13 @@ def expand_urls(
             found, skipped = list_files(checked, suffixes)
         except (OSError, ValueError) as exc:
             raise InvalidRequestError(f"cannot list {url!r}: {exc}") from exc
-        out.items.extend(JobItem(ref=ref, image_id=image_id) for ref, image_id in found)
         out.skipped.update({i: "suffix is not an image suffix" for i in skipped})
+        for ref, image_id in found:
+            problem = ids.image_id_problem(image_id)  # the same name rule as paths and uploads
+            if problem is not None:
+                out.skipped[repr(image_id)] = problem
+                continue
+            out.items.append(JobItem(ref=ref, image_id=image_id))
     return out
 
 
