@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from service import datasets
-from service.errors import InvalidRequestError, PathNotAllowedError
+from service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
 from store import ids
 from store.objects import is_url, list_files
 from workers.protocol import JobItem
@@ -57,15 +57,18 @@ def expand_urls(
 
     Raises:
         PathNotAllowedError: a URL outside the allowed prefixes.
-        InvalidRequestError: nothing under a URL, the store refused, or a repeated image id.
+        InvalidRequestError: nothing under a URL, or a repeated image id.
+        ObjectStoreError: the store failed to list a prefix (502).
     """
     out = datasets.Expansion()
     for url in urls:
         checked = check_allowed(url, allowed)
         try:
             found, skipped = list_files(checked, suffixes)
-        except (OSError, ValueError) as exc:
+        except (FileNotFoundError, ValueError) as exc:
             raise InvalidRequestError(f"cannot list {url!r}: {exc}") from exc
+        except OSError as exc:
+            raise ObjectStoreError(f"cannot list {url!r}: {exc}") from exc
         out.skipped.update({i: "suffix is not an image suffix" for i in skipped})
         for ref, image_id in found:
             problem = ids.image_id_problem(image_id)  # the same name rule as paths and uploads

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from service import datasets, url_sources
@@ -40,7 +40,6 @@ from service.schemas import (
 from service.settings import Settings
 from service.uploads import check_length, read_raw, save_multipart
 from store import ids
-from store.objects import put_file
 from workers.protocol import TERMINAL_STATES
 from workers.protocol import ExtractOptions as QueueOptions
 from workers.protocol import JobStatus as QueueJobStatus
@@ -61,7 +60,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 503, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 502, 503, 507)
 }
 
 
@@ -389,56 +388,3 @@ async def export(
         headers={"X-Records": str(count), "X-Model-Version": version},
         background=BackgroundTask(out.unlink, missing_ok=True),
     )
-
-
-class ExportRequest(BaseModel):
-    """POST /v1/jobs/{job_id}/exports: write the export into object storage."""
-
-    url: str = Field(description="target object URL (s3://bucket/key) under BUTD_EXPORT_URLS")
-    format: str = Field(default="h5-ragged", description=" | ".join(EXPORT_SUFFIXES))
-    model_version: str | None = None
-
-
-class ExportWritten(BaseModel):
-    """Where an export was written and what it holds."""
-
-    url: str
-    records: int
-    bytes: int
-    model_version: str
-
-
-@router.post(
-    "/{job_id}/exports",
-    status_code=201,
-    response_model=ExportWritten,
-    responses=_ERRORS,
-    summary="Write a job's features to object storage",
-)
-async def export_to_url(request: Request, job_id: str, body: ExportRequest) -> ExportWritten:
-    """The export of ``GET /v1/jobs/{job_id}/export``, uploaded to ``url`` by the gateway (the
-    store's credentials: ``AWS_*``); ``npz`` is written as a zip of one .npz per image."""
-    if body.format not in EXPORT_SUFFIXES:
-        names = sorted(EXPORT_SUFFIXES)
-        raise InvalidRequestError(f"format must be one of {names}; got {body.format!r}")
-    settings = _settings(request)
-    target = url_sources.check_allowed(body.url, settings.export_urls, "BUTD_EXPORT_URLS")
-    manifest = datasets.read_manifest(settings.store_dir / "jobs", _checked_job_id(job_id))
-    if manifest is None:
-        raise NotFoundError(f"no job {job_id!r}")
-    version = body.model_version or request.app.state.online.models.current()
-    if version is None:
-        raise NotFoundError("no model version known yet (no worker has been seen)")
-    out = settings.store_dir / "exports" / f"{job_id}-{uuid.uuid4().hex[:8]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    namespace, image_ids = manifest
-    try:
-        count = await run_in_threadpool(
-            request.app.state.store.export, version, namespace, image_ids, body.format, out
-        )
-        size = out.stat().st_size
-        await run_in_threadpool(put_file, out, target)
-    finally:
-        out.unlink(missing_ok=True)
-    logger.info("job %s: exported %d records as %s to %s", job_id, count, body.format, target)
-    return ExportWritten(url=target, records=count, bytes=size, model_version=version)
