@@ -53,14 +53,27 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+class ObjectStoreUnavailableError(RuntimeError):
+    """The store did not answer or failed (not a missing or forbidden object): whatever
+    needed the object should be retried later, not failed."""
+
+
 def read_url(url: str) -> bytes:
     """The whole object at ``url``.
 
     Raises:
-        FileNotFoundError: no such object; OSError: the store refused or failed.
+        FileNotFoundError, PermissionError, IsADirectoryError: that object cannot be had (the
+            item that names it fails, with this reason).
+        ObjectStoreUnavailableError: anything else (endpoint unreachable, throttling, 5xx):
+            not the object's fault, so it is not an ``OSError`` a caller would fail it for.
     """
     fs, path = url_to_fs(url)
-    data: bytes = fs.cat_file(path)
+    try:
+        data: bytes = fs.cat_file(path)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:
+        raise ObjectStoreUnavailableError(f"cannot read {url!r}: {exc}") from exc
     return data
 
 

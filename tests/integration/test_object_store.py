@@ -23,6 +23,7 @@ from service.encoding import decode_features
 from service.settings import Settings
 from store.readers import read_h5_ragged
 from tests.integration.test_worker_e2e import image_bytes, start_worker, tiny_weights
+from tests.redis_proc import free_port
 from tests.s3_server import S3Server, moto_available
 from workers import queue as q
 from workers.protocol import GROUP, JOBS_STREAM
@@ -166,3 +167,26 @@ def test_read_source_reads_an_object_url(s3_env: S3Server) -> None:
     assert read_source("s3://src/a/b.png", lambda key: None) == image_bytes(3)
     with pytest.raises(FileNotFoundError):
         read_source("s3://src/a/missing.png", lambda key: None)
+
+
+def test_an_unreachable_store_is_not_the_items_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Endpoint down: the read raises ObjectStoreUnavailableError, which ``load_task`` does not
+    turn into an item failure (the entry stays pending and is retried), unlike a missing key."""
+    import s3fs
+
+    from store.objects import ObjectStoreUnavailableError
+    from workers.batcher import read_source
+
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nobody listens
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(ObjectStoreUnavailableError, match="cannot read"):
+        read_source("s3://src/a/b.png", lambda key: None)
+    assert not issubclass(ObjectStoreUnavailableError, OSError | KeyError | ValueError)
+    s3fs.S3FileSystem.clear_instance_cache()
