@@ -62,7 +62,7 @@ def _not_ready_reason(workers: Sequence[WorkerInfo]) -> str:
     return "no worker has its model loaded"
 
 
-def _readiness(queue: Queue) -> ReadyResponse:
+def _readiness(queue: Queue, require_worker: bool = True) -> ReadyResponse:
     try:
         queue.ping()
         beats = queue.live_workers()
@@ -73,6 +73,10 @@ def _readiness(queue: Queue) -> ReadyResponse:
     workers = [_worker_info(b, now) for b in beats]
     heads = heads_served(workers)
     loaded = [w for w in workers if w.loaded and not w.stuck]
+    if not loaded and not require_worker:
+        return ReadyResponse(
+            ready=True, reason="no worker (not required)", workers=workers, heads=heads
+        )
     if not loaded:
         reason = _not_ready_reason(workers)
         return ReadyResponse(ready=False, reason=reason, workers=workers, heads=heads)
@@ -86,9 +90,13 @@ def _readiness(queue: Queue) -> ReadyResponse:
     responses={503: {"model": ReadyResponse}},
     summary="Redis answers and a worker with a loaded model has a fresh heartbeat",
 )
-async def ready(request: Request) -> JSONResponse:
-    """200 when requests can be served now; 503 with the reason otherwise."""
-    body = await run_in_threadpool(_readiness, request.app.state.queue)
+async def ready(request: Request, require_worker: bool = True) -> JSONResponse:
+    """200 when requests can be served now; 503 with the reason otherwise.
+
+    ``require_worker=false``: 200 as soon as Redis answers (jobs are accepted with no worker
+    up); the readiness probe of a deployment whose workers scale to zero uses it.
+    """
+    body = await run_in_threadpool(_readiness, request.app.state.queue, require_worker)
     content: dict[str, Any] = body.model_dump()
     return JSONResponse(content, status_code=200 if body.ready else 503)
 
