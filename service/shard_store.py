@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service.backend import StoredRecord
-from service.errors import NotFoundError
+from service.errors import InvalidRequestError, NotFoundError
 from store.exporters import EXPORTERS
 from store.h5 import FeatureFile
 from store.h5_writer import write_feature_file
@@ -62,6 +62,7 @@ class _VersionMeta:
     config: dict[str, Any]
     feature_dim: int
     feature_dtype: str
+    grid_size: int = 0
 
 
 class IndexedStore:
@@ -127,6 +128,7 @@ class IndexedStore:
                         config=dict(f.config),
                         feature_dim=f.feature_dim,
                         feature_dtype=f.feature_dtype.name,
+                        grid_size=f.grid_size,
                     )
                 self._meta[model_version] = meta
             return meta
@@ -223,6 +225,11 @@ class IndexedStore:
                     f"none of the {len(image_ids)} images is stored under model {model_version}"
                 )
             with FeatureFile(ragged) as ff:
+                if fmt == "h5-grid" and not ff.grid_size:
+                    raise InvalidRequestError(
+                        f"the records under model {model_version} have no grid features; pass "
+                        "the model_version of a grid_size extraction (its X-Model-Version)"
+                    )
                 if fmt == "npz":
                     EXPORTERS[fmt](ff, Path(tmp) / "npz")
                     _zip_dir(Path(tmp) / "npz", out)
@@ -255,6 +262,7 @@ class IndexedStore:
             attributes_vocab=meta.attributes_vocab,
             feature_dim=meta.feature_dim,
             feature_dtype=meta.feature_dtype,
+            grid_size=meta.grid_size,
         )
 
     def close(self) -> None:
@@ -264,7 +272,8 @@ class IndexedStore:
 
 def _nbytes(record: FeatureRecord) -> int:
     arrays = (record.boxes, record.features, record.objects_id, record.objects_conf)
-    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + 512
+    grid = 0 if record.grid is None else record.grid.nbytes
+    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + grid + 512
 
 
 def _chain(first: FeatureRecord, rest: Any) -> Any:

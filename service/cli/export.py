@@ -2,7 +2,8 @@
 
 Formats (``store.exporters``): ``h5-dense`` (hengyuan-hu fixed K, ``--k``), ``h5-ragged``
 (BAN ``pos_boxes``), ``tsv`` (generate_tsv.py), ``lxmert-tsv``, ``npz`` (MILVLG, one file per
-image; ``--out`` is a directory).
+image; ``--out`` is a directory), ``h5-grid`` (``<image_id>_grids`` (G*G, D) per image, from a
+``butd extract --grid-size G`` file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz")
+FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid")
 
 
 def register(subparsers: Any) -> None:

@@ -63,6 +63,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-boxes", type=int, default=None, metavar="N")
     parser.add_argument("--conf-thresh", type=float, default=None, metavar="X")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="also store a G x G grid of res5 features per image from the same pass "
+        "(e.g. 7: the 49 x 2048 grid-feature layout; default: regions only)",
+    )
 
 
 def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
@@ -75,6 +83,7 @@ def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
             ("max_boxes", args.max_boxes),
             ("conf_thresh", args.conf_thresh),
             ("precision", args.precision),
+            ("grid_size", args.grid_size),
         )
         if value is not None
     }
@@ -101,6 +110,7 @@ def run_extract(args: argparse.Namespace) -> int:
         attributes_vocab=spec.attributes_vocab,
         feature_dtype="float32" if args.float32 else "float16",
         feature_dim=spec.arch.feature_dim,
+        grid_size=extractor.config.grid_size,
     ) as writer:
         done = writer.ids()
         todo = sum(1 for item in items if item.image_id not in done)

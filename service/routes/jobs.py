@@ -43,6 +43,7 @@ EXPORT_SUFFIXES = {
     "h5-ragged": ".h5",
     "tsv": ".tsv",
     "lxmert-tsv": ".tsv",
+    "h5-grid": ".h5",  # <image_id>_grids (G*G, D): jobs submitted with grid_size
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
