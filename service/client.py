@@ -163,7 +163,8 @@ class Client:
         **options: int | float,
     ) -> dict[str, Any]:
         """Regions of one image (a path or its bytes); ``options`` = min_boxes, max_boxes,
-        conf_thresh, grid_size (adds ``grid`` (G, G, D)). Cached images come back without reaching a worker (``cached`` True)."""
+        conf_thresh, grid_size (adds ``grid`` (G, G, D)). Cached images come back without
+        reaching a worker (``cached`` True)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         params: dict[str, Any] = {"dtype": dtype, **options}
         if image_id is not None:

@@ -118,7 +118,7 @@ class FeatureFile(FileHandle):
         self._w = f["image_w"][: self._n]
         self._h = f["image_h"][: self._n]
         self._rows = {name: f[name] for name in ("features", *ROW_SETS)}
-        self._grids: h5py.Dataset | None = f["grids"] if "grids" in f else None
+        self._grids: h5py.Dataset | None = f.get("grids")
         self._id_dset = f["image_ids"].asstr()
         self._key_cache: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
         self._index: dict[str, int] | None = None

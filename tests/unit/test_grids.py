@@ -138,12 +138,12 @@ def test_h5_round_trip_and_h5_grid_export_read_as_consumers_do(tmp_path) -> None
 
 def test_writer_refuses_grid_mismatches(tmp_path) -> None:
     grid = np.zeros((G, G, 4), np.float32)
-    with FeatureFileWriter(tmp_path / "a.h5", model_version="v", feature_dim=4) as w:
-        with pytest.raises(FeatureFileError, match="grid"):
-            w.append([record("x", grid)])
-    with FeatureFileWriter(tmp_path / "b.h5", model_version="v", feature_dim=4, grid_size=G) as w:
-        with pytest.raises(FeatureFileError, match="grid"):
-            w.append([record("x", None)])
+    plain = FeatureFileWriter(tmp_path / "a.h5", model_version="v", feature_dim=4)
+    with plain as w, pytest.raises(FeatureFileError, match="grid"):
+        w.append([record("x", grid)])
+    gridded = FeatureFileWriter(tmp_path / "b.h5", model_version="v", feature_dim=4, grid_size=G)
+    with gridded as w, pytest.raises(FeatureFileError, match="grid"):
+        w.append([record("x", None)])
     with pytest.raises(FeatureFileError, match="grid_size"):  # resuming with another G
         FeatureFileWriter(tmp_path / "b.h5", model_version="v", feature_dim=4, grid_size=2)
     write_feature_file(tmp_path / "c.h5", [record("x", None)], model_version="v", feature_dim=4)
