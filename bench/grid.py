@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.config import ArchConfig, Conventions, ModelSpec  # noqa: E402
-from detector.model import Detector  # noqa: E402
+from detector.config import ArchConfig, Conventions, ModelSpec
+from detector.model import Detector
 
 H, W, PROPOSALS = 600, 800, 300
 
@@ -74,9 +74,9 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def demo_times(g: int, n: int) -> tuple[float, float]:
-    from detector.extractor import Extractor
-
     import numpy as np
+
+    from detector.extractor import Extractor
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n)]
