@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from heads.captioners import CaptionerConfig, Cache, State, StepOutput, _lstm
+from heads.captioners import Cache, CaptionerConfig, State, StepOutput, _lstm
 from heads.cbam import grid_cbam
 from heads.layers import masked_mean, masked_softmax
 

@@ -107,7 +107,7 @@ def test_sca_step_equals_the_paper_equations() -> None:
     core = model.core
     feats = torch.rand(1, 9, 24)
     mask = torch.ones(1, 9, dtype=torch.bool)
-    state, cache = core.start(feats, mask)
+    _state, cache = core.start(feats, mask)
     h0 = torch.rand(1, 16) - 0.5
     c0 = torch.rand(1, 16) - 0.5
     out = core.step(torch.tensor([4]), (h0, c0), cache)
