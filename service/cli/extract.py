@@ -142,25 +142,34 @@ def run_show(args: argparse.Namespace) -> int:
         print("butd show --attention needs --captioner DIR", file=sys.stderr)
         return 2
     image = decode_image(args.image.read_bytes())
+    head: Any = None
+    if args.attention:
+        from heads.inference import load_head
+
+        head = load_head(args.captioner)
+        grid = int(head[1]["config"].get("grid_size", 0))
+        if grid and args.grid_size is None:  # a grid head reads the grid of this extraction
+            args.grid_size = grid
     extractor = _load_extractor(args)
     record = extractor.extract([image], [args.image.name])[0]
     spec = extractor.spec
     if args.attention:
-        return _show_attention(args, image, record)
+        return _show_attention(args, image, record, head)
     draw_regions(image, record, spec.objects_vocab, spec.attributes_vocab).save(args.out)
     print(f"{args.out}: {record.num_boxes} regions ({spec.description})")
     return 0
 
 
-def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
-    """Caption ``record`` with the head at ``args.captioner``; save one panel per word."""
+def _show_attention(args: argparse.Namespace, image: Any, record: Any, head: Any) -> int:
+    """Caption ``record`` with the loaded ``head`` (model, meta); save one panel per word:
+    regions shaded by their weight, or a heat map of the grid attention for a grid head."""
     from PIL import Image
 
     from heads.decoding import Captioner
-    from heads.inference import caption, load_head
-    from heads.visualise import attention_panels
+    from heads.inference import caption
+    from heads.visualise import attention_panels, grid_attention_panels
 
-    model, meta = load_head(args.captioner)
+    model, meta = head
     if not isinstance(model, Captioner):
         print(f"{args.captioner} is a {meta.get('task')} head, not a captioner", file=sys.stderr)
         return 2
@@ -176,8 +185,13 @@ def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
     if not result.words:
         print(f"{args.captioner} produced an empty caption; nothing to draw", file=sys.stderr)
         return 1
-    weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
-    grid = attention_panels(image, record.boxes, result.words, weights)
+    g = int(meta["config"].get("grid_size", 0))
+    if g:
+        weights = result.attention.numpy()  # (T, G*G)
+        grid = grid_attention_panels(image, result.words, weights, g)
+    else:
+        weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
+        grid = attention_panels(image, record.boxes, result.words, weights)
     Image.fromarray(grid[..., ::-1]).save(args.out)
     print(f"{args.out}: {' '.join(result.words)} ({len(result.words)} panels)")
     return 0
