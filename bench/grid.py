@@ -73,7 +73,9 @@ def median_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return statistics.median(times)
 
 
-def demo_times(g: int, n: int) -> tuple[float, float]:
+def demo_times(g: int, n: int, repeats: int = 7) -> tuple[float, float]:
+    """Median seconds per image without and with the grid, runs interleaved (plain, grid,
+    plain, ...) so that the shared machine's load drifts over both alike."""
     import numpy as np
 
     from detector.extractor import Extractor
@@ -83,9 +85,14 @@ def demo_times(g: int, n: int) -> tuple[float, float]:
     ids = [str(i) for i in range(n)]
     plain = Extractor.from_weights(None)
     grid = Extractor.from_weights(None, grid_size=g)
-    t0 = median_time(lambda: plain.extract(images, ids), 3) / n
-    t1 = median_time(lambda: grid.extract(images, ids), 3) / n
-    return t0, t1
+    plain.extract(images, ids), grid.extract(images, ids)  # warm-up
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(repeats):
+        for key, ext in enumerate((plain, grid)):
+            start = time.perf_counter()
+            ext.extract(images, ids)
+            times[key].append((time.perf_counter() - start) / n)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def r101_times(g: int) -> dict[str, float]:
