@@ -43,7 +43,7 @@ def run_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from store.exporters import EXPORTERS
-    from store.h5 import FeatureFile
+    from store.h5 import FeatureFile, FeatureFileError
 
     options: dict[str, Any] = {}
     if args.fmt == "h5-dense":
@@ -54,7 +54,11 @@ def run_export(args: argparse.Namespace) -> int:
         options["compress"] = not args.no_compress
     start = time.perf_counter()
     with FeatureFile(args.file) as ff, tqdm(total=len(ff), unit="img", desc=args.fmt) as bar:
-        count = EXPORTERS[args.fmt](ff, args.out, progress=bar.update, **options)
+        try:
+            count = EXPORTERS[args.fmt](ff, args.out, progress=bar.update, **options)
+        except FeatureFileError as exc:  # e.g. h5-grid of a file extracted without grids
+            logger.error("%s", exc)
+            return 1
     logger.info(
         "exported %d images from %s to %s (%s) in %.1f s",
         count,
