@@ -58,7 +58,7 @@ EXPORT_SUFFIXES = {
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"]
+ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid"]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 503, 507)
