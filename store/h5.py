@@ -20,7 +20,8 @@ Layout (format "1")::
     objects_id, attrs_id     (R,) int64
     objects_conf, attrs_conf (R,) float32
     root attributes: butd_format, model_version, config (JSON), objects_vocab and
-    attributes_vocab (JSON lists), feature_dtype, feature_dim
+    attributes_vocab (JSON lists), feature_dtype, feature_dim, image_id_policy (JSON: the
+    rule that made the ids, ``store.image_ids``; absent in files written before it existed)
 
 Every dataset is chunked and resizable with no compression filter (fp16 without a filter reads
 fastest; reference serving §3.2). A reader sees only images whose ``offsets`` entry was written,
@@ -123,6 +124,10 @@ class FeatureFile(FileHandle):
         vocabs = [json.loads(attr_str(f.attrs.get(k, "[]"))) for k in _VOCABS]
         self.objects_vocab: list[str] = vocabs[0]
         self.attributes_vocab: list[str] = vocabs[1]
+        # How the ids were made (store.image_ids); files written before it was recorded: unknown.
+        self.id_policy: dict[str, Any] = json.loads(
+            attr_str(f.attrs.get("image_id_policy", '{"rule": "unrecorded"}'))
+        )
 
     @property
     def feature_dim(self) -> int:

@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
         metavar="FILE.json",
         help='features for given boxes: {"a.jpg": [[x1, y1, x2, y2], ...]}',
     )
+    _id_arguments(extract)
     extract.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     extract.add_argument(
         "--float32", action="store_true", help="store float32 features (default float16)"
@@ -49,6 +50,20 @@ def register(subparsers: Any) -> None:
     show.add_argument("--max-len", type=int, default=20, metavar="T")
     _model_arguments(show)
     show.set_defaults(handler=run_show)
+
+
+def _id_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-ids",
+        choices=("path", "stem", "coco", "map"),
+        default="path",
+        help="how a file becomes its id: path = relative to the directory argument (default); "
+        "stem = file name without extension; coco = COCO_{split}_{012d}.jpg and integer names "
+        "-> the integer (what COCO/VQA annotations and generate_tsv readers use); map = --id-map",
+    )
+    parser.add_argument(
+        "--id-map", type=Path, metavar="FILE.json", help='map rule: {"rel/path.jpg": "id", ...}'
+    )
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,21 +102,34 @@ def run_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from detector.files import extract_files, find_images, load_boxes_file
+    from store.h5 import FeatureFileError
     from store.h5_writer import FeatureFileWriter
+    from store.image_ids import IdPolicy, ImageIdError
 
-    items = find_images(args.paths)
+    try:
+        policy = IdPolicy.load(args.image_ids, args.id_map)
+        items = find_images(args.paths, policy)
+    except (ImageIdError, ValueError, OSError) as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
     boxes = load_boxes_file(args.boxes) if args.boxes else None
     extractor = _load_extractor(args, args.batch_size)
     spec = extractor.spec
-    with FeatureFileWriter(
-        args.out,
-        model_version=extractor.model_version,
-        config={"extraction": extractor.config.to_json(), "model": spec.description},
-        objects_vocab=spec.objects_vocab,
-        attributes_vocab=spec.attributes_vocab,
-        feature_dtype="float32" if args.float32 else "float16",
-        feature_dim=spec.arch.feature_dim,
-    ) as writer:
+    try:
+        writer = FeatureFileWriter(
+            args.out,
+            model_version=extractor.model_version,
+            config={"extraction": extractor.config.to_json(), "model": spec.description},
+            objects_vocab=spec.objects_vocab,
+            attributes_vocab=spec.attributes_vocab,
+            feature_dtype="float32" if args.float32 else "float16",
+            feature_dim=spec.arch.feature_dim,
+            id_policy=policy.metadata(item.path.name for item in items),
+        )
+    except FeatureFileError as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
+    with writer:
         done = writer.ids()
         todo = sum(1 for item in items if item.image_id not in done)
         with tqdm(total=todo, unit="img", desc="extract", file=sys.stderr) as bar:

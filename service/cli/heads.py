@@ -157,11 +157,17 @@ def _record(args: argparse.Namespace) -> Any:
 
         return read_npz(args.image)
     from store.h5 import FeatureFile
+    from store.image_ids import join_ids
 
     with FeatureFile(args.features) as ff:
-        if args.image not in ff:
-            raise SystemExit(f"image id {args.image!r} is not in {args.features}")
-        return ff.get(args.image)
+        if args.image in ff:
+            return ff.get(args.image)
+        joined = join_ids([args.image], ff.ids(), ff.id_policy.get("rule", ""))
+        if not joined.matched:
+            raise SystemExit(
+                f"image id {args.image!r} is not in {args.features} ({joined.summary(str(args.features))})"
+            )
+        return ff.get(joined.matched[args.image])
 
 
 def _caption(args: argparse.Namespace) -> int:

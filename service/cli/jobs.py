@@ -26,7 +26,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz")
+EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "npz-mcan")
 
 
 def register(subparsers: Any) -> None:

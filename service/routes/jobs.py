@@ -44,6 +44,7 @@ EXPORT_SUFFIXES = {
     "tsv": ".tsv",
     "lxmert-tsv": ".tsv",
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
+    "npz-mcan": ".zip",
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -217,8 +218,14 @@ async def export(
     job_id: str,
     format: Annotated[str, Query(description=" | ".join(EXPORT_SUFFIXES))] = "h5-ragged",
     model_version: str | None = None,
+    ids: Annotated[str, Query(pattern="^(consumer|stored)$")] = "consumer",
+    allow_padding: bool = False,
 ) -> FileResponse:
-    """The job's cached records in a store format (records not yet extracted are left out)."""
+    """The job's cached records in a store format (records not yet extracted are left out).
+
+    ``ids=consumer`` writes ids as the format's consumer keys them (``butd export -h``); an id
+    it cannot convert, or an adaptive job exported as ``h5-dense`` without ``allow_padding``,
+    is refused with 422 and the reason."""
     if format not in EXPORT_SUFFIXES:
         names = sorted(EXPORT_SUFFIXES)
         raise InvalidRequestError(f"format must be one of {names}; got {format!r}")
@@ -233,8 +240,9 @@ async def export(
     out = settings.store_dir / "exports" / f"{job_id}-{uuid.uuid4().hex[:8]}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     namespace, image_ids = manifest
+    options = {"ids": ids, **({"allow_padding": allow_padding} if format == "h5-dense" else {})}
     count = await run_in_threadpool(
-        request.app.state.store.export, version, namespace, image_ids, format, out
+        request.app.state.store.export, version, namespace, image_ids, format, out, options
     )
     logger.info("job %s: exported %d records as %s", job_id, count, format)
     return FileResponse(
