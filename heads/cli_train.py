@@ -125,7 +125,8 @@ def train_vqa(args: argparse.Namespace) -> None:
     ex = ex.to(device)
     regions = FileRegions(args.features, ids, l2_normalise=True, device=device)
     meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
-            "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
+            "vocab": vocab.words, "answers": answers, "l2_normalise": True,
+            "note": getattr(args, "note", "")}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     fit(model, lambda idx: vqa_loss(model, regions, ex, idx), len(ex), settings, args.out, meta)
 
@@ -161,7 +162,8 @@ def train_caption(args: argparse.Namespace) -> None:
     batch = args.batch_size or 100
     settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
     regions = FileRegions(args.features, ids, l2_normalise=False, device=device)
-    meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
+    meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words,
+            "note": getattr(args, "note", "")}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     lam = args.ds_lambda if cfg.kind == "sat" else 0.0
     core = model.core

@@ -158,6 +158,11 @@ class HeadRegions(BaseModel):
     """The regions a head attended over (N of them), with their attention weights."""
 
     head: str = Field(description="the head's name from its checkpoint, e.g. updown")
+    note: str = Field(
+        default="",
+        description="what the head is, from its checkpoint; the packaged demo heads say "
+        "'synthetic demo: ...' (not trained on COCO / VQA)",
+    )
     model_version: str = Field(description="model version of the features the head read")
     sha256: str = Field(description="content hash of the image")
     image_id: str | None = None

@@ -44,7 +44,11 @@ def register(subparsers: Any) -> None:
         "regions shaded by their attention weight",
     )
     show.add_argument(
-        "--captioner", type=Path, metavar="DIR", help="trained caption head (DIR/last.pt)"
+        "--captioner",
+        type=Path,
+        metavar="DIR",
+        help="trained caption head (DIR/last.pt); default with the demo detector: the packaged "
+        "synthetic demo caption head",
     )
     show.add_argument("--beam-size", type=int, default=5, metavar="N")
     show.add_argument("--max-len", type=int, default=20, metavar="T")
@@ -157,8 +161,12 @@ def run_show(args: argparse.Namespace) -> int:
     from store.images import decode_image
 
     if args.attention and args.captioner is None:
-        print("butd show --attention needs --captioner DIR", file=sys.stderr)
-        return 2
+        from heads.demo import DEMO_DETECTOR, demo_head
+
+        if args.weights not in (None, DEMO_DETECTOR):
+            print("butd show --attention needs --captioner DIR", file=sys.stderr)
+            return 2
+        args.captioner = demo_head("caption")
     image = decode_image(args.image.read_bytes())
     extractor = _load_extractor(args)
     record = extractor.extract([image], [args.image.name])[0]

@@ -68,6 +68,12 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     t.add_argument(
+        "--note",
+        default="",
+        help="what this head is, stored in the checkpoint and returned "
+        "with every answer (the demo heads: heads.demo.DEMO_NOTE)",
+    )
+    t.add_argument(
         "--ds-lambda",
         type=float,
         default=1.0,
@@ -97,7 +103,10 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "image", help="image id (in --features, or in the gateway's store), or a .npz file"
     )
     p.add_argument(
-        "--model", type=Path, help="checkpoint directory or .pt file (local; needs --features/.npz)"
+        "--model",
+        type=Path,
+        help="checkpoint directory or .pt file (local, with --features/.npz; default: the "
+        "packaged synthetic demo head)",
     )
     p.add_argument("--features", type=Path, help="ragged HDF5 feature file holding the image")
     p.add_argument(
@@ -114,7 +123,10 @@ def _local(args: argparse.Namespace) -> bool:
     if not (npz or args.features is not None):
         return False
     if args.model is None:
-        raise SystemExit("give --model DIR with --features or a .npz file")
+        from heads.demo import DEMO_NOTE, demo_head
+
+        args.model = demo_head("caption" if getattr(args, "question", None) is None else "vqa")
+        logger.info("no --model: the packaged demo head %s (%s)", args.model, DEMO_NOTE)
     return True
 
 
@@ -164,9 +176,8 @@ def _record(args: argparse.Namespace) -> Any:
             return ff.get(args.image)
         joined = join_ids([args.image], ff.ids(), ff.id_policy.get("rule", ""))
         if not joined.matched:
-            raise SystemExit(
-                f"image id {args.image!r} is not in {args.features} ({joined.summary(str(args.features))})"
-            )
+            where = str(args.features)
+            raise SystemExit(f"image id {args.image!r} is not in {where}: {joined.summary(where)}")
         return ff.get(joined.matched[args.image])
 
 
@@ -177,11 +188,8 @@ def _caption(args: argparse.Namespace) -> int:
 
     model, meta = load_head(args.model, device=args.device)
     res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
-    print(
-        json.dumps(
-            {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
-        )
-    )
+    out = {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
+    print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
 
 
@@ -192,7 +200,8 @@ def _answer(args: argparse.Namespace) -> int:
 
     model, meta = load_head(args.model, device=args.device)
     res = answer(model, meta, _record(args), args.question, args.top)
-    print(json.dumps({"image_id": args.image, "question": args.question, "answers": res.answers}))
+    out = {"image_id": args.image, "question": args.question, "answers": res.answers}
+    print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
 
 
