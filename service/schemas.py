@@ -83,6 +83,15 @@ class JobRequest(BaseModel):
     paths: list[str] = Field(min_length=1, description="files or directories (recursed)")
     namespace: str = Field(default="default", description="namespace of the image ids")
     options: ExtractOptions = Field(default_factory=ExtractOptions)
+    image_ids: Literal["path", "stem", "coco", "map"] = Field(
+        default="path",
+        description="how a file becomes its id (as butd extract --image-ids): path relative to "
+        "its directory argument, stem, coco (COCO_{split}_{012d}.jpg and integer names -> the "
+        "integer; other names are skipped with the reason), map (id_map)",
+    )
+    id_map: dict[str, str] | None = Field(
+        default=None, description='map rule: {"relative/path.jpg": "id"}', max_length=1_000_000
+    )
 
 
 class JobItemError(BaseModel):

@@ -30,6 +30,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.uploads import check_length, save_multipart
+from store.image_ids import IdPolicy, ImageIdError
 from workers.protocol import ExtractOptions as QueueOptions
 from workers.protocol import JobStatus as QueueJobStatus
 
@@ -111,6 +112,7 @@ async def _parse_job(request: Request, job_id: str) -> tuple[JobRequest, list[Pa
             paths=[str(dest)],
             namespace=fields.get("namespace", "default"),
             options=ExtractOptions.model_validate(options),
+            image_ids=fields.get("image_ids", "path"),  # type: ignore[arg-type]
         )
     except ValidationError as exc:
         raise InvalidRequestError(f"bad job request: {exc.errors()[0]['msg']}") from None
@@ -148,6 +150,7 @@ def _unpack_upload(archive: Path, dest: Path, settings: Settings) -> None:
                         "properties": {
                             "archive": {"type": "string", "format": "binary"},
                             "namespace": {"type": "string"},
+                            "image_ids": {"type": "string", "enum": ["path", "stem", "coco"]},
                         },
                         "required": ["archive"],
                     }
@@ -165,7 +168,13 @@ async def submit(
     settings = _settings(request)
     job_id = _job_id(idempotency_key)
     job, roots = await _parse_job(request, job_id)
-    found = await run_in_threadpool(datasets.expand, job.paths, roots, settings.image_suffixes)
+    try:
+        policy = IdPolicy(job.image_ids, job.id_map or {}, "id_map" if job.id_map else "")
+    except ImageIdError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    found = await run_in_threadpool(
+        datasets.expand, job.paths, roots, settings.image_suffixes, policy
+    )
     jobs_dir = settings.store_dir / "jobs"
     await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
     status = await run_in_threadpool(

@@ -163,3 +163,18 @@ def test_heads_train_without_any_match_stops_with_a_message(tmp_path: Path) -> N
     text = str(stop.value)
     assert "no annotated image has features" in text
     assert "0 of 2 annotated images" in text and "'1'" in text and "'cat.jpg'" in text
+
+
+def test_batch_job_items_follow_the_rule(tmp_path: Path) -> None:
+    from service.datasets import expand
+
+    root = tmp_path / "val2014"
+    root.mkdir()
+    for name in ("COCO_val2014_000000000042.jpg", "dog.jpg"):
+        (root / name).write_bytes(b"x")
+    found = expand([str(root)], [tmp_path], [".jpg"], IdPolicy("coco"))
+    assert [i.image_id for i in found.items] == ["42"]  # the refused name fails only itself
+    assert "neither COCO" in found.skipped["dog.jpg"]
+    assert [i.image_id for i in expand([str(root)], [tmp_path], [".jpg"]).items] == [
+        "COCO_val2014_000000000042.jpg", "dog.jpg"
+    ]  # fmt: skip
