@@ -171,6 +171,8 @@ def _record(args: argparse.Namespace) -> Any:
     from store.h5 import FeatureFile
     from store.image_ids import join_ids
 
+    if not Path(args.features).is_file():
+        raise SystemExit(f"no feature file {args.features} (written by butd extract)")
     with FeatureFile(args.features) as ff:
         if args.image in ff:
             return ff.get(args.image)
@@ -186,8 +188,9 @@ def _caption(args: argparse.Namespace) -> int:
         return _ask(args, "caption")
     from heads.inference import caption, load_head
 
+    record = _record(args)
     model, meta = load_head(args.model, device=args.device)
-    res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
+    res = caption(model, meta, record, args.beam, args.max_len)  # type: ignore[arg-type]
     out = {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
     print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
@@ -198,8 +201,9 @@ def _answer(args: argparse.Namespace) -> int:
         return _ask(args, "vqa")
     from heads.inference import answer, load_head
 
+    record = _record(args)
     model, meta = load_head(args.model, device=args.device)
-    res = answer(model, meta, _record(args), args.question, args.top)
+    res = answer(model, meta, record, args.question, args.top)
     out = {"image_id": args.image, "question": args.question, "answers": res.answers}
     print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
