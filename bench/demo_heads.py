@@ -2,7 +2,7 @@
 
     butd synth --out data/synth-val --images 40 --seed 4
     butd extract data/synth-val/images --out data/synth-val.h5
-    python bench/demo_heads.py --data data/synth-val --features data/synth-val.h5
+    python -m bench.demo_heads --data data/synth-val --features data/synth-val.h5
 
 Prints the official VQA accuracy (per question type) and the mean CIDEr-D of the beam-3 captions
 against each scene's 5 references (document frequencies from those references). The ids of the
