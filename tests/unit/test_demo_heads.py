@@ -30,7 +30,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, o
     extractor = Extractor.from_weights(None)
     record = extractor.extract([decode_image(image.read_bytes())], ["000001.jpg"])[0]
     questions = json.loads((root / "vqa_questions.json").read_text())["questions"]
-    return record, questions[0]
+    return record, questions[0], image
 
 
 def test_demo_heads_are_packaged_and_marked() -> None:
@@ -43,7 +43,7 @@ def test_demo_heads_are_packaged_and_marked() -> None:
 
 
 def test_demo_caption_and_answer_on_an_unseen_scene(scene) -> None:
-    record, question = scene
+    record, question, _ = scene
     model, meta = load_head(demo_head("caption"))
     cap = caption(model, meta, record, beam_size=3, max_len=16)
     assert cap.words and set(cap.words) <= set(meta["vocab"])
@@ -53,3 +53,13 @@ def test_demo_caption_and_answer_on_an_unseen_scene(scene) -> None:
     got = answer(model, meta, record, question["question"], top=3)
     assert len(got.answers) == 3 and all(a in meta["answers"] for a, _ in got.answers)
     assert got.attention.shape[-1] == record.num_boxes
+
+
+def test_show_attention_uses_the_demo_captioner_by_default(scene, tmp_path: Path, capsys) -> None:
+    from service.cli.main import main
+
+    _, _, image = scene
+    out = tmp_path / "attention.png"
+    assert main(["show", str(image), "--attention", "--beam-size", "2", "--out", str(out)]) == 0
+    words = capsys.readouterr().out.split(": ", 1)[1]
+    assert out.stat().st_size > 0 and "panels" in words
