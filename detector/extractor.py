@@ -29,7 +29,14 @@ import torch
 
 from detector.config import ExtractionConfig, ModelSpec, model_version
 from detector.model import Detector, RegionOutputs
-from detector.preprocess import PreparedImage, group_by_shape, prepare
+from detector.preprocess import (
+    PreparedImage,
+    compute_scale,
+    group_by_shape,
+    prepare,
+    stack_group,
+    stage_pixels,
+)
 from detector.select import select_regions
 from store.records import FeatureRecord
 
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # Registry name used when no weights are configured: the packaged demo model.
 DEFAULT_WEIGHTS = "demo-synthetic"
+
+# What ``Extractor.stage`` returns: a prepared image (CPU) or pinned uint8 pixels (CUDA).
+Staged = PreparedImage | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -113,17 +123,16 @@ class Extractor:
 
     def extract(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | Staged],
         image_ids: Sequence[str],
         config: ExtractionConfig | None = None,
     ) -> list[FeatureRecord]:
-        """Regions of each image (BGR uint8 (H, W, 3)), in input order."""
+        """Regions of each image (BGR uint8 (H, W, 3), or ``stage`` of it), in input order."""
         if len(images) != len(image_ids):
             raise ValueError(f"{len(images)} images but {len(image_ids)} ids")
         config = config or self.config
         start = time.perf_counter()
-        # On a GPU the exact (float64) resize runs there: the uint8 pixels are what crosses.
-        prepared = [prepare(image, config, device=self.device) for image in images]
+        prepared = [self._prepare(image, config) for image in images]
         records: list[FeatureRecord | None] = [None] * len(images)
         for batch in self._batches(prepared):
             kept = self._run_batch([prepared[i] for i in batch], config)
@@ -149,20 +158,61 @@ class Extractor:
         kept = self._gather(outputs, index, scale, boxes=given)
         return self._to_records([kept], [prepared], [0], [image_id], self.config)[0]
 
+    def stage(self, image: np.ndarray, config: ExtractionConfig | None = None) -> Staged:
+        """The host-side part of preparing one image, for a loader thread (``workers.pipeline``).
+
+        On a CPU device, the whole Caffe preparation (mean, exact resize) under ``config``; on
+        CUDA, the uint8 pixels in pinned memory (the float64 resize runs on the device, so the
+        uint8 pixels are what crosses, asynchronously). ``extract`` with the same ``config``
+        takes the result in place of the image and computes exactly what it computes from the
+        image. Thread-safe: it touches no model state.
+        """
+        config = config or self.config
+        if self.device.type == "cuda":
+            return stage_pixels(image)
+        return prepare(image, config, device=self.device)
+
     # -- steps ---------------------------------------------------------------------------
 
+    def _prepare(self, image: np.ndarray | Staged, config: ExtractionConfig) -> PreparedImage:
+        if isinstance(image, PreparedImage):
+            expected = compute_scale(image.orig_h, image.orig_w, config.min_size, config.max_size)
+            if image.scale != expected:
+                raise ValueError(f"staged at scale {image.scale}; the config needs {expected}")
+            return image
+        # On a GPU the exact (float64) resize runs there: the uint8 pixels are what crosses.
+        return prepare(image, config, device=self.device)
+
     def _batches(self, prepared: list[PreparedImage]) -> Iterator[list[int]]:
-        """Groups of indices with equal resized shape, at most ``batch_size`` each."""
-        for group in group_by_shape(prepared):
-            for start in range(0, len(group), self.batch_size):
-                yield group[start : start + self.batch_size]
+        """Batches of at most ``batch_size`` indices, equal resized shapes next to each other.
+
+        A batch may hold several shapes: each shape group runs its own unpadded backbone and
+        RPN, and the whole batch shares one RoI head call (``Detector.regions_mixed``), so a
+        dataset of mixed shapes still fills every batch.
+        """
+        order = [i for group in group_by_shape(prepared) for i in group]
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
 
     def _run_batch(self, batch: list[PreparedImage], config: ExtractionConfig) -> list[_Kept]:
-        images = torch.stack([p.tensor for p in batch]).to(self.device)  # (B, 3, H, W)
+        """Kept regions of each image of ``batch`` (any mix of resized shapes), in order."""
+        groups = group_by_shape(batch)
         scales = [p.scale for p in batch]
         with torch.inference_mode(), self._autocast(config):
-            outputs = self.model(images, scales, config)
-            return [self._select(out, s, config) for out, s in zip(outputs, scales, strict=True)]
+            maps = [
+                self.model.propose(
+                    stack_group([batch[i] for i in g]).to(self.device, non_blocking=True),
+                    [scales[i] for i in g],
+                    config,
+                )
+                for g in groups
+            ]
+            outputs = [out for group in self.model.regions_mixed(maps) for out in group]
+            order = [i for g in groups for i in g]  # outputs[k] is image order[k]
+            kept: list[_Kept | None] = [None] * len(batch)
+            for k, i in enumerate(order):
+                kept[i] = self._select(outputs[k], scales[i], config)
+        return [k for k in kept if k is not None]
 
     def _select(self, out: RegionOutputs, scale: float, config: ExtractionConfig) -> _Kept:
         """generate_tsv.py: per-class NMS on the proposals in original pixels, then gather."""

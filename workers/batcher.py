@@ -145,6 +145,9 @@ class Loaded:
     content_sha256: str = ""
     image: BGRImage | None = None
     reason: str = ""
+    # The extractor's host-side preparation of ``image`` (``Extractor.stage``, done by a
+    # loader thread of ``workers.pipeline``), extracted in its place; None: not staged.
+    staged: Any = None
 
     @property
     def ok(self) -> bool:
@@ -225,7 +228,7 @@ class ExtractorLike(Protocol):
 
     def extract(
         self,
-        images: Sequence[BGRImage],
+        images: Sequence[Any],  # BGRImage, or what the extractor's ``stage`` made of one
         image_ids: Sequence[str],
         config: ExtractionConfig | None = None,
     ) -> list[FeatureRecord]: ...
@@ -304,7 +307,7 @@ class Processor:
                 answers there. An exception it raises propagates; nothing is sealed then.
         """
         start = time.perf_counter()
-        loaded = [load_task(t, self.fetch, max_pixels=self.max_pixels) for t in tasks]
+        loaded = self.load(tasks)
         outcomes: dict[int, Outcome] = {}
         for options, idx in group_by_options(loaded).items():
             group = [loaded[i] for i in idx]
@@ -322,6 +325,14 @@ class Processor:
             time.perf_counter() - start,
         )
         return result
+
+    def load(self, tasks: Sequence[Task]) -> list[Loaded]:
+        """Read, hash and decode each task, one after another (``workers.pipeline`` overrides
+        it with a thread pool that has started on them ahead)."""
+        return [load_task(t, self.fetch, max_pixels=self.max_pixels) for t in tasks]
+
+    def prefetch(self, tasks: Sequence[Task]) -> None:
+        """Start loading ``tasks``, to be ``run`` next (nothing here: loads happen in ``run``)."""
 
     def config_for(self, options: ExtractOptions) -> ExtractionConfig:
         """The worker's config with the request's overrides (ValueError when inconsistent)."""
@@ -358,7 +369,7 @@ class Processor:
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
-        images = [x.image for x in todo if x.image is not None]
+        images = [x.staged if x.staged is not None else x.image for x in todo]
         shas = [x.content_sha256 for x in todo]
         results = self._extract(images, shas, config)
         return {
@@ -371,7 +382,7 @@ class Processor:
         }
 
     def _extract(
-        self, images: list[BGRImage], ids: list[str], config: ExtractionConfig
+        self, images: list[Any], ids: list[str], config: ExtractionConfig
     ) -> list[FeatureRecord | str]:
         """Records in order; an image the model fails on alone gets a reason instead."""
         if not images:

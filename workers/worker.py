@@ -43,10 +43,11 @@ import redis
 
 from store.index import FeatureIndex
 from workers import queue as q
-from workers.batcher import ExtractorLike, FeatureSink, Processor, chunks, fill_batch
+from workers.batcher import ExtractorLike, FeatureSink, chunks, fill_batch
 from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
 from workers.heads_task import start_heads
 from workers.janitor import HeartbeatThread, Janitor
+from workers.pipeline import Pipeline
 from workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
 from workers.replies import Replies
 from workers.sealer import Sealer
@@ -97,7 +98,9 @@ class Worker:
         self.s = settings
         self.r = client if client is not None else q.connect(settings.redis_url)
         self.consumer = settings.worker_id
-        self.processor = Processor(extractor, sink, self._fetch, max_pixels=settings.max_pixels)
+        # Loader threads ahead of the model, job seals behind it (workers/pipeline.py).
+        self.pipeline = Pipeline(settings, extractor, sink, self._fetch)
+        self.processor = self.pipeline.processor(self.pipeline.jobs_sink)
         self.janitor = Janitor(
             self.consumer,
             claim_idle_ms=settings.claim_idle_ms,
@@ -114,8 +117,10 @@ class Worker:
             model_meta=model_meta,
             feature_dtype=feature_dtype,
         )
-        self.sealer = Sealer(sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0)
-        self.online = Processor(extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels)
+        self.sealer = Sealer(
+            self.pipeline.sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0
+        )
+        self.online = self.pipeline.processor(self.sealer)
         self.stopping = threading.Event()
         self.handle_online = OnlineHandler(
             self.r, self.consumer, self.online, self.replies, self.sealer, self.counters
@@ -128,6 +133,7 @@ class Worker:
             batch_size=settings.batch_size,
             stopping=self.stopping,
             between_pieces=self._serve_online_now,
+            finisher=self.pipeline.finisher,
         )
         self._recover = True
         version = extractor.version_for(extractor.config)
@@ -170,6 +176,7 @@ class Worker:
             self._serve()
         finally:
             self.sealer.close()
+            self.pipeline.close()
             beat.stop(self.consumer)
         log.info("worker %s stopped: %s", self.consumer, self.counters)
         return 0
@@ -199,6 +206,7 @@ class Worker:
         """One turn of the main loop (see the module docstring)."""
         if self._recover:
             self.sealer.drain()  # what it acks is not "own pending" to redo
+            self.pipeline.drain()  # nor the job pieces still being sealed
             q.ensure_groups(self.r)
             own = q.read_entries(self.r, STREAMS, self.consumer, count=1000, pending=True)
             self._recover = False
