@@ -201,9 +201,7 @@ class Extractor:
         with torch.inference_mode(), self._autocast(config):
             maps = [
                 self.model.propose(
-                    stack_group([batch[i] for i in g]).to(self.device, non_blocking=True),
-                    [scales[i] for i in g],
-                    config,
+                    self._images([batch[i] for i in g]), [scales[i] for i in g], config
                 )
                 for g in groups
             ]
@@ -213,6 +211,10 @@ class Extractor:
             for k, i in enumerate(order):
                 kept[i] = self._select(outputs[k], scales[i], config)
         return [k for k in kept if k is not None]
+
+    def _images(self, group: list[PreparedImage]) -> torch.Tensor:
+        """(B, 3, Hs, Ws) on the device: one shape group of a batch, stacked unpadded."""
+        return stack_group(group).to(self.device, non_blocking=True)
 
     def _select(self, out: RegionOutputs, scale: float, config: ExtractionConfig) -> _Kept:
         """generate_tsv.py: per-class NMS on the proposals in original pixels, then gather."""
@@ -278,12 +280,12 @@ class Extractor:
                 image_id=str(image_ids[i]),
                 image_w=prepared[i].orig_w,
                 image_h=prepared[i].orig_h,
-                boxes=host["boxes"][j].astype(np.float32),
-                features=host["features"][j].astype(np.float32),
-                objects_id=host["objects_id"][j].astype(np.int64),
-                objects_conf=host["objects_conf"][j].astype(np.float32),
-                attrs_id=host["attrs_id"][j].astype(np.int64),
-                attrs_conf=host["attrs_conf"][j].astype(np.float32),
+                boxes=host["boxes"][j].astype(np.float32, copy=False),
+                features=host["features"][j].astype(np.float32, copy=False),
+                objects_id=host["objects_id"][j].astype(np.int64, copy=False),
+                objects_conf=host["objects_conf"][j].astype(np.float32, copy=False),
+                attrs_id=host["attrs_id"][j].astype(np.int64, copy=False),
+                attrs_conf=host["attrs_conf"][j].astype(np.float32, copy=False),
                 model_version=version,
             )
             for j, i in enumerate(batch)

@@ -211,6 +211,14 @@ def group_by_options(tasks: Sequence[Any]) -> dict[ExtractOptions, list[int]]:
     return groups
 
 
+def stored(sink: FeatureSink, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+    """``sink.has`` of each content: one round trip when the sink has ``has_many``."""
+    many = getattr(sink, "has_many", None)
+    if many is not None:
+        return list(many(model_version, sha256s))
+    return [sink.has(model_version, s) for s in sha256s]
+
+
 def chunks(n: int, size: int) -> list[range]:
     """Index ranges [0, n) in consecutive pieces of at most ``size``."""
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
@@ -350,22 +358,20 @@ class Processor:
         except ValueError as exc:
             return [Outcome(x.task, False, x.content_sha256, reason=str(exc)) for x in group]
         version = self.extractor.version_for(config)
+        fresh = [x for x in group if x.ok]
+        known = stored(self.sink, version, [x.content_sha256 for x in fresh])
         todo: dict[str, Loaded] = {}
-        for x in group:
-            if (
-                x.ok
-                and x.content_sha256 not in todo
-                and not self.sink.has(version, x.content_sha256)
-            ):
-                todo[x.content_sha256] = x
+        for x, is_stored in zip(fresh, known, strict=True):
+            if not is_stored:
+                todo.setdefault(x.content_sha256, x)
         computed = self._compute(list(todo.values()), config)
-        stored = [s for s in computed.values() if isinstance(s, StoredItem)]
+        new = [s for s in computed.values() if isinstance(s, StoredItem)]
         outcomes = [self._outcome(x, version, computed) for x in group]
         if on_computed is not None:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
-        if stored or aliases:
-            self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
+        if new or aliases:
+            self.sink.seal(f"{name}-{version}", new, version, config.to_json(), aliases)
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:

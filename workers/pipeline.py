@@ -46,6 +46,7 @@ from workers.batcher import (
     StoredItem,
     Task,
     load_task,
+    stored,
 )
 from workers.settings import WorkerSettings
 
@@ -192,6 +193,13 @@ class DeferredSink:
                 return True
         return self.sink.has(model_version, sha256)
 
+    def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        with self._lock:
+            waiting = [(model_version, s) in self._pending for s in sha256s]
+        rest = [s for s, w in zip(sha256s, waiting, strict=True) if not w]
+        known = iter(stored(self.sink, model_version, rest))
+        return [w or next(known) for w in waiting]
+
     def seal(
         self,
         name: str,
@@ -229,6 +237,9 @@ class SerialSink:
 
     def has(self, model_version: str, sha256: str) -> bool:
         return self.sink.has(model_version, sha256)
+
+    def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        return stored(self.sink, model_version, sha256s)
 
     def seal(
         self,

@@ -70,6 +70,11 @@ class StoreSink:
         self._flush()
         return self.index.lookup_content(model_version, sha256) is not None
 
+    def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        """``has`` of each content, in one round trip."""
+        self._flush()
+        return self.index.contains(model_version, sha256s)
+
     def seal(
         self,
         name: str,

@@ -38,10 +38,7 @@ SIZES = ((640, 480), (480, 640), (640, 427), (500, 375), (612, 612), (640, 360))
 
 def photo_jpeg(name: str, size: tuple[int, int]) -> bytes:
     """A real photo resized to ``size`` (w, h) and JPEG-encoded."""
-    if name == "motorcycle":
-        rgb = data.stereo_motorcycle()[0]
-    else:
-        rgb = getattr(data, name)()
+    rgb = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     image = Image.fromarray(rgb).convert("RGB").resize(size)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
@@ -199,3 +196,19 @@ def test_a_failed_seal_leaves_the_shard_pending_and_its_items_unrecorded(
     assert failing.seals == 1  # the second piece's seal was skipped, not run
     assert (status.done, status.failed) == (0, 0)  # nothing recorded
     assert q.pending_count(r)[JOBS_STREAM] == 1  # not acked: it will be redelivered
+
+
+def test_index_contains_answers_like_lookup_content_in_one_round_trip(redis_url: str) -> None:
+    from store.shards import ShardEntries
+
+    r = client(redis_url)
+    index = FeatureIndex(r)
+    index.put_shard(ShardEntries("s.h5", "v1", 0, [("a" * 64, 0), ("b" * 64, 1)], []))
+    shas = ["b" * 64, "c" * 64, "a" * 64]
+    assert (
+        index.contains("v1", shas)
+        == [index.lookup_content("v1", s) is not None for s in shas]
+        == [True, False, True]
+    )
+    assert index.contains("v2", shas) == [False, False, False]
+    assert index.contains("v1", []) == []
