@@ -80,13 +80,29 @@ def make_extractor(standin: str, batch_size: int) -> Any:
 
 
 def run_child(args: argparse.Namespace) -> dict[str, Any]:
-    """Pin to ``args.cores`` CPUs, start redis, drain one job, return images/s."""
+    """Pin to ``args.cores`` CPUs, then ``worker_rate`` of the chosen stand-in."""
     os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[: args.cores]))
     import torch
 
     # Pipelined: the loader threads are the parallelism; intra-op threads would only spin
     # against them. Sequential: the intra-op threads are all the parallelism there is.
     torch.set_num_threads(1 if args.load_threads else args.cores)
+    paths = sorted(Path(args.images_dir).glob("*.jpg"))[: args.count]
+    extractor = make_extractor(args.standin, args.batch_size)
+    return worker_rate(extractor, paths, args.batch_size, args.load_threads, args.profile)
+
+
+def worker_rate(
+    extractor: Any, paths: list[Path], batch_size: int, load_threads: int, profile: str = ""
+) -> dict[str, Any]:
+    """An in-process worker with a private redis-server drains a job of ``paths``.
+
+    The first ``batch_size`` images are a warm-up job; the clock runs from the creation of the
+    second job to its last ack.
+
+    Returns:
+        images, seconds, images_per_s, images_per_cpu_s (CPU of this process and of redis).
+    """
     from store.index import FeatureIndex
     from tests.redis_proc import RedisProcess
     from workers import queue as q
@@ -95,12 +111,10 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     from workers.sink import StoreSink
     from workers.worker import Worker
 
-    paths = sorted(Path(args.images_dir).glob("*.jpg"))[: args.count]
     redis_proc = RedisProcess(appendonly=True)
     try:
         r = q.connect(redis_proc.url)
         q.ensure_groups(r)
-        extractor = make_extractor(args.standin, args.batch_size)
         with tempfile.TemporaryDirectory() as store:
             spec = extractor.spec
             sink = StoreSink(
@@ -118,27 +132,27 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
                 redis_url=redis_proc.url,
                 store_dir=Path(store),
                 worker_id="bench",
-                batch_size=args.batch_size,
+                batch_size=batch_size,
                 idle_block_ms=50,
-                load_threads=args.load_threads,
+                load_threads=load_threads,
             )
             worker = Worker(settings, extractor, sink, client=r)
             try:
                 items = [JobItem(str(p), p.name) for p in paths]
-                drain_job(worker, r, items[: args.batch_size], "warmup")
+                drain_job(worker, r, items[:batch_size], "warmup")
                 cpu = time.process_time() + redis_cpu_s(redis_proc.pid)
-                took = drain_job(worker, r, items[args.batch_size :], "bench", args.profile)
+                took = drain_job(worker, r, items[batch_size:], "bench", profile)
                 cpu = time.process_time() + redis_cpu_s(redis_proc.pid) - cpu
             finally:
                 worker.sealer.close()
                 worker.pipeline.close()
     finally:
         redis_proc.stop()
-    n = len(paths) - args.batch_size
+    n = len(paths) - batch_size
     return {"images": n, "seconds": took, "images_per_s": n / took, "images_per_cpu_s": n / cpu}
 
 
-def redis_cpu_s(pid: int) -> float:
+def redis_cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) redis-server has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -172,8 +186,8 @@ def drain_job(worker: Any, r: Any, items: list[Any], job_id: str, profile: str =
     return took
 
 
-def measure(images_dir: Path, count: int, cores: int, standin: str, threads: int) -> float:
-    """images/s of one child run."""
+def measure(images_dir: Path, count: int, cores: int, standin: str, threads: int) -> dict[str, Any]:
+    """``worker_rate`` of one child run."""
     cmd = [
         sys.executable,
         __file__,
@@ -186,13 +200,15 @@ def measure(images_dir: Path, count: int, cores: int, standin: str, threads: int
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(cores)}
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return float(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 # --- report ---------------------------------------------------------------------------------
 
 
 def fill_table(batch_size: int, n: int) -> list[str]:
+    """Markdown rows: RoI-head calls and fill, per-shape versus mixed batching."""
     rows = [
         "| size mix | images | batching | RoI-head calls | images per call | fill |",
         "|---|---|---|---|---|---|",
@@ -243,7 +259,7 @@ def main() -> None:
 def run_all(args: argparse.Namespace) -> list[str]:
     counts = {"network": args.images, "host": 4 * args.images}
     rows = [
-        "| stand-in | cores | sequential img/s | pipelined img/s | pipelined per core |",
+        "| stand-in | cores | sequential img/s | pipelined img/s | pipelined img per CPU-s |",
         "|---|---|---|---|---|",
     ]
     print("\n".join(rows), flush=True)
@@ -255,7 +271,10 @@ def run_all(args: argparse.Namespace) -> list[str]:
             for cores in (int(c) for c in args.cores.split(",")):
                 seq = measure(images_dir, count + args.batch_size, cores, standin, 0)
                 piped = measure(images_dir, count + args.batch_size, cores, standin, -1)
-                row = f"| {standin} | {cores} | {seq:.1f} | {piped:.1f} | {piped / cores:.1f} |"
+                row = (
+                    f"| {standin} | {cores} | {seq['images_per_s']:.1f} | "
+                    f"{piped['images_per_s']:.1f} | {piped['images_per_cpu_s']:.1f} |"
+                )
                 rows.append(row)
                 print(row, flush=True)
     return ["", *rows]
