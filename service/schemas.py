@@ -5,9 +5,14 @@ Shapes: N regions of one image, D feature size.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from store import ids
+
+# Paths one JSON job may name (each a file or a directory).
+MAX_JOB_PATHS = 10_000
 
 FeatureDtype = Literal["float16", "float32"]
 
@@ -23,6 +28,12 @@ class ExtractOptions(BaseModel):
     max_boxes: int | None = Field(default=None, ge=1, le=1000, description="most regions kept")
     conf_thresh: float | None = Field(
         default=None, ge=0.0, le=1.0, description="class-confidence threshold of the 10-100 rule"
+    )
+    grid_size: int | None = Field(
+        default=None,
+        ge=0,
+        le=32,
+        description="also return a G x G grid of res5 features from the same pass (0 = none)",
     )
 
     @model_validator(mode="after")
@@ -72,6 +83,9 @@ class FeaturesResponse(BaseModel):
     attributes: list[str]
     attrs_conf: list[float]
     features: FeatureArray
+    grid: FeatureArray | None = Field(
+        default=None, description="(G, G, D) grid features, when the extraction asked for them"
+    )
     model_version: str
     model: ModelInfo
     cached: bool = Field(description="served from the store without reaching a worker")
@@ -80,9 +94,31 @@ class FeaturesResponse(BaseModel):
 class JobRequest(BaseModel):
     """A batch job over server-side files: paths or directories under the allowed roots."""
 
-    paths: list[str] = Field(min_length=1, description="files or directories (recursed)")
-    namespace: str = Field(default="default", description="namespace of the image ids")
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1,
+        max_length=MAX_JOB_PATHS,
+        description="files or directories (recursed), each at most 4096 characters",
+    )
+    namespace: str = Field(
+        default="default",
+        description=f"namespace of the image ids: {ids.NAMESPACE_RULE}",
+        json_schema_extra={"pattern": ids.NAMESPACE_PATTERN},
+    )
     options: ExtractOptions = Field(default_factory=ExtractOptions)
+    image_ids: Literal["path", "stem", "coco", "map"] = Field(
+        default="path",
+        description="how a file becomes its id (as butd extract --image-ids): path relative to "
+        "its directory argument, stem, coco (COCO_{split}_{012d}.jpg and integer names -> the "
+        "integer; other names are skipped with the reason), map (id_map)",
+    )
+    id_map: dict[str, str] | None = Field(
+        default=None, description='map rule: {"relative/path.jpg": "id"}', max_length=1_000_000
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return ids.check_namespace(value)
 
 
 class JobItemError(BaseModel):
@@ -158,6 +194,11 @@ class HeadRegions(BaseModel):
     """The regions a head attended over (N of them), with their attention weights."""
 
     head: str = Field(description="the head's name from its checkpoint, e.g. updown")
+    note: str = Field(
+        default="",
+        description="what the head is, from its checkpoint; the packaged demo heads say "
+        "'synthetic demo: ...' (not trained on COCO / VQA)",
+    )
     model_version: str = Field(description="model version of the features the head read")
     sha256: str = Field(description="content hash of the image")
     image_id: str | None = None

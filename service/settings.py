@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     )
     # Root of the feature store (sealed shards, index, job uploads); shared with the workers.
     store_dir: Path = Path("butd-store")
+    # fsspec URL of the sealed shards when they live in object storage (s3://bucket/prefix;
+    # the workers' BUTD_STORE_URL); unset = STORE_DIR/shards. GETs then read only the blocks
+    # holding the image's rows (ranged reads; store.objects).
+    store_url: str | None = None
+    # URL prefixes batch jobs may read from (comma-separated, e.g. s3://datasets/coco/);
+    # empty = URL sources refused. Credentials come from the store's standard environment.
+    allowed_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # URL prefixes job exports may be written to (POST /v1/jobs/{id}/exports); empty = refused.
+    export_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Cache key of the default extraction. None = read it from live worker heartbeats (the
     # newest heartbeat with a loaded model wins); set it to pin the gateway to one version.
     model_version: str | None = None
@@ -83,6 +92,17 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_archive_unpacked_bytes: int = Field(default=8 * 1024**3, gt=0)
     max_archive_members: int = Field(default=200_000, gt=0)
+    # Disk budget of pending job uploads (archives being received plus the unpacked files of
+    # jobs not yet ended), bytes: 32 GiB, room for a few jobs at the archive caps above. An
+    # upload that would pass it: 507 + Retry-After. Uploads of ended jobs are removed.
+    max_pending_upload_bytes: int = Field(default=32 * 1024**3, gt=0)
+    # How often the gateway removes the uploads of ended jobs, seconds.
+    upload_sweep_s: float = Field(default=60.0, gt=0)
+    # An upload whose job the queue does not know (a refused or crashed submission) is removed
+    # once it is this old, seconds.
+    upload_grace_s: float = Field(default=600.0, ge=0)
+    # Largest JSON body of POST /v1/jobs, bytes (1 MiB: thousands of paths). Over it: 413.
+    max_job_body_bytes: int = Field(default=1024 * 1024, gt=0)
     # File name suffixes a directory scan treats as images (case-insensitive).
     image_suffixes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
@@ -95,7 +115,7 @@ class Settings(BaseSettings):
     # Device of the embedded worker ("cpu", "cuda", "cuda:1").
     device: str = "cpu"
 
-    @field_validator("api_keys", "image_suffixes", mode="before")
+    @field_validator("api_keys", "image_suffixes", "allowed_urls", "export_urls", mode="before")
     @classmethod
     def _parse_str_list(cls, value: object) -> list[str]:
         return _split_list(value)

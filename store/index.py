@@ -112,12 +112,12 @@ class FeatureIndex:
         value = self.client.hget(self.loc_key(model_version), content_sha256)
         return None if value is None else _decode(value)
 
-    def contains(self, model_version: str, content_sha256s: Sequence[str]) -> list[bool]:
-        """For each content, whether its record is indexed under this model version (one HMGET)."""
-        if not content_sha256s:
-            return []
-        values = self.client.hmget(self.loc_key(model_version), list(content_sha256s))
-        return [v is not None for v in values]
+    def stored_contents(self, model_version: str, shas: Sequence[str]) -> set[str]:
+        """Those of ``shas`` that have a record under ``model_version`` (one HMGET)."""
+        if not shas:
+            return set()
+        values = self.client.hmget(self.loc_key(model_version), list(shas))
+        return {sha for sha, value in zip(shas, values, strict=True) if value is not None}
 
     def lookup_alias(self, namespace: str, image_id: str) -> str | None:
         """The content sha256 bound to ``(namespace, image_id)``, or None."""

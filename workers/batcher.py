@@ -27,8 +27,11 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.config import ExtractionConfig
+from store import ids
 from store.images import ImageError, decode_image
+from store.objects import is_url, read_url
 from store.records import FeatureRecord
+from workers.isolate import seal_isolated
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from workers.queue import Entry
 
@@ -91,8 +94,8 @@ class Task:
         image_id: the caller's id of the image.
         namespace: the caller's id space.
         options: extraction overrides.
-        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path, or
-            ``ARCHIVE::MEMBER``.
+        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path,
+            ``ARCHIVE::MEMBER`` or an object URL (``s3://bucket/key``).
         content_sha256: the hash the gateway computed ("" when unknown: job items).
         request_id: the online request ("" for job items).
         deadline_ms: epoch ms after which an online task is dropped (0 = none).
@@ -155,7 +158,8 @@ class Loaded:
 
 
 def read_source(source: str, fetch: FetchFn) -> bytes:
-    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, a file, or an archive member.
+    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, an fsspec URL
+    (``s3://bucket/key``), a file, or an archive member.
 
     Raises:
         FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
@@ -165,6 +169,8 @@ def read_source(source: str, fetch: FetchFn) -> bytes:
         if data is None:
             raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
         return data
+    if is_url(source):  # s3://bucket/key or any fsspec URL (store.objects)
+        return read_url(source)
     if ARCHIVE_SEPARATOR in source:
         archive, member = source.split(ARCHIVE_SEPARATOR, 1)
         return _read_member(Path(archive), member)
@@ -187,6 +193,9 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 def load_task(task: Task, fetch: FetchFn, *, max_pixels: int) -> Loaded:
     """Read, hash and decode one task's image; a failure is returned as its reason."""
+    problem = ids.name_problem(task.namespace, task.image_id)
+    if problem is not None:  # fails this item only, before it reaches a shared seal
+        return Loaded(task, reason=problem)
     try:
         data = read_source(task.source, fetch)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
@@ -371,7 +380,9 @@ class Processor:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if new or aliases:
-            self.sink.seal(f"{name}-{version}", new, version, config.to_json(), aliases)
+            lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
+                                 config.to_json(), aliases)  # fmt: skip
+            outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:

@@ -219,12 +219,18 @@ class ShardHandler:
             name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
             outcomes = self.processor.run([tasks[i] for i in piece], name)
             self.counters.count(outcomes)
-            done = [o.task.image_id for o in outcomes if o.ok]
-            failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
-            self.finisher.then(
-                functools.partial(q.record_items, self.r, shard.job_id, done, failed)
-            )
+            self.finisher.then(functools.partial(self._record, shard.job_id, outcomes))
         return True
+
+    def _record(self, job_id: str, outcomes: list[Outcome]) -> None:
+        """Record a piece's items, after its seal (a deferred seal's unstorable records fail)."""
+        take = getattr(self.processor.sink, "take_unstored", None)
+        lost = take() if take is not None else None
+        if lost:
+            outcomes = [lost.fail(o) for o in outcomes]
+        done = [o.task.image_id for o in outcomes if o.ok]
+        failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
+        q.record_items(self.r, job_id, done, failed)
 
     def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
         rest = replace(shard, items=shard.items[start:])

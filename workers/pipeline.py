@@ -48,6 +48,7 @@ from workers.batcher import (
     load_task,
     stored,
 )
+from workers.isolate import Unstored, seal_isolated
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,12 @@ class DeferredSink:
         self.finisher = finisher
         self._pending: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
+        self._unstored = Unstored()
+
+    def take_unstored(self) -> Unstored:
+        """What the seals run since the last call could not store (finisher thread)."""
+        lost, self._unstored = self._unstored, Unstored()
+        return lost
 
     def has(self, model_version: str, sha256: str) -> bool:
         with self._lock:
@@ -216,8 +223,10 @@ class DeferredSink:
                 self._pending[k] = self._pending.get(k, 0) + 1
 
         def step() -> None:
-            try:
-                self.sink.seal(name, records, model_version, config, aliases)
+            try:  # an unstorable record fails alone (workers.isolate); the piece's record sees it
+                lost = seal_isolated(self.sink, name, records, model_version, config, aliases)
+                self._unstored.records.update(lost.records)
+                self._unstored.aliases.update(lost.aliases)
             finally:
                 with self._lock:
                     for k in keys:

@@ -9,7 +9,6 @@ features must be stored: 404 otherwise), or uploaded as /v1/features takes it (m
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,19 +19,18 @@ from service.auth import require_api_key
 from service.backend import StoredRecord
 from service.errors import InvalidRequestError, NotFoundError, WorkerError
 from service.heads_online import HeadsService
+from service.names import ImageIdQuery, NamespaceQuery, Sha256Query, given_id, namespace_of
 from service.online import OnlineService, Upload
 from service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQAResponse
 from service.uploads import read_image_body
+from store import ids
 from workers.heads_protocol import HeadsResult, HeadTask
 from workers.protocol import ExtractOptions
 
 router = APIRouter(prefix="/v1", tags=["heads"], dependencies=[Depends(require_api_key)])
 
-DEFAULT_NAMESPACE = "default"
-_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)
 }
 _UPLOAD_BODY = {
     "requestBody": {
@@ -49,9 +47,13 @@ _UPLOAD_BODY = {
     }
 }
 
-ImageId = Annotated[str | None, Query(max_length=512, description="the image's id")]
-Namespace = Annotated[str | None, Query(max_length=64, description="id space (default)")]
-Sha256 = Annotated[str | None, Query(description="content hash of the image bytes")]
+ImageId = ImageIdQuery
+Namespace = NamespaceQuery
+Sha256 = Sha256Query
+GridSize = Annotated[
+    int | None,
+    Query(ge=0, le=32, description="extract G x G grid features (for heads trained on grids)"),
+]
 
 
 @dataclass(frozen=True)
@@ -65,20 +67,21 @@ class Image:
     fields: dict[str, str]
 
 
-def _namespace(value: str | None) -> str:
-    namespace = value or DEFAULT_NAMESPACE
-    if not _NAMESPACE.match(namespace):
-        raise InvalidRequestError(f"namespace must match {_NAMESPACE.pattern}; got {namespace!r}")
-    return namespace
-
-
 async def _image(
-    request: Request, image_id: str | None, namespace: str | None, sha256: str | None
+    request: Request,
+    image_id: str | None,
+    namespace: str | None,
+    sha256: str | None,
+    grid_size: int | None = None,
 ) -> Image:
-    """The record named by ``sha256`` or ``image_id``, or that of the uploaded bytes."""
+    """The record named by ``sha256`` or ``image_id``, or that of the uploaded bytes.
+
+    ``grid_size`` G (for heads trained on grid features) extracts or reads the record of the
+    grid extraction (``POST /v1/features?grid_size=G``)."""
     online: OnlineService = request.app.state.online
+    options = ExtractOptions(grid_size=grid_size or None)
     if sha256 is not None or image_id is not None:
-        return await run_in_threadpool(_stored, online, image_id, namespace, sha256)
+        return await run_in_threadpool(_stored, online, image_id, namespace, sha256, grid_size)
     if not request.headers.get("content-type") and request.headers.get("content-length") in (
         None,
         "0",
@@ -86,21 +89,25 @@ async def _image(
         raise InvalidRequestError("name the image by image_id or sha256, or upload it")
     body = await read_image_body(request, online.settings.max_body_bytes)
     sha = hashlib.sha256(body.data).hexdigest()
-    given = body.fields.get("image_id")
-    ns = _namespace(body.fields.get("namespace") or namespace)
-    upload = Upload(body.data, sha, given or sha, ns if given else "", ExtractOptions())
+    given = given_id(body.fields.get("image_id"), None)
+    ns = namespace_of(body.fields.get("namespace") or namespace)
+    upload = Upload(body.data, sha, given or sha, ns if given else "", options)
     extracted = await run_in_threadpool(online.extract, upload, request.state.request_id)
     return Image(extracted.stored, given, ns if given else None, extracted.cached, body.fields)
 
 
 def _stored(
-    online: OnlineService, image_id: str | None, namespace: str | None, sha256: str | None
+    online: OnlineService,
+    image_id: str | None,
+    namespace: str | None,
+    sha256: str | None,
+    grid_size: int | None = None,
 ) -> Image:
-    ns = _namespace(namespace) if image_id is not None else None
+    ns = namespace_of(namespace) if image_id is not None else None
+    if image_id is not None:
+        ids.check_image_id(image_id)
     if sha256 is not None:
         sha256 = sha256.lower()
-        if not _SHA256.match(sha256):
-            raise InvalidRequestError(f"not a sha256 hex digest: {sha256!r}")
     else:
         assert image_id is not None and ns is not None
         sha256 = online.store.resolve(ns, image_id)
@@ -109,6 +116,11 @@ def _stored(
     version = online.models.current()
     if version is None:
         raise NotFoundError("no model version known yet (no worker has been seen)")
+    if grid_size:  # the gateway cannot name the grid extraction's version of a stored id
+        raise InvalidRequestError(
+            "grid_size applies to an uploaded image (its grid extraction is cached like any "
+            "other); upload the image instead of naming it by image_id or sha256"
+        )
     stored = online.store.get(version, sha256)
     if stored is None:
         raise NotFoundError(
@@ -134,6 +146,7 @@ async def _ask(request: Request, task: HeadTask, image: Image, **params: Any) ->
 def _common(request: Request, image: Image, result: HeadsResult) -> dict[str, Any]:
     return {
         "head": result.head,
+        "note": result.note,
         "model_version": result.model_version,
         "sha256": image.stored.sha256,
         "image_id": image.image_id,
@@ -161,10 +174,11 @@ async def caption(
     sha256: Sha256 = None,
     beam_size: Annotated[int, Query(ge=1, le=20, description="beam size (Up-Down: 5)")] = 5,
     max_len: Annotated[int, Query(ge=1, le=50, description="longest caption, words")] = 20,
+    grid_size: GridSize = None,
 ) -> CaptionResponse:
     """The caption a worker's caption head writes, with its attention per word over the
     image's regions (each row sums to 1 over the ``num_boxes`` boxes)."""
-    image = await _image(request, image_id, namespace, sha256)
+    image = await _image(request, image_id, namespace, sha256, grid_size)
     result = await _ask(request, "caption", image, beam_size=beam_size, max_len=max_len)
     return CaptionResponse(
         **_common(request, image, result),
@@ -189,13 +203,14 @@ async def vqa(
     namespace: Namespace = None,
     sha256: Sha256 = None,
     top: Annotated[int, Query(ge=1, le=100, description="how many answers")] = 5,
+    grid_size: GridSize = None,
 ) -> VQAResponse:
     """The answers of a worker's VQA head (sigmoid scores, best first), with its attention
     per glimpse over the image's regions. ``question`` may also be a form field."""
     multipart = request.headers.get("content-type", "").startswith("multipart/")
     if not (question or "").strip() and not multipart:
         raise InvalidRequestError("a question is required (query or form field 'question')")
-    image = await _image(request, image_id, namespace, sha256)
+    image = await _image(request, image_id, namespace, sha256, grid_size)
     asked = (question or image.fields.get("question") or "").strip()
     if not asked:
         raise InvalidRequestError("a question is required (query or form field 'question')")

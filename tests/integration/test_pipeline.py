@@ -196,19 +196,3 @@ def test_a_failed_seal_leaves_the_shard_pending_and_its_items_unrecorded(
     assert failing.seals == 1  # the second piece's seal was skipped, not run
     assert (status.done, status.failed) == (0, 0)  # nothing recorded
     assert q.pending_count(r)[JOBS_STREAM] == 1  # not acked: it will be redelivered
-
-
-def test_index_contains_answers_like_lookup_content_in_one_round_trip(redis_url: str) -> None:
-    from store.shards import ShardEntries
-
-    r = client(redis_url)
-    index = FeatureIndex(r)
-    index.put_shard(ShardEntries("s.h5", "v1", 0, [("a" * 64, 0), ("b" * 64, 1)], []))
-    shas = ["b" * 64, "c" * 64, "a" * 64]
-    assert (
-        index.contains("v1", shas)
-        == [index.lookup_content("v1", s) is not None for s in shas]
-        == [True, False, True]
-    )
-    assert index.contains("v2", shas) == [False, False, False]
-    assert index.contains("v1", []) == []

@@ -11,11 +11,12 @@ import io
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from service.backend import StoredRecord
+from service.backend import RequestClaim, StoredRecord
 from store.records import FeatureRecord
 from workers.heads_protocol import HeadsRequest, HeadsResult
 from workers.protocol import (
@@ -70,6 +71,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], StoredRecord] = {}
         self.aliases: dict[tuple[str, str], str] = {}
+        self.export_options: dict[str, Any] | None = None
         self.exports: list[tuple[str, str, list[str], str, Path]] = []
         self.remembered: dict[tuple[str, str], StoredRecord] = {}
         self.remembered_aliases: dict[tuple[str, str], str] = {}
@@ -96,9 +98,16 @@ class FakeStore:
             self.remembered_aliases[alias] = stored.sha256
 
     def export(
-        self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
+        self,
+        model_version: str,
+        namespace: str,
+        image_ids: Sequence[str],
+        fmt: str,
+        out: Path,
+        options: dict[str, Any] | None = None,
     ) -> int:
         self.exports.append((model_version, namespace, list(image_ids), fmt, out))
+        self.export_options = options
         out.write_text("\n".join(image_ids))
         return len(image_ids)
 
@@ -128,6 +137,7 @@ class FakeQueue:
         self.results: dict[str, OnlineResult | None] = {}
         self.jobs: dict[str, JobStatus] = {}
         self.job_items: dict[str, list[JobItem]] = {}
+        self.claims: dict[str, RequestClaim] = {}
         self.meta = {MODEL_VERSION: ModelMeta(OBJECTS, ATTRIBUTES, "fake model")}
         self.heads_depth = 0
         self.heads_enqueued: list[HeadsRequest] = []
@@ -226,6 +236,18 @@ class FakeQueue:
 
     def job_status(self, job_id: str) -> JobStatus | None:
         return self.jobs.get(job_id)
+
+    def claim_request(self, job_id: str, fingerprint: str) -> RequestClaim | None:
+        if job_id in self.claims:
+            return self.claims[job_id]
+        self.claims[job_id] = RequestClaim(fingerprint)
+        return None
+
+    def save_answer(self, job_id: str, answer: str) -> None:
+        self.claims[job_id] = RequestClaim(self.claims[job_id].fingerprint, answer)
+
+    def release_request(self, job_id: str) -> None:
+        self.claims.pop(job_id, None)
 
     def cancel_job(self, job_id: str) -> str | None:
         job = self.jobs.get(job_id)
