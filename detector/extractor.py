@@ -32,7 +32,14 @@ import torch
 
 from detector.config import ExtractionConfig, ModelSpec, model_version
 from detector.model import Detector, RegionOutputs
-from detector.preprocess import PreparedImage, group_by_shape, prepare
+from detector.preprocess import (
+    PreparedImage,
+    compute_scale,
+    group_by_shape,
+    prepare,
+    stack_group,
+    stage_pixels,
+)
 from detector.select import select_regions
 from store.records import FeatureRecord
 
@@ -40,6 +47,9 @@ log = logging.getLogger(__name__)
 
 # Registry name used when no weights are configured: the packaged demo model.
 DEFAULT_WEIGHTS = "demo-synthetic"
+
+# What ``Extractor.stage`` returns: a prepared image (CPU) or pinned uint8 pixels (CUDA).
+Staged = PreparedImage | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -117,17 +127,16 @@ class Extractor:
 
     def extract(
         self,
-        images: Sequence[np.ndarray],
+        images: Sequence[np.ndarray | Staged],
         image_ids: Sequence[str],
         config: ExtractionConfig | None = None,
     ) -> list[FeatureRecord]:
-        """Regions of each image (BGR uint8 (H, W, 3)), in input order."""
+        """Regions of each image (BGR uint8 (H, W, 3), or ``stage`` of it), in input order."""
         if len(images) != len(image_ids):
             raise ValueError(f"{len(images)} images but {len(image_ids)} ids")
         config = config or self.config
         start = time.perf_counter()
-        # On a GPU the exact (float64) resize runs there: the uint8 pixels are what crosses.
-        prepared = [prepare(image, config, device=self.device) for image in images]
+        prepared = [self._prepare(image, config) for image in images]
         records: list[FeatureRecord | None] = [None] * len(images)
         for batch in self._batches(prepared):
             kept = self._run_batch([prepared[i] for i in batch], config)
@@ -156,26 +165,68 @@ class Extractor:
                 kept = dataclasses.replace(kept, grid=grid)
         return self._to_records([kept], [prepared], [0], [image_id], self.config)[0]
 
+    def stage(self, image: np.ndarray, config: ExtractionConfig | None = None) -> Staged:
+        """The host-side part of preparing one image, for a loader thread (``workers.pipeline``).
+
+        On a CPU device, the whole Caffe preparation (mean, exact resize) under ``config``; on
+        CUDA, the uint8 pixels in pinned memory (the float64 resize runs on the device, so the
+        uint8 pixels are what crosses, asynchronously). ``extract`` with the same ``config``
+        takes the result in place of the image and computes exactly what it computes from the
+        image. Thread-safe: it touches no model state.
+        """
+        config = config or self.config
+        if self.device.type == "cuda":
+            return stage_pixels(image)
+        return prepare(image, config, device=self.device)
+
     # -- steps ---------------------------------------------------------------------------
 
+    def _prepare(self, image: np.ndarray | Staged, config: ExtractionConfig) -> PreparedImage:
+        if isinstance(image, PreparedImage):
+            expected = compute_scale(image.orig_h, image.orig_w, config.min_size, config.max_size)
+            if image.scale != expected:
+                raise ValueError(f"staged at scale {image.scale}; the config needs {expected}")
+            return image
+        # On a GPU the exact (float64) resize runs there: the uint8 pixels are what crosses.
+        return prepare(image, config, device=self.device)
+
     def _batches(self, prepared: list[PreparedImage]) -> Iterator[list[int]]:
-        """Groups of indices with equal resized shape, at most ``batch_size`` each."""
-        for group in group_by_shape(prepared):
-            for start in range(0, len(group), self.batch_size):
-                yield group[start : start + self.batch_size]
+        """Batches of at most ``batch_size`` indices, equal resized shapes next to each other.
+
+        A batch may hold several shapes: each shape group runs its own unpadded backbone and
+        RPN, and the whole batch shares one RoI head call (``Detector.regions_mixed``), so a
+        dataset of mixed shapes still fills every batch.
+        """
+        order = [i for group in group_by_shape(prepared) for i in group]
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size]
 
     def _run_batch(self, batch: list[PreparedImage], config: ExtractionConfig) -> list[_Kept]:
-        images = torch.stack([p.tensor for p in batch]).to(self.device)  # (B, 3, H, W)
+        """Kept regions of each image of ``batch`` (any mix of resized shapes), in order."""
+        groups = group_by_shape(batch)
         scales = [p.scale for p in batch]
         with torch.inference_mode(), self._autocast(config):
-            res4 = self.model.backbone(images)
-            size = (images.shape[2], images.shape[3])
-            outputs = self.model.detect(res4, size, scales, config)
-            kept = [self._select(out, s, config) for out, s in zip(outputs, scales, strict=True)]
-            if not config.grid_size:
-                return kept
-            grids = self.model.grid(res4, config.grid_size).float()  # (B, G, G, D)
-            return [dataclasses.replace(k, grid=g) for k, g in zip(kept, grids, strict=True)]
+            maps = [
+                self.model.propose(
+                    self._images([batch[i] for i in g]), [scales[i] for i in g], config
+                )
+                for g in groups
+            ]
+            outputs = [out for group in self.model.regions_mixed(maps) for out in group]
+            order = [i for g in groups for i in g]  # outputs[k] is image order[k]
+            kept: list[_Kept | None] = [None] * len(batch)
+            for k, i in enumerate(order):
+                kept[i] = self._select(outputs[k], scales[i], config)
+            if config.grid_size:
+                for g, (res4, _) in zip(groups, maps, strict=True):
+                    grids = self.model.grid(res4, config.grid_size).float()  # (B_g, G, G, D)
+                    for i, grid in zip(g, grids, strict=True):
+                        kept[i] = dataclasses.replace(kept[i], grid=grid)
+        return [k for k in kept if k is not None]
+
+    def _images(self, group: list[PreparedImage]) -> torch.Tensor:
+        """(B, 3, Hs, Ws) on the device: one shape group of a batch, stacked unpadded."""
+        return stack_group(group).to(self.device, non_blocking=True)
 
     def _select(self, out: RegionOutputs, scale: float, config: ExtractionConfig) -> _Kept:
         """generate_tsv.py: per-class NMS on the proposals in original pixels, then gather."""
@@ -244,12 +295,12 @@ class Extractor:
                 image_id=str(image_ids[i]),
                 image_w=prepared[i].orig_w,
                 image_h=prepared[i].orig_h,
-                boxes=host["boxes"][j].astype(np.float32),
-                features=host["features"][j].astype(np.float32),
-                objects_id=host["objects_id"][j].astype(np.int64),
-                objects_conf=host["objects_conf"][j].astype(np.float32),
-                attrs_id=host["attrs_id"][j].astype(np.int64),
-                attrs_conf=host["attrs_conf"][j].astype(np.float32),
+                boxes=host["boxes"][j].astype(np.float32, copy=False),
+                features=host["features"][j].astype(np.float32, copy=False),
+                objects_id=host["objects_id"][j].astype(np.int64, copy=False),
+                objects_conf=host["objects_conf"][j].astype(np.float32, copy=False),
+                attrs_id=host["attrs_id"][j].astype(np.int64, copy=False),
+                attrs_conf=host["attrs_conf"][j].astype(np.float32, copy=False),
                 model_version=version,
                 grid=grids[j],
             )

@@ -136,27 +136,48 @@ def resize_like_cv2(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def subtract_mean(
-    image_bgr: np.ndarray, pixel_mean: Sequence[float], device: Device
+    image_bgr: np.ndarray | torch.Tensor, pixel_mean: Sequence[float], device: Device
 ) -> torch.Tensor:
     """(H, W, 3) uint8 BGR to (3, H, W) float32 minus the BGR mean, NumPy's arithmetic.
 
     ``im.astype(float32) -= means`` with float64 means subtracts in float64 and rounds once to
-    float32; uint8 and float64 make the same computation exact here.
+    float32; uint8 and float64 make the same computation exact here. ``image_bgr`` may be a
+    uint8 tensor already in pinned host memory (``stage_pixels``): its copy to the device is
+    then asynchronous.
     """
     _check_image(image_bgr)
     mean = torch.tensor(pixel_mean, dtype=torch.float64, device=device).view(3, 1, 1)
-    pixels = torch.from_numpy(np.ascontiguousarray(image_bgr)).to(device)  # uint8 transfer
+    pixels = (
+        image_bgr
+        if isinstance(image_bgr, torch.Tensor)
+        else torch.from_numpy(np.ascontiguousarray(image_bgr))
+    )
+    pixels = pixels.to(device, non_blocking=True)  # uint8 transfer
     chw = pixels.permute(2, 0, 1).to(torch.float64)  # (3, H, W)
     return (chw - mean).to(torch.float32)
 
 
+def stage_pixels(image_bgr_uint8: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 BGR copied into pinned (page-locked) host memory, for a CUDA device.
+
+    A copy from pinned memory runs asynchronously (``non_blocking=True``) and at full bus
+    speed; torch's pinned allocator keeps the block until the copy has been done.
+    """
+    _check_image(image_bgr_uint8)
+    return torch.from_numpy(np.ascontiguousarray(image_bgr_uint8)).pin_memory()
+
+
 def prepare(
-    image_bgr_uint8: np.ndarray, config: ExtractionConfig, *, device: Device = "cpu"
+    image_bgr_uint8: np.ndarray | torch.Tensor,
+    config: ExtractionConfig,
+    *,
+    device: Device = "cpu",
 ) -> PreparedImage:
     """Caffe ``_get_image_blob`` for one image.
 
     Args:
-        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``store.images.decode_image`` returns.
+        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``store.images.decode_image`` returns (or
+            ``stage_pixels`` of it).
         config: ``min_size``, ``max_size`` and ``pixel_mean`` are read.
         device: where the subtraction and resize run and the tensor lives.
 
@@ -192,10 +213,16 @@ def stack_group(prepared: Sequence[PreparedImage]) -> torch.Tensor:
     return torch.stack([p.tensor for p in prepared])
 
 
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray):
+def _check_image(image: np.ndarray | torch.Tensor) -> None:
+    if isinstance(image, torch.Tensor):
+        dtype_ok = image.dtype == torch.uint8
+    elif isinstance(image, np.ndarray):
+        dtype_ok = image.dtype == np.uint8
+    else:
         raise TypeError(f"image must be a numpy array; got {type(image).__name__}")
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8 BGR; got {image.shape} {image.dtype}")
+    if image.ndim != 3 or image.shape[2] != 3 or not dtype_ok:
+        raise ValueError(
+            f"image must be (H, W, 3) uint8 BGR; got {tuple(image.shape)} {image.dtype}"
+        )
     if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"image must be non-empty; got {image.shape}")
+        raise ValueError(f"image must be non-empty; got {tuple(image.shape)}")

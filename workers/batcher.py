@@ -149,6 +149,9 @@ class Loaded:
     content_sha256: str = ""
     image: BGRImage | None = None
     reason: str = ""
+    # The extractor's host-side preparation of ``image`` (``Extractor.stage``, done by a
+    # loader thread of ``workers.pipeline``), extracted in its place; None: not staged.
+    staged: Any = None
 
     @property
     def ok(self) -> bool:
@@ -214,6 +217,14 @@ def group_by_options(tasks: Sequence[Any]) -> dict[ExtractOptions, list[int]]:
     return groups
 
 
+def stored(sink: FeatureSink, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+    """``sink.has`` of each content: one round trip when the sink has ``has_many``."""
+    many = getattr(sink, "has_many", None)
+    if many is not None:
+        return list(many(model_version, sha256s))
+    return [sink.has(model_version, s) for s in sha256s]
+
+
 def chunks(n: int, size: int) -> list[range]:
     """Index ranges [0, n) in consecutive pieces of at most ``size``."""
     return [range(i, min(i + size, n)) for i in range(0, n, size)]
@@ -231,7 +242,7 @@ class ExtractorLike(Protocol):
 
     def extract(
         self,
-        images: Sequence[BGRImage],
+        images: Sequence[Any],  # BGRImage, or what the extractor's ``stage`` made of one
         image_ids: Sequence[str],
         config: ExtractionConfig | None = None,
     ) -> list[FeatureRecord]: ...
@@ -318,9 +329,7 @@ class Processor:
                 answers there. An exception it raises propagates; nothing is sealed then.
         """
         start = time.perf_counter()
-        loaded = [
-            load_task(t, self.fetch, max_pixels=self.max_pixels, limits=self.limits) for t in tasks
-        ]
+        loaded = self.load(tasks)
         outcomes: dict[int, Outcome] = {}
         for options, idx in group_by_options(loaded).items():
             group = [loaded[i] for i in idx]
@@ -339,6 +348,16 @@ class Processor:
         )
         return result
 
+    def load(self, tasks: Sequence[Task]) -> list[Loaded]:
+        """Read, hash and decode each task, one after another (``workers.pipeline`` overrides
+        it with a thread pool that has started on them ahead)."""
+        return [
+            load_task(t, self.fetch, max_pixels=self.max_pixels, limits=self.limits) for t in tasks
+        ]
+
+    def prefetch(self, tasks: Sequence[Task]) -> None:
+        """Start loading ``tasks``, to be ``run`` next (nothing here: loads happen in ``run``)."""
+
     def config_for(self, options: ExtractOptions) -> ExtractionConfig:
         """The worker's config with the request's overrides (ValueError when inconsistent)."""
         return self.extractor.config.replace(**options.overrides())
@@ -355,28 +374,26 @@ class Processor:
         except ValueError as exc:
             return [Outcome(x.task, False, x.content_sha256, reason=str(exc)) for x in group]
         version = self.extractor.version_for(config)
+        fresh = [x for x in group if x.ok]
+        known = stored(self.sink, version, [x.content_sha256 for x in fresh])
         todo: dict[str, Loaded] = {}
-        for x in group:
-            if (
-                x.ok
-                and x.content_sha256 not in todo
-                and not self.sink.has(version, x.content_sha256)
-            ):
-                todo[x.content_sha256] = x
+        for x, is_stored in zip(fresh, known, strict=True):
+            if not is_stored:
+                todo.setdefault(x.content_sha256, x)
         computed = self._compute(list(todo.values()), config)
-        stored = [s for s in computed.values() if isinstance(s, StoredItem)]
+        new = [s for s in computed.values() if isinstance(s, StoredItem)]
         outcomes = [self._outcome(x, version, computed) for x in group]
         if on_computed is not None:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
-        if stored or aliases:
-            lost = seal_isolated(self.sink, f"{name}-{version}", stored, version,
+        if new or aliases:
+            lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
                                  config.to_json(), aliases)  # fmt: skip
             outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
-        images = [x.image for x in todo if x.image is not None]
+        images = [x.staged if x.staged is not None else x.image for x in todo]
         shas = [x.content_sha256 for x in todo]
         results = self._extract(images, shas, config)
         return {
@@ -389,7 +406,7 @@ class Processor:
         }
 
     def _extract(
-        self, images: list[BGRImage], ids: list[str], config: ExtractionConfig
+        self, images: list[Any], ids: list[str], config: ExtractionConfig
     ) -> list[FeatureRecord | str]:
         """Records in order; an image the model fails on alone gets a reason instead."""
         if not images:

@@ -19,6 +19,7 @@ handler here takes the entries it is given to the end:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -30,6 +31,7 @@ import redis
 
 from workers import queue as q
 from workers.batcher import Outcome, Processor, Task, chunks, tasks_from_online, tasks_from_shard
+from workers.pipeline import Finisher, InlineSteps
 from workers.protocol import ONLINE_STREAM, JobShard, OnlineRequest, OnlineResult, ProtocolError
 from workers.replies import Replies, online_result
 from workers.sealer import Sealer
@@ -179,6 +181,9 @@ class ShardHandler:
         stopping: set once the worker is stopping: the unstarted rest is handed back.
         between_pieces: called before every piece but the first (the loop serves the online
             entries waiting then).
+        finisher: runs what follows a piece's computation (its seal, through the processor's
+            sink, the progress record, the final ack) in order: on the pipeline's thread
+            (``workers.pipeline.Finisher``) or at once (default).
     """
 
     def __init__(
@@ -191,6 +196,7 @@ class ShardHandler:
         batch_size: int,
         stopping: threading.Event,
         between_pieces: Callable[[], None],
+        finisher: Finisher | InlineSteps | None = None,
     ) -> None:
         self.r = client
         self.consumer = consumer
@@ -199,6 +205,7 @@ class ShardHandler:
         self.batch_size = batch_size
         self.stopping = stopping
         self.between_pieces = between_pieces
+        self.finisher = finisher or InlineSteps()
 
     def __call__(self, entry: q.Entry) -> None:
         """Process one job shard piece by piece; ack after the last piece is recorded."""
@@ -209,6 +216,16 @@ class ShardHandler:
             q.dead_letter(self.r, entry, 1, f"malformed entry: {exc}")
             return
         start = time.perf_counter()
+        with self.finisher.owner(entry.entry_id):
+            if self._pieces(entry, shard, tasks):
+                self.finisher.then(functools.partial(q.ack, self.r, entry.stream, [entry.entry_id]))
+        took = time.perf_counter() - start
+        log.info(
+            "job %s shard %d: %d items in %.3fs", shard.job_id, shard.shard_no, len(tasks), took
+        )
+
+    def _pieces(self, entry: q.Entry, shard: JobShard, tasks: list[Task]) -> bool:
+        """Run the shard's pieces; False when the rest was handed back (no ack then)."""
         pieces = chunks(len(tasks), self.batch_size)
         for k, piece in enumerate(pieces):
             state = q.mark_job_started(self.r, shard.job_id)
@@ -216,23 +233,30 @@ class ShardHandler:
                 log.info("job %s shard %d: job %s, skipped", shard.job_id, shard.shard_no, state)
                 break
             if k > 0 and self.stopping.is_set():
-                self._hand_off(entry, shard, piece.start)
-                return
+                if self.finisher.settle(entry.entry_id):  # earlier pieces sealed first
+                    self._hand_off(entry, shard, piece.start)
+                return False
             if k > 0:
                 q.touch(self.r, entry, self.consumer)
                 self.between_pieces()
+            if k + 1 < len(pieces):
+                self.processor.prefetch([tasks[i] for i in pieces[k + 1]])
             name = f"job-{shard.job_id}-{shard.shard_no}-{entry.entry_id}-{k}"
             t_piece = time.perf_counter()
             outcomes = self.processor.run([tasks[i] for i in piece], name)
             self.counters.count(outcomes, time.perf_counter() - t_piece)
-            done = [o.task.image_id for o in outcomes if o.ok]
-            failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
-            q.record_items(self.r, shard.job_id, done, failed)
-        q.ack(self.r, entry.stream, [entry.entry_id])
-        took = time.perf_counter() - start
-        log.info(
-            "job %s shard %d: %d items in %.3fs", shard.job_id, shard.shard_no, len(tasks), took
-        )
+            self.finisher.then(functools.partial(self._record, shard.job_id, outcomes))
+        return True
+
+    def _record(self, job_id: str, outcomes: list[Outcome]) -> None:
+        """Record a piece's items, after its seal (a deferred seal's unstorable records fail)."""
+        take = getattr(self.processor.sink, "take_unstored", None)
+        lost = take() if take is not None else None
+        if lost:
+            outcomes = [lost.fail(o) for o in outcomes]
+        done = [o.task.image_id for o in outcomes if o.ok]
+        failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
+        q.record_items(self.r, job_id, done, failed)
 
     def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:
         rest = replace(shard, items=shard.items[start:])

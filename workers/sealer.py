@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.batcher import AliasTriple, FeatureSink, StoredItem
+from workers.batcher import AliasTriple, FeatureSink, StoredItem, stored
 from workers.isolate import seal_isolated
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,14 @@ class Sealer:
             if (model_version, sha256) in self._pending:
                 return True
         return self.sink.has(model_version, sha256)
+
+    def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        """``has`` of each content: the sink asked once for those not waiting here."""
+        with self._cond:
+            waiting = [(model_version, s) in self._pending for s in sha256s]
+        rest = [s for s, w in zip(sha256s, waiting, strict=True) if not w]
+        known = iter(stored(self.sink, model_version, rest))
+        return [w or next(known) for w in waiting]
 
     def seal(
         self,

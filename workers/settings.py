@@ -102,6 +102,14 @@ class WorkerSettings(BaseSettings):
     # Largest image a worker decodes, pixels (w * h, checked on the header before decoding).
     # The same variable and default as the gateway's BUTD_MAX_PIXELS (one limit everywhere).
     max_pixels: int = _env("max_pixels", DEFAULT_MAX_PIXELS, ge=1)
+    # Threads that read, hash, decode and stage the images of the next piece while the model
+    # runs the current one (workers.pipeline); -1 = one per CPU core, at most 16 (decoding a
+    # 640x480 JPEG takes ~4 ms of one core); 0 = load on the main loop, one image after another,
+    # and seal job pieces there too (the sequential path).
+    load_threads: int = _env("load_threads", -1, ge=-1, le=256)
+    # Job pieces computed but not yet sealed and recorded, at most (the loop waits beyond): one
+    # piece sealing while the next computes; more only absorbs a slow disk.
+    seal_ahead: int = _env("seal_ahead", 2, ge=1, le=64)
     # Longest pause between reconnection attempts while Redis is unreachable, seconds.
     reconnect_max_s: float = _env("reconnect_max_s", 5.0, gt=0)
     # Trained caption / VQA heads (directories written by `butd heads train`), loaded at start

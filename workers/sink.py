@@ -77,6 +77,12 @@ class StoreSink:
         self._flush()
         return self.index.lookup_content(model_version, sha256) is not None
 
+    def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        """``has`` of each content, in one round trip."""
+        self._flush()
+        known = self.index.stored_contents(model_version, sha256s)
+        return [s in known for s in sha256s]
+
     def seal(
         self,
         name: str,

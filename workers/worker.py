@@ -44,12 +44,13 @@ import redis
 from store.index import FeatureIndex
 from store.objects import BucketShards
 from workers import queue as q
-from workers.batcher import ExtractorLike, FeatureSink, Processor, chunks, fill_batch
+from workers.batcher import ExtractorLike, FeatureSink, chunks, fill_batch
 from workers.files import ReadLimits
 from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
 from workers.heads_task import start_heads
 from workers.janitor import HeartbeatThread, Janitor
 from workers.memory import trim_heap
+from workers.pipeline import Pipeline
 from workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
 from workers.replies import Replies
 from workers.sealer import Sealer
@@ -101,9 +102,9 @@ class Worker:
         self.r = client if client is not None else q.connect(settings.redis_url)
         self.consumer = settings.worker_id
         limits = ReadLimits(settings.read_timeout_s, settings.max_file_bytes)
-        self.processor = Processor(
-            extractor, sink, self._fetch, max_pixels=settings.max_pixels, limits=limits
-        )
+        # Loader threads ahead of the model, job seals behind it (workers/pipeline.py).
+        self.pipeline = Pipeline(settings, extractor, sink, self._fetch, limits=limits)
+        self.processor = self.pipeline.processor(self.pipeline.jobs_sink)
         self.janitor = Janitor(
             self.consumer,
             claim_idle_ms=settings.claim_idle_ms,
@@ -120,10 +121,10 @@ class Worker:
             model_meta=model_meta,
             feature_dtype=feature_dtype,
         )
-        self.sealer = Sealer(sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0)
-        self.online = Processor(
-            extractor, self.sealer, self._fetch, max_pixels=settings.max_pixels, limits=limits
+        self.sealer = Sealer(
+            self.pipeline.sink, self.replies.finish, linger_s=settings.seal_linger_ms / 1000.0
         )
+        self.online = self.pipeline.processor(self.sealer)
         self.stopping = threading.Event()
         self.handle_online = OnlineHandler(
             self.r, self.consumer, self.online, self.replies, self.sealer, self.counters
@@ -136,6 +137,7 @@ class Worker:
             batch_size=settings.batch_size,
             stopping=self.stopping,
             between_pieces=self._serve_online_now,
+            finisher=self.pipeline.finisher,
         )
         self._recover = True
         version = extractor.version_for(extractor.config)
@@ -186,6 +188,7 @@ class Worker:
             self._serve()
         finally:
             self.sealer.close()
+            self.pipeline.close()
             beat.stop(self.consumer)
         log.info("worker %s stopped: %s", self.consumer, self.counters)
         return 0
@@ -216,6 +219,7 @@ class Worker:
         self.counters.tick()
         if self._recover:
             self.sealer.drain()  # what it acks is not "own pending" to redo
+            self.pipeline.drain()  # nor the job pieces still being sealed
             q.ensure_groups(self.r)
             own = q.read_entries(self.r, STREAMS, self.consumer, count=1000, pending=True)
             self._recover = False

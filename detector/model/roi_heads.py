@@ -57,8 +57,19 @@ class RoIHeads(nn.Module):
     def pooled_features(self, res4: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
         """res4 (B, C4, Hf, Wf), rois (R, 5) [batch index, x1, y1, x2, y2] in resized pixels
         -> (R, D) mean of res5 over the pooled map (Caffe pool5_flat, post-ReLU)."""
+        return self.res5_features(self.pool(res4, rois))
+
+    def pool(self, res4: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """res4 (B, C4, Hf, Wf), rois (R, 5) in resized pixels -> (R, C4, 14, 14) RoI pooling.
+
+        Each RoI is pooled on its own, so pooling images of different shapes separately and
+        concatenating gives what one call would (``Detector.regions_mixed``).
+        """
         size = (self.pooled_size, self.pooled_size)
-        pooled = roi_pool(res4, rois.to(res4.dtype), size, self.spatial_scale)  # (R, C4, 14, 14)
+        return roi_pool(res4, rois.to(res4.dtype), size, self.spatial_scale)
+
+    def res5_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(R, C4, 14, 14) pooled RoIs, from any images -> (R, D) mean of res5 over the map."""
         return self.res5(pooled).mean(dim=(2, 3))
 
     def predict(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

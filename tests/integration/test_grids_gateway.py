@@ -92,5 +92,5 @@ def test_batch_job_with_grids_exports_the_grid_layout(stack: dict[str, Any]) -> 
     out = stack["root"] / "grids.h5"
     out.write_bytes(export.content)
     with h5py.File(out, "r") as h5:
-        cells = h5["12.png_grids"][()]
+        cells = h5["12_grids"][()]
     np.testing.assert_array_equal(cells, decode_features(one["grid"]).reshape(G * G, -1))

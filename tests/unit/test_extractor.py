@@ -117,7 +117,7 @@ def test_batched_equals_one_at_a_time(extractor) -> None:
     and confidences alike (a confidence once differed by 1.5e-6 against an absolute-only 1e-6).
     """
     images = [photo(n, (180, 120)) for n in ("coffee", "chelsea", "rocket")]
-    images.append(photo("astronaut", (120, 160)))  # another shape: its own batch
+    images.append(photo("astronaut", (120, 160)))  # another shape: its own backbone pass
     ids = [f"im{i}" for i in range(len(images))]
     together = extractor.extract(images, ids)
     for image, image_id, batched in zip(images, ids, together, strict=True):
@@ -128,6 +128,55 @@ def test_batched_equals_one_at_a_time(extractor) -> None:
         np.testing.assert_allclose(batched.boxes, alone.boxes, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(batched.features, alone.features, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(batched.objects_conf, alone.objects_conf, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_shapes_share_one_roi_head_call_and_equal_one_at_a_time(extractor) -> None:
+    """Real photo sizes (five resized shapes) fill one batch: one backbone pass per shape,
+    unpadded, and one RoI head call (res5) for all; regions as one image at a time, features
+    within the batching tolerances above (res5 sees a larger batch of RoIs)."""
+    sizes = [(160, 120), (120, 160), (160, 107), (150, 150), (160, 90), (160, 120)]
+    names = ["coffee", "chelsea", "rocket", "astronaut", "coffee", "camera"]
+    images = [photo(n, size) for n, size in zip(names, sizes, strict=True)]
+    ids = [f"m{i}" for i in range(len(images))]
+    calls: list[list[int]] = []
+    model = extractor.model
+    real = model.regions_mixed
+
+    def counting(maps):
+        calls.append([int(res4.shape[0]) for res4, _ in maps])
+        return real(maps)
+
+    config = extractor.config.replace(rpn_pre_nms_topk=300, rpn_post_nms_topk=20)
+    model.regions_mixed = counting
+    try:
+        wide = Extractor(model, config=config, weights_sha256="f" * 64, batch_size=len(images))
+        together = wide.extract(images, ids)
+    finally:
+        del model.regions_mixed
+    assert calls == [[2, 1, 1, 1, 1]]  # one call; the two 160x120 images share a backbone pass
+    for image, image_id, batched in zip(images, ids, together, strict=True):
+        alone = wide.extract([image], [image_id])[0]
+        assert batched.image_id == image_id and batched.image_w == image.shape[1]
+        np.testing.assert_array_equal(batched.objects_id, alone.objects_id)
+        np.testing.assert_array_equal(batched.attrs_id, alone.attrs_id)
+        np.testing.assert_allclose(batched.boxes, alone.boxes, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(batched.features, alone.features, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(batched.objects_conf, alone.objects_conf, rtol=1e-5, atol=1e-6)
+
+
+def test_a_staged_image_extracts_exactly_as_the_image(extractor) -> None:
+    """``stage`` (the loader threads' half of preparation) changes nothing, bit for bit."""
+    images = [photo("coffee", (170, 110)), photo("chelsea", (110, 170))]
+    config = extractor.config.replace(rpn_pre_nms_topk=300, rpn_post_nms_topk=20)
+    staged = [extractor.stage(im, config) for im in images]
+    direct = extractor.extract(images, ["a", "b"], config)
+    via = extractor.extract(staged, ["a", "b"], config)
+    for x, y in zip(direct, via, strict=True):
+        for name in ("boxes", "features", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
+            assert getattr(x, name).tobytes() == getattr(y, name).tobytes(), name
+    other = extractor.config.replace(min_size=64)
+    with pytest.raises(ValueError, match="staged at scale"):
+        extractor.extract(staged[:1], ["a"], config=other)
 
 
 def test_extract_with_boxes_uses_the_given_boxes(extractor) -> None:
