@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -317,6 +318,21 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/v1/features", "/v1/jobs", "/health/ready"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_scripts_from_the_gateway_not_a_cdn(
+    client: TestClient, page: str
+) -> None:
+    html = client.get(page).text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assets = [s for s in sources if s.endswith((".js", ".css"))]
+    assert assets, html
+    for url in assets:
+        assert url.startswith("/"), f"{page} loads {url} from another host"
+        body = client.get(url)
+        assert body.status_code == 200 and len(body.content) > 10_000, url
+    assert "https://" not in "".join(assets)
 
 
 def test_image_id_bound_to_other_bytes_is_409(client: TestClient, queue: FakeQueue) -> None:
