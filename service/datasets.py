@@ -30,6 +30,12 @@ from service.errors import InvalidRequestError, PathNotAllowedError
 from workers.protocol import JobItem
 
 _COPY_CHUNK = 1 << 20
+# The two ways past a refused server path, named in every refusal.
+_WAYS_OUT = (
+    "upload the files instead (`butd jobs submit PATH --upload`, or POST /v1/jobs with a "
+    "multipart `archive`), or start the service with BUTD_ALLOWED_ROOTS naming the directories "
+    "it may read (comma-separated)"
+)
 
 
 class ArchiveError(InvalidRequestError):
@@ -58,7 +64,11 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
         InvalidRequestError: the path does not exist.
     """
     if not roots:
-        raise PathNotAllowedError("server paths are disabled: BUTD_ALLOWED_ROOTS is empty")
+        raise PathNotAllowedError(
+            f"server paths are disabled (BUTD_ALLOWED_ROOTS is empty), so {raw!r} is not read: "
+            f"{_WAYS_OUT}",
+            server_paths="disabled",
+        )
     real_roots = [r.resolve() for r in roots]
     path = Path(raw).expanduser()
     if not path.is_absolute():
@@ -67,7 +77,9 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
     if not _inside(real, real_roots):
         shown = ", ".join(str(r) for r in real_roots)
         raise PathNotAllowedError(
-            f"path {raw!r} resolves to {str(real)!r}, outside the allowed roots ({shown})"
+            f"path {raw!r} resolves to {str(real)!r}, outside the allowed roots ({shown}): "
+            f"{_WAYS_OUT}",
+            server_paths="restricted",
         )
     if not real.exists():
         raise InvalidRequestError(f"path {raw!r} does not exist")

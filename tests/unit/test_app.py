@@ -144,6 +144,10 @@ def test_option_ranges_are_validated(client: TestClient, query: str) -> None:
     )
     assert resp.status_code == 422
     assert resp.json()["error"] == "invalid_request"
+    detail = resp.json()["detail"]
+    assert ": :" not in detail and ":  " not in detail, detail
+    if "min_boxes=9" in query:
+        assert "need min_boxes <= max_boxes; got 9 > 3" in detail, detail
 
 
 def test_body_too_large_is_413(tmp_path: Path, queue: FakeQueue, store: FakeStore) -> None:
