@@ -14,10 +14,13 @@ import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backend import FeatureStore, Queue
@@ -26,6 +29,7 @@ from service.heads_online import HeadsService
 from service.metrics import Metrics
 from service.online import ModelVersions, OnlineService, new_request_id
 from service.routes import features, heads, health, jobs
+from service.schemas import JobRequest
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -170,7 +174,28 @@ def create_app(
     install_error_handlers(app)
     for router in (features.router, heads.router, jobs.router, health.router):
         app.include_router(router)
+    _publish_schemas(app, JobRequest)
     return app
+
+
+def _publish_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Add models that routes name only by ``$ref`` in ``openapi_extra`` (POST /v1/jobs reads
+    its body itself) to the spec's components; FastAPI adds only those it sees as parameters,
+    and ReDoc refuses a spec with a dangling reference."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            _, defs = models_json_schema(
+                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+            )
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in defs.get("$defs", {}).items():
+                schemas.setdefault(name, schema)
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:
