@@ -46,6 +46,12 @@ def register(subparsers: Any) -> None:
     show.add_argument(
         "--captioner", type=Path, metavar="DIR", help="trained caption head (DIR/last.pt)"
     )
+    show.add_argument(
+        "--all",
+        action="store_true",
+        help="draw every region (default: only those whose confidence reaches the threshold, "
+        "--conf-thresh or the model's)",
+    )
     show.add_argument("--beam-size", type=int, default=5, metavar="N")
     show.add_argument("--max-len", type=int, default=20, metavar="T")
     _model_arguments(show)
@@ -147,8 +153,17 @@ def run_show(args: argparse.Namespace) -> int:
     spec = extractor.spec
     if args.attention:
         return _show_attention(args, image, record)
-    draw_regions(image, record, spec.objects_vocab, spec.attributes_vocab).save(args.out)
-    print(f"{args.out}: {record.num_boxes} regions ({spec.description})")
+    threshold = None if args.all else extractor.config.conf_thresh
+    drawing = draw_regions(
+        image, record, spec.objects_vocab, spec.attributes_vocab, min_conf=threshold
+    )
+    drawing.image.save(args.out)
+    shown = f"{drawing.drawn} of {record.num_boxes} regions"
+    if threshold is not None:
+        shown += f" (confidence >= {threshold:g}; --all draws every one)"
+    if drawing.unlabelled:
+        shown += f"; {drawing.unlabelled} labels left out for lack of room"
+    print(f"{args.out}: {shown}")
     return 0
 
 
