@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from service.backend import RequestClaim
 from workers import heads_protocol as hq
 from workers import queue as q
 from workers.protocol import (
@@ -33,6 +34,18 @@ from workers.wire import ModelMeta
 
 if TYPE_CHECKING:
     Client = redis.Redis
+
+# How long an Idempotency-Key stays bound to its first request once answered, seconds (as long
+# as a finished job's keys live: ``workers.jobs.create_job``'s ttl_s) ...
+CLAIM_TTL_S = 7 * 24 * 3600
+# ... and while that request is still being processed (a gateway that dies mid-request frees
+# the key after this long; unpacking the largest archive takes minutes), seconds.
+CLAIM_PENDING_TTL_S = 3600
+
+
+def request_claim_key(job_id: str) -> str:
+    """Hash ``fingerprint``, ``answer`` of the request that took the job id ``job_id``."""
+    return f"butd:job:{job_id}:request"
 
 
 def connect(url: str, *, max_connections: int, socket_timeout: float = 5.0) -> Client:
@@ -145,6 +158,27 @@ class RedisQueue:
 
     def cancel_job(self, job_id: str) -> str | None:
         return q.cancel_job(self.client, job_id)
+
+    def claim_request(self, job_id: str, fingerprint: str) -> RequestClaim | None:
+        key = request_claim_key(job_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hsetnx(key, "fingerprint", fingerprint)
+        pipe.expire(key, CLAIM_PENDING_TTL_S, nx=True)
+        pipe.hgetall(key)
+        taken, _, fields = pipe.execute()
+        if taken:
+            return None
+        found = {text(k): text(v) for k, v in fields.items()}
+        return RequestClaim(found.get("fingerprint", ""), found.get("answer"))
+
+    def save_answer(self, job_id: str, answer: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(request_claim_key(job_id), "answer", answer)
+        pipe.expire(request_claim_key(job_id), CLAIM_TTL_S)
+        pipe.execute()
+
+    def release_request(self, job_id: str) -> None:
+        self.client.delete(request_claim_key(job_id))
 
     def close(self) -> None:
         """Close both clients' connections."""

@@ -9,27 +9,26 @@ Run it with ``butd serve`` or ``uvicorn --factory service.app:app_from_env``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backend import FeatureStore, Queue
 from service.errors import install_error_handlers
 from service.heads_online import HeadsService
+from service.job_uploads import UploadArea
 from service.metrics import Metrics
 from service.online import ModelVersions, OnlineService, new_request_id
+from service.openapi import install_openapi
 from service.routes import features, heads, health, jobs
-from service.schemas import JobRequest
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -134,14 +133,35 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     if owned:
         _wire(app, *_default_backends(settings))
     logger.info("gateway up: redis %s, store %s", settings.redis_url, settings.store_dir)
+    sweeper = asyncio.create_task(_sweep_uploads(app))
     try:
         yield
     finally:
+        sweeper.cancel()
         if owned:
             for backend in (app.state.queue, app.state.store):
                 close = getattr(backend, "close", None)
                 if close is not None:
                     close()
+
+
+async def _sweep_uploads(app: FastAPI) -> None:
+    """Every ``upload_sweep_s``: remove the uploaded archives of ended (or unknown) jobs."""
+    settings: Settings = app.state.settings
+    area: UploadArea = app.state.uploads
+
+    def state(job_id: str) -> str | None:
+        found = app.state.queue.job_status(job_id)
+        return None if found is None else str(found.state)
+
+    while True:
+        try:
+            removed = await anyio.to_thread.run_sync(area.sweep, state)
+            if removed:
+                logger.info("removed %d uploads of ended jobs", removed)
+        except Exception:  # a Redis hiccup: try again next time
+            logger.warning("sweeping job uploads failed", exc_info=True)
+        await asyncio.sleep(settings.upload_sweep_s)
 
 
 def create_app(
@@ -168,34 +188,20 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.queue = None
+    app.state.uploads = UploadArea(
+        settings.jobs_upload_dir,
+        budget_bytes=settings.max_pending_upload_bytes,
+        grace_s=settings.upload_grace_s,
+        retry_after_s=max(settings.retry_after_s, 30),
+    )
     if queue is not None and store is not None:
         _wire(app, queue, store)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in (features.router, heads.router, jobs.router, health.router):
         app.include_router(router)
-    _publish_schemas(app, JobRequest)
+    install_openapi(app)
     return app
-
-
-def _publish_schemas(app: FastAPI, *models: type[BaseModel]) -> None:
-    """Add models that routes name only by ``$ref`` in ``openapi_extra`` (POST /v1/jobs reads
-    its body itself) to the spec's components; FastAPI adds only those it sees as parameters,
-    and ReDoc refuses a spec with a dangling reference."""
-    build = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            spec = build()
-            _, defs = models_json_schema(
-                [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
-            )
-            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
-            for name, schema in defs.get("$defs", {}).items():
-                schemas.setdefault(name, schema)
-        return app.openapi_schema or build()
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:

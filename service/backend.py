@@ -47,6 +47,15 @@ class StoredRecord:
     description: str = ""
 
 
+@dataclass(frozen=True)
+class RequestClaim:
+    """An ``Idempotency-Key`` already taken: the request it was first used with and, once that
+    request succeeded, its answer (a JSON body)."""
+
+    fingerprint: str
+    answer: str | None = None
+
+
 class Queue(Protocol):
     """The Redis side: online requests, batch jobs, worker heartbeats."""
 
@@ -106,6 +115,22 @@ class Queue(Protocol):
 
     def job_status(self, job_id: str) -> JobStatus | None:
         """Progress of a job; None when unknown."""
+        ...
+
+    def claim_request(self, job_id: str, fingerprint: str) -> RequestClaim | None:
+        """Take ``job_id`` for the request hashing to ``fingerprint`` (atomic, first wins).
+
+        Returns:
+            None when this call took it; else the claim in force (its fingerprint and answer).
+        """
+        ...
+
+    def save_answer(self, job_id: str, answer: str) -> None:
+        """Keep the answer of the request that claimed ``job_id`` (replayed to its repeats)."""
+        ...
+
+    def release_request(self, job_id: str) -> None:
+        """Drop the claim of a request that failed, so the key may be used again."""
         ...
 
     def cancel_job(self, job_id: str) -> str | None:

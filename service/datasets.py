@@ -15,11 +15,13 @@ and the bytes actually written are counted (a lying header does not get past the
 from __future__ import annotations
 
 import json
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from service.errors import InvalidRequestError, PathNotAllowedError
+from store import ids
 from workers.protocol import JobItem
 
 _COPY_CHUNK = 1 << 20
@@ -38,10 +41,47 @@ _WAYS_OUT = (
 )
 
 
+# Bounds of a server path in a job request (Linux: PATH_MAX 4096, NAME_MAX 255 bytes).
+MAX_PATH_CHARS = 4096
+MAX_COMPONENT_BYTES = 255
+
+
 class ArchiveError(InvalidRequestError):
     """An uploaded archive that is unreadable, unsafe or too large."""
 
     code = "bad_archive"
+
+
+class UnpackTooLargeError(ArchiveError):
+    """The archive unpacks to more bytes than it may take."""
+
+
+class BadPathError(InvalidRequestError):
+    """A job path that cannot name a file: NUL byte, too long, a symlink loop, unreadable."""
+
+    code = "bad_path"
+
+
+def check_path_text(raw: str) -> None:
+    """Refuse a path string no file system call should see (NUL, over the length caps).
+
+    Raises:
+        BadPathError: a NUL byte or a lone surrogate, over ``MAX_PATH_CHARS`` characters, or a
+            component over ``MAX_COMPONENT_BYTES`` bytes of UTF-8.
+    """
+    shown = raw if len(raw) <= 80 else f"{raw[:80]}... ({len(raw)} characters)"
+    if "\x00" in raw:
+        raise BadPathError(f"path {shown!r} holds a NUL byte")
+    if any("\ud800" <= c <= "\udfff" for c in raw):  # only JSON escapes can make one
+        raise BadPathError(f"path {shown!r} holds a lone surrogate (not UTF-8)")
+    if not raw or len(raw) > MAX_PATH_CHARS:
+        raise BadPathError(f"a path is 1 to {MAX_PATH_CHARS} characters; got {shown!r}")
+    for part in raw.split("/"):
+        if len(part.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise BadPathError(
+                f"path {shown!r} has a component over {MAX_COMPONENT_BYTES} bytes "
+                f"({part[:40]!r}...)"
+            )
 
 
 @dataclass
@@ -69,11 +109,15 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
             f"{_WAYS_OUT}",
             server_paths="disabled",
         )
+    check_path_text(raw)
     real_roots = [r.resolve() for r in roots]
-    path = Path(raw).expanduser()
+    try:
+        path = Path(raw).expanduser()
+    except RuntimeError as exc:  # "~nobody/x": no such user's home
+        raise BadPathError(f"path {raw!r} cannot be expanded: {exc}") from None
     if not path.is_absolute():
         path = real_roots[0] / path
-    real = path.resolve()
+    real = _resolved(path, raw)
     if not _inside(real, real_roots):
         shown = ", ".join(str(r) for r in real_roots)
         raise PathNotAllowedError(
@@ -81,9 +125,21 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
             f"{_WAYS_OUT}",
             server_paths="restricted",
         )
-    if not real.exists():
-        raise InvalidRequestError(f"path {raw!r} does not exist")
+    try:
+        real.stat()
+    except FileNotFoundError:
+        raise InvalidRequestError(f"path {raw!r} does not exist") from None
+    except OSError as exc:
+        raise BadPathError(f"path {raw!r} cannot be read: {exc.strerror}") from None
     return real
+
+
+def _resolved(path: Path, raw: str) -> Path:
+    """``path.resolve()``, with a loop or an unreadable directory as a BadPathError."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symlink loop
+        raise BadPathError(f"path {raw!r} cannot be resolved: {exc}") from None
 
 
 def _walk(directory: Path) -> Iterator[Path]:
@@ -107,8 +163,12 @@ def expand(paths: list[str], roots: list[Path], suffixes: list[str]) -> Expansio
     real_roots = [r.resolve() for r in roots]
     for raw in paths:
         base = resolve_allowed(raw, roots)
-        files = [(base, base.name)] if base.is_file() else _dir_files(base, real_roots)
+        files = [(base, base.name)] if base.is_file() else _dir_files(base, real_roots, out)
         for real, image_id in files:
+            problem = ids.image_id_problem(image_id)
+            if problem is not None:
+                out.skipped[_shown(image_id)] = problem
+                continue
             if real.suffix.lower() not in wanted:
                 out.skipped[image_id] = f"suffix {real.suffix!r} is not an image suffix"
                 continue
@@ -116,10 +176,24 @@ def expand(paths: list[str], roots: list[Path], suffixes: list[str]) -> Expansio
     return _checked(out)
 
 
-def _dir_files(base: Path, real_roots: list[Path]) -> list[tuple[Path, str]]:
+def _shown(image_id: str) -> str:
+    """The id as listed in ``skipped``: escaped (``repr``) when it breaks the name rule, so the
+    answer stays printable UTF-8 (a file name of non-UTF-8 bytes holds lone surrogates)."""
+    if ids.image_id_problem(image_id) is None:
+        return image_id
+    return repr(image_id)[1:-1][: ids.MAX_IMAGE_ID_CHARS]
+
+
+def _dir_files(base: Path, real_roots: list[Path], out: Expansion) -> list[tuple[Path, str]]:
+    """(real path, image id) of the files under ``base``; a file whose link cannot be
+    resolved (a loop) is passed over into ``out.skipped`` with the reason."""
     files = []
     for path in _walk(base):
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError) as exc:
+            out.skipped[_shown(path.relative_to(base).as_posix())] = f"cannot be resolved: {exc}"
+            continue
         if not _inside(real, real_roots):
             raise PathNotAllowedError(
                 f"{str(path)!r} resolves to {str(real)!r}, outside the allowed roots"
@@ -139,6 +213,22 @@ def _checked(out: Expansion) -> Expansion:
 
 
 # --- archives ------------------------------------------------------------------------------
+
+
+# What reading a hostile archive can raise besides ArchiveError: a damaged container or stream,
+# an encrypted member (RuntimeError), an unsupported compression method (NotImplementedError),
+# a bad header field (ValueError), a member name the file system refuses (OSError).
+UNREADABLE: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile,
+    tarfile.TarError,
+    EOFError,
+    OSError,
+    RuntimeError,
+    NotImplementedError,
+    ValueError,
+    zlib.error,
+    lzma.LZMAError,
+)
 
 
 @dataclass(frozen=True)
@@ -180,7 +270,7 @@ class _Budget:
             while chunk := src.read(_COPY_CHUNK):
                 self.bytes += len(chunk)
                 if self.bytes > self.limits.max_unpacked_bytes:
-                    raise ArchiveError(
+                    raise UnpackTooLargeError(
                         f"archive unpacks to over {self.limits.max_unpacked_bytes} bytes "
                         "(the limit)"
                     )
@@ -231,7 +321,7 @@ def unpack(archive: Path, dest: Path, limits: ArchiveLimits) -> int:
             _unpack_tar(archive, dest, budget)
         else:
             raise ArchiveError("the upload is neither a zip nor a tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    except UNREADABLE as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise ArchiveError(f"cannot unpack the archive: {exc}") from exc
     except ArchiveError:

@@ -3,7 +3,8 @@
 Routes and helpers raise the exception that names the problem (with the rule and the value in
 its message); ``install_error_handlers`` turns each into a status code and a JSON body
 ``{"error": CODE, "detail": MESSAGE, "request_id": ID?}``. Image errors come from
-``store.images`` and are mapped here as well, so there is exactly one table.
+``store.images`` and name errors from ``store.ids``; they are mapped here as well, so there is
+exactly one table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import redis.exceptions
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from store.ids import InvalidNameError
 from store.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +78,21 @@ class ConflictError(ServiceError):
 
     status_code = 409
     code = "conflict"
+
+
+class IdempotencyKeyReusedError(ConflictError):
+    """An Idempotency-Key already used with a different request."""
+
+    code = "idempotency_key_reused"
+
+
+class IdempotencyKeyInProgressError(ConflictError):
+    """The first request with this Idempotency-Key has not answered yet."""
+
+    code = "idempotency_key_in_progress"
+
+    def __init__(self, detail: str):
+        super().__init__(detail, headers={"Retry-After": "1"})
 
 
 class UnauthorizedError(ServiceError):
@@ -147,6 +166,39 @@ async def _image_error(request: Request, exc: Exception) -> JSONResponse:
     raise exc  # unreachable: registered for ImageError only
 
 
+# Framework errors (routing, a malformed multipart body): status -> code of the one body.
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    body = _body(code, str(exc.detail), request, {})
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:  # every method of the path, not only those of the first route
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+async def _invalid_name(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(_body("invalid_name", str(exc), request, {}), status_code=422)
+
+
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     logger.error("redis unavailable: %s", exc)
     body = _body("redis_unavailable", f"the queue (Redis) is unavailable: {exc}", request, {})
@@ -165,5 +217,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ImageError, _image_error)
+    app.add_exception_handler(InvalidNameError, _invalid_name)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _redis_down)

@@ -5,9 +5,14 @@ Shapes: N regions of one image, D feature size.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from store import ids
+
+# Paths one JSON job may name (each a file or a directory).
+MAX_JOB_PATHS = 10_000
 
 FeatureDtype = Literal["float16", "float32"]
 
@@ -80,9 +85,22 @@ class FeaturesResponse(BaseModel):
 class JobRequest(BaseModel):
     """A batch job over server-side files: paths or directories under the allowed roots."""
 
-    paths: list[str] = Field(min_length=1, description="files or directories (recursed)")
-    namespace: str = Field(default="default", description="namespace of the image ids")
+    paths: list[Annotated[str, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1,
+        max_length=MAX_JOB_PATHS,
+        description="files or directories (recursed), each at most 4096 characters",
+    )
+    namespace: str = Field(
+        default="default",
+        description=f"namespace of the image ids: {ids.NAMESPACE_RULE}",
+        json_schema_extra={"pattern": ids.NAMESPACE_PATTERN},
+    )
     options: ExtractOptions = Field(default_factory=ExtractOptions)
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        return ids.check_namespace(value)
 
 
 class JobItemError(BaseModel):

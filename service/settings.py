@@ -83,6 +83,17 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(default=2 * 1024**3, gt=0)
     max_archive_unpacked_bytes: int = Field(default=8 * 1024**3, gt=0)
     max_archive_members: int = Field(default=200_000, gt=0)
+    # Disk budget of pending job uploads (archives being received plus the unpacked files of
+    # jobs not yet ended), bytes: 32 GiB, room for a few jobs at the archive caps above. An
+    # upload that would pass it: 507 + Retry-After. Uploads of ended jobs are removed.
+    max_pending_upload_bytes: int = Field(default=32 * 1024**3, gt=0)
+    # How often the gateway removes the uploads of ended jobs, seconds.
+    upload_sweep_s: float = Field(default=60.0, gt=0)
+    # An upload whose job the queue does not know (a refused or crashed submission) is removed
+    # once it is this old, seconds.
+    upload_grace_s: float = Field(default=600.0, ge=0)
+    # Largest JSON body of POST /v1/jobs, bytes (1 MiB: thousands of paths). Over it: 413.
+    max_job_body_bytes: int = Field(default=1024 * 1024, gt=0)
     # File name suffixes a directory scan treats as images (case-insensitive).
     image_suffixes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]

@@ -6,6 +6,7 @@ actually received (a chunked body without a length is read only up to the limit 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +68,20 @@ async def read_multipart(request: Request, limit: int, part: str) -> Body:
     return Body(data=data, fields=fields, filename=upload.filename)
 
 
-async def save_multipart(request: Request, part: str, dest: Path, limit: int) -> dict[str, str]:
-    """Copy the file part ``part`` to ``dest`` in chunks (never whole in memory).
+@dataclass(frozen=True)
+class SavedPart:
+    """A file part written to disk: the text fields beside it, its size and sha256."""
+
+    fields: dict[str, str]
+    size: int
+    sha256: str
+
+
+async def save_multipart(request: Request, part: str, dest: Path, limit: int) -> SavedPart:
+    """Copy the file part ``part`` to ``dest`` in chunks (never whole in memory), hashing it.
 
     Returns:
-        The text fields beside the file.
+        The text fields beside the file, its size and its sha256.
 
     Raises:
         UnsupportedMediaError: no such file part (415).
@@ -83,17 +93,19 @@ async def save_multipart(request: Request, part: str, dest: Path, limit: int) ->
         if not isinstance(upload, UploadFile):
             raise UnsupportedMediaError(f"multipart body has no file part named {part!r}")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        size = 0
+        size, digest = 0, hashlib.sha256()
         with dest.open("wb") as out:
             while chunk := await upload.read(_CHUNK):
                 size += len(chunk)
                 if size > limit:
                     break
+                digest.update(chunk)
                 out.write(chunk)
         if size > limit:
             dest.unlink(missing_ok=True)
             raise _too_large(size, limit)
-        return {k: v for k, v in form.items() if isinstance(v, str)}
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        return SavedPart(fields, size, digest.hexdigest())
     finally:
         await form.close()
 

@@ -27,8 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from detector.config import ExtractionConfig
+from store import ids
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
+from workers.isolate import seal_isolated
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from workers.queue import Entry
 
@@ -184,6 +186,9 @@ def _read_member(archive: Path, member: str) -> bytes:
 
 def load_task(task: Task, fetch: FetchFn, *, max_pixels: int) -> Loaded:
     """Read, hash and decode one task's image; a failure is returned as its reason."""
+    problem = ids.name_problem(task.namespace, task.image_id)
+    if problem is not None:  # fails this item only, before it reaches a shared seal
+        return Loaded(task, reason=problem)
     try:
         data = read_source(task.source, fetch)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
@@ -354,7 +359,9 @@ class Processor:
             on_computed(outcomes)
         aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
         if stored or aliases:
-            self.sink.seal(f"{name}-{version}", stored, version, config.to_json(), aliases)
+            lost = seal_isolated(self.sink, f"{name}-{version}", stored, version,
+                                 config.to_json(), aliases)  # fmt: skip
+            outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
     def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:

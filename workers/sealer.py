@@ -10,7 +10,9 @@ One shard holds many batches: the cost of a seal is shared, and the seals take l
 (and of the GIL) the main loop computes with.
 
 Durability is unchanged: an entry is acked only after its records are sealed and indexed. A
-seal that fails leaves its entries pending (they are reclaimed, recomputed and sealed); a
+record the store can never hold (a NUL in its id) is sealed apart and dropped, so it never
+takes the good records sharing its shard with it (``workers.isolate``). A seal that fails
+otherwise leaves its entries pending (they are reclaimed, recomputed and sealed); a
 crash loses only unacked work, which is redelivered. While a record waits to be sealed,
 ``has`` says it is stored, so the same bytes arriving meanwhile are not computed twice (their
 answer says ``cached``; the gateway then reads the record once it is sealed).
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workers.batcher import AliasTriple, FeatureSink, StoredItem
+from workers.isolate import seal_isolated
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,7 @@ class Sealer:
             records = list(unique.values())
             aliases = [a for c in calls for a in c.aliases]
             name = first.name if len(calls) == 1 else f"{first.name}+{len(calls) - 1}"
-            self.sink.seal(name, records, first.model_version, first.config, aliases)
+            seal_isolated(self.sink, name, records, first.model_version, first.config, aliases)
         self._finish([item for job in jobs for item in job.finished])
         log.info(
             "sealed and acked %d online batches (%d shards) in %.1f ms",

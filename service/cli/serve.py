@@ -5,6 +5,10 @@
   then serve HTTP. Ctrl-C / SIGTERM stops uvicorn, then the workers (drained), then Redis.
 * ``REDIS_URL`` set: serve HTTP only; workers run elsewhere (``butd worker``).
 
+With the embedded Redis, the store is locked first (``service.store_lock``): a second
+``butd serve`` on the same store stops at once, before it starts redis-server or a worker, and
+names the running one. Gateways on an external Redis (``REDIS_URL``) may share a store.
+
 Never imports torch: the workers are separate processes.
 """
 
@@ -100,7 +104,7 @@ def _serve_http(settings: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start what is needed, serve until a signal, stop the children in order."""
-    from service.embedded import EmbeddedStack, WorkerSpec
+    from service.store_lock import StoreBusyError, store_lock
 
     settings = _settings(args)
     settings.store_dir.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,17 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.info("REDIS_URL set: gateway only, on %s:%d", settings.host, settings.port)
         _serve_http(settings)
         return 0
+    try:
+        with store_lock(settings.store_dir, host=settings.host, port=settings.port):
+            return _serve_embedded(args, settings)
+    except StoreBusyError as exc:
+        raise SystemExit(f"butd serve: {exc}") from None
+
+
+def _serve_embedded(args: argparse.Namespace, settings: Any) -> int:
+    """Redis and the workers on the store (held by this process), then HTTP on them."""
+    from service.embedded import EmbeddedStack, WorkerSpec
+
     spec = WorkerSpec(
         store_dir=settings.store_dir,
         weights=settings.weights,

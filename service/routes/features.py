@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -16,18 +15,24 @@ from service import encoding
 from service.auth import require_api_key
 from service.backend import StoredRecord
 from service.errors import InvalidRequestError, NotFoundError
+from service.names import (
+    ImageIdPath,
+    ImageIdQuery,
+    NamespaceQuery,
+    Sha256Path,
+    given_id,
+    namespace_of,
+)
 from service.online import OnlineService, Upload
 from service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
 from service.uploads import read_image_body
+from store import ids
 from workers.protocol import ExtractOptions as QueueOptions
 
 router = APIRouter(
     prefix="/v1/features", tags=["features"], dependencies=[Depends(require_api_key)]
 )
 
-DEFAULT_NAMESPACE = "default"
-_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _OPTION_NAMES = ("min_boxes", "max_boxes", "conf_thresh")
 
 _BINARY_CONTENT = {
@@ -40,7 +45,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 _UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_RESPONSES,
-    **{code: {"model": ErrorBody} for code in (401, 409, 413, 415, 422, 503, 504)},
+    **{code: {"model": ErrorBody} for code in (400, 401, 409, 413, 415, 422, 503, 504)},
 }
 
 Dtype = Annotated[
@@ -51,13 +56,6 @@ Dtype = Annotated[
 def _service(request: Request) -> OnlineService:
     service: OnlineService = request.app.state.online
     return service
-
-
-def _namespace(value: str | None) -> str:
-    namespace = value or DEFAULT_NAMESPACE
-    if not _NAMESPACE.match(namespace):
-        raise InvalidRequestError(f"namespace must match {_NAMESPACE.pattern}; got {namespace!r}")
-    return namespace
 
 
 def _options(query: Request, fields: dict[str, str]) -> QueueOptions:
@@ -118,8 +116,8 @@ def render(
 async def extract(
     request: Request,
     dtype: Dtype = None,
-    image_id: Annotated[str | None, Query(max_length=512)] = None,
-    namespace: Annotated[str | None, Query(max_length=64)] = None,
+    image_id: ImageIdQuery = None,
+    namespace: NamespaceQuery = None,
     min_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     max_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     conf_thresh: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
@@ -133,13 +131,13 @@ async def extract(
     service = _service(request)
     body = await read_image_body(request, service.settings.max_body_bytes)
     sha = hashlib.sha256(body.data).hexdigest()
-    given_id = body.fields.get("image_id") or image_id
-    ns = _namespace(body.fields.get("namespace") or namespace)
+    chosen = given_id(body.fields.get("image_id"), image_id)
+    ns = namespace_of(body.fields.get("namespace") or namespace)
     upload = Upload(
         data=body.data,
         sha256=sha,
-        image_id=given_id or sha,
-        namespace=ns if given_id else "",
+        image_id=chosen or sha,
+        namespace=ns if chosen else "",
         options=_options(request, body.fields),
     )
     result = await run_in_threadpool(service.extract, upload, request.state.request_id)
@@ -162,14 +160,12 @@ async def extract(
 )
 async def get_by_sha256(
     request: Request,
-    sha256: str,
+    sha256: Sha256Path,
     dtype: Dtype = None,
     model_version: str | None = None,
 ) -> Response:
     """The cached record of the image whose bytes hash to ``sha256`` (404 when not cached)."""
     sha256 = sha256.lower()
-    if not _SHA256.match(sha256):
-        raise InvalidRequestError(f"not a sha256 hex digest: {sha256!r}")
     stored = await run_in_threadpool(_cached, request, sha256, model_version)
     extra = {"request_id": request.state.request_id, "cached": True}
     return render(request, stored, dtype, extra)
@@ -183,13 +179,14 @@ async def get_by_sha256(
 )
 async def get_by_id(
     request: Request,
-    image_id: str,
-    namespace: str | None = None,
+    image_id: ImageIdPath,
+    namespace: NamespaceQuery = None,
     dtype: Dtype = None,
     model_version: str | None = None,
 ) -> Response:
     """The cached record of ``(namespace, image_id)`` (404 when the id or record is unknown)."""
-    ns = _namespace(namespace)
+    ids.check_image_id(image_id)
+    ns = namespace_of(namespace)
     store = _service(request).store
     sha = await run_in_threadpool(store.resolve, ns, image_id)
     if sha is None:

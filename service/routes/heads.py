@@ -9,7 +9,6 @@ features must be stored: 404 otherwise), or uploaded as /v1/features takes it (m
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,19 +19,18 @@ from service.auth import require_api_key
 from service.backend import StoredRecord
 from service.errors import InvalidRequestError, NotFoundError, WorkerError
 from service.heads_online import HeadsService
+from service.names import ImageIdQuery, NamespaceQuery, Sha256Query, given_id, namespace_of
 from service.online import OnlineService, Upload
 from service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQAResponse
 from service.uploads import read_image_body
+from store import ids
 from workers.heads_protocol import HeadsResult, HeadTask
 from workers.protocol import ExtractOptions
 
 router = APIRouter(prefix="/v1", tags=["heads"], dependencies=[Depends(require_api_key)])
 
-DEFAULT_NAMESPACE = "default"
-_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 413, 415, 422, 503, 504)
+    code: {"model": ErrorBody} for code in (400, 401, 404, 409, 413, 415, 422, 503, 504)
 }
 _UPLOAD_BODY = {
     "requestBody": {
@@ -49,9 +47,9 @@ _UPLOAD_BODY = {
     }
 }
 
-ImageId = Annotated[str | None, Query(max_length=512, description="the image's id")]
-Namespace = Annotated[str | None, Query(max_length=64, description="id space (default)")]
-Sha256 = Annotated[str | None, Query(description="content hash of the image bytes")]
+ImageId = ImageIdQuery
+Namespace = NamespaceQuery
+Sha256 = Sha256Query
 
 
 @dataclass(frozen=True)
@@ -63,13 +61,6 @@ class Image:
     namespace: str | None
     cached: bool
     fields: dict[str, str]
-
-
-def _namespace(value: str | None) -> str:
-    namespace = value or DEFAULT_NAMESPACE
-    if not _NAMESPACE.match(namespace):
-        raise InvalidRequestError(f"namespace must match {_NAMESPACE.pattern}; got {namespace!r}")
-    return namespace
 
 
 async def _image(
@@ -86,8 +77,8 @@ async def _image(
         raise InvalidRequestError("name the image by image_id or sha256, or upload it")
     body = await read_image_body(request, online.settings.max_body_bytes)
     sha = hashlib.sha256(body.data).hexdigest()
-    given = body.fields.get("image_id")
-    ns = _namespace(body.fields.get("namespace") or namespace)
+    given = given_id(body.fields.get("image_id"), None)
+    ns = namespace_of(body.fields.get("namespace") or namespace)
     upload = Upload(body.data, sha, given or sha, ns if given else "", ExtractOptions())
     extracted = await run_in_threadpool(online.extract, upload, request.state.request_id)
     return Image(extracted.stored, given, ns if given else None, extracted.cached, body.fields)
@@ -96,11 +87,11 @@ async def _image(
 def _stored(
     online: OnlineService, image_id: str | None, namespace: str | None, sha256: str | None
 ) -> Image:
-    ns = _namespace(namespace) if image_id is not None else None
+    ns = namespace_of(namespace) if image_id is not None else None
+    if image_id is not None:
+        ids.check_image_id(image_id)
     if sha256 is not None:
         sha256 = sha256.lower()
-        if not _SHA256.match(sha256):
-            raise InvalidRequestError(f"not a sha256 hex digest: {sha256!r}")
     else:
         assert image_id is not None and ns is not None
         sha256 = online.store.resolve(ns, image_id)

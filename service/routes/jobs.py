@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import shutil
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -18,8 +20,15 @@ from starlette.background import BackgroundTask
 
 from service import datasets
 from service.auth import require_api_key
-from service.backend import Queue
-from service.errors import InvalidRequestError, NotFoundError
+from service.backend import Queue, RequestClaim
+from service.errors import (
+    IdempotencyKeyInProgressError,
+    IdempotencyKeyReusedError,
+    InvalidRequestError,
+    NotFoundError,
+    UnsupportedMediaError,
+)
+from service.job_uploads import UploadArea, UploadsFullError
 from service.schemas import (
     ErrorBody,
     ExtractOptions,
@@ -29,7 +38,9 @@ from service.schemas import (
     JobStatus,
 )
 from service.settings import Settings
-from service.uploads import check_length, save_multipart
+from service.uploads import check_length, read_raw, save_multipart
+from store import ids
+from workers.protocol import TERMINAL_STATES
 from workers.protocol import ExtractOptions as QueueOptions
 from workers.protocol import JobStatus as QueueJobStatus
 
@@ -46,8 +57,10 @@ EXPORT_SUFFIXES = {
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 413, 422)
+ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"]
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
+_SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 503, 507)
 }
 
 
@@ -62,9 +75,14 @@ def _queue(request: Request) -> Queue:
 
 
 def _job_id(idempotency_key: str | None) -> str:
-    """The Idempotency-Key when it is a safe id, its hash when not, else a fresh uuid."""
-    if not idempotency_key:
+    """The Idempotency-Key when it is a safe file name, its hash when not, else a fresh uuid.
+
+    Raises:
+        InvalidNameError: a key that breaks ``store.ids.JOB_ID_RULE`` (422).
+    """
+    if idempotency_key is None:
         return uuid.uuid4().hex
+    ids.check_job_id(idempotency_key)
     if _JOB_ID.match(idempotency_key):
         return idempotency_key
     return hashlib.sha256(idempotency_key.encode()).hexdigest()[:32]
@@ -90,52 +108,182 @@ def _status_body(status: QueueJobStatus) -> dict[str, Any]:
     ).model_dump()
 
 
-async def _parse_job(request: Request, job_id: str) -> tuple[JobRequest, list[Path]]:
-    """The job request and the roots its paths may use (an upload gets its own root)."""
-    settings = _settings(request)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        try:
-            return JobRequest.model_validate_json(await request.body()), settings.allowed_roots
-        except ValidationError as exc:
-            raise InvalidRequestError(f"bad job request: {exc.errors()[0]['msg']}") from None
-    check_length(request, settings.max_archive_bytes)
-    dest = settings.jobs_upload_dir / job_id
-    archive = dest.parent / f"{dest.name}.upload"
-    fields = await save_multipart(request, "archive", archive, settings.max_archive_bytes)
-    await run_in_threadpool(_unpack_upload, archive, dest, settings)
-    options = {k: v for k, v in fields.items() if k in ExtractOptions.model_fields}
+def _job_of(raw: dict[str, Any]) -> JobRequest:
     try:
-        job = JobRequest(
-            paths=[str(dest)],
-            namespace=fields.get("namespace", "default"),
-            options=ExtractOptions.model_validate(options),
-        )
+        return JobRequest.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequestError(f"bad job request: {exc.errors()[0]['msg']}") from None
-    return job, [dest]
+        raise InvalidRequestError(f"bad job request: {_errors(exc)}") from None
 
 
-def _unpack_upload(archive: Path, dest: Path, settings: Settings) -> None:
-    """Unpack the saved upload into ``dest`` (replacing an earlier try with the same id)."""
-    if dest.exists():
-        shutil.rmtree(dest)
+def _errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+
+
+def _fields_job(fields: dict[str, str], dest: str) -> JobRequest:
+    """The job of a multipart upload: its namespace and options fields, the upload's root."""
+    options = {k: v for k, v in fields.items() if k in ExtractOptions.model_fields}
+    return _job_of({"paths": [dest], "namespace": fields.get("namespace") or "default",
+                    "options": options})  # fmt: skip
+
+
+def _fingerprint(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+async def _once(
+    request: Request,
+    job_id: str,
+    fingerprint: str,
+    create: Callable[[], Awaitable[dict[str, Any]]],
+) -> JSONResponse:
+    """Run ``create`` once per job id: a repeat of the same request gets the first answer, a
+    different request under the same Idempotency-Key a 409 naming the key."""
+    if request.headers.get("idempotency-key") is None:  # a fresh uuid: nothing to guard
+        return _created(await create(), replayed=False)
+    queue = _queue(request)
+    claim = await run_in_threadpool(queue.claim_request, job_id, fingerprint)
+    if claim is not None:
+        return _replay(request, job_id, claim, fingerprint)
+    try:
+        body = await create()
+    except BaseException:
+        await run_in_threadpool(queue.release_request, job_id)
+        raise
+    await run_in_threadpool(queue.save_answer, job_id, json.dumps(body))
+    return _created(body, replayed=False)
+
+
+def _replay(request: Request, job_id: str, claim: RequestClaim, fingerprint: str) -> JSONResponse:
+    key = request.headers.get("idempotency-key", job_id)
+    if claim.fingerprint != fingerprint:
+        raise IdempotencyKeyReusedError(
+            f"Idempotency-Key {key!r} was already used with a different request (other paths, "
+            "archive, namespace or options); use a new key for a new job"
+        )
+    if claim.answer is None:
+        raise IdempotencyKeyInProgressError(
+            f"a request with Idempotency-Key {key!r} is still being processed; retry shortly"
+        )
+    return _created(json.loads(claim.answer), replayed=True)
+
+
+def _created(body: dict[str, Any], *, replayed: bool) -> JSONResponse:
+    headers = {"Location": f"/v1/jobs/{body['job_id']}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(body, status_code=201, headers=headers)
+
+
+async def _create(
+    request: Request, job_id: str, job: JobRequest, roots: list[Path]
+) -> dict[str, Any]:
+    """Expand the job's paths under ``roots``, keep its manifest, queue it; the 201 body."""
+    settings = _settings(request)
+    found = await run_in_threadpool(datasets.expand, job.paths, roots, settings.image_suffixes)
+    jobs_dir = settings.store_dir / "jobs"
+    await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
+    status = await run_in_threadpool(
+        _queue(request).create_job,
+        job_id,
+        found.items,
+        namespace=job.namespace,
+        options=QueueOptions(**job.options.model_dump()),
+    )
+    logger.info("job %s: %d images, namespace %s", job_id, status.total, job.namespace)
+    return JobCreated(
+        job_id=job_id,
+        total=status.total,
+        shards=-(-status.total // settings.job_shard_size),
+        skipped=[JobItemError(image_id=k, reason=v) for k, v in found.skipped.items()],
+    ).model_dump()
+
+
+async def _submit_paths(request: Request, job_id: str) -> JSONResponse:
+    settings = _settings(request)
+    raw = await read_raw(request, settings.max_job_body_bytes)
+    try:
+        parsed = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"bad job request: the body is not JSON: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError("bad job request: the body must be a JSON object")
+    job = _job_of(parsed)
+    fingerprint = _fingerprint("paths", job.model_dump_json())
+    roots = settings.allowed_roots
+    return await _once(request, job_id, fingerprint, lambda: _create(request, job_id, job, roots))
+
+
+async def _submit_archive(request: Request, job_id: str) -> JSONResponse:
+    """Receive the archive within the uploads' disk budget, then unpack it into a directory of
+    its own (only when the key is new); the archive is deleted whatever happens."""
+    settings = _settings(request)
+    area = _uploads(request)
+    check_length(request, settings.max_archive_bytes)
+    declared = request.headers.get("content-length", "")
+    size = int(declared) if declared.isdigit() else settings.max_archive_bytes
+    room = await run_in_threadpool(area.acquire, size, _state_fn(request))
+    archive = area.incoming()
+    try:
+        saved = await save_multipart(request, "archive", archive, settings.max_archive_bytes)
+        job = _fields_job(saved.fields, "upload")
+        fingerprint = _fingerprint("archive", saved.sha256, job.model_dump_json())
+
+        async def create() -> dict[str, Any]:
+            dest = area.job_dir(job_id)
+            unpack_cap = min(settings.max_archive_unpacked_bytes, max(room - saved.size, 0))
+            try:
+                await run_in_threadpool(_unpack_upload, archive, dest, settings, unpack_cap)
+                job_here = job.model_copy(update={"paths": [str(dest)]})
+                return await _create(request, job_id, job_here, [dest])
+            except BaseException:
+                await run_in_threadpool(shutil.rmtree, dest, True)
+                raise
+
+        return await _once(request, job_id, fingerprint, create)
+    finally:
+        archive.unlink(missing_ok=True)
+        area.release(size)
+
+
+def _unpack_upload(archive: Path, dest: Path, settings: Settings, max_bytes: int) -> None:
+    """Unpack the saved upload into the new directory ``dest``, at most ``max_bytes``."""
     limits = datasets.ArchiveLimits(
-        max_members=settings.max_archive_members,
-        max_unpacked_bytes=settings.max_archive_unpacked_bytes,
+        max_members=settings.max_archive_members, max_unpacked_bytes=max_bytes
     )
     try:
         count = datasets.unpack(archive, dest, limits)
-    finally:
-        archive.unlink(missing_ok=True)
+    except datasets.UnpackTooLargeError:
+        if max_bytes >= settings.max_archive_unpacked_bytes:
+            raise  # the archive cap itself: the archive is at fault (422)
+        raise UploadsFullError(  # the disk budget left: retry once running jobs have ended
+            f"the archive unpacks to over {max_bytes} bytes, what is left of the disk budget "
+            f"of pending uploads ({settings.max_pending_upload_bytes} bytes, "
+            "BUTD_MAX_PENDING_UPLOAD_BYTES); retry when running jobs have finished",
+            retry_after_s=max(settings.retry_after_s, 30),
+        ) from None
     logger.info("unpacked job archive into %s: %d files", dest, count)
+
+
+def _uploads(request: Request) -> UploadArea:
+    area: UploadArea = request.app.state.uploads
+    return area
+
+
+def _state_fn(request: Request) -> Callable[[str], str | None]:
+    queue = _queue(request)
+
+    def state(job_id: str) -> str | None:
+        found = queue.job_status(job_id)
+        return None if found is None else found.state
+
+    return state
 
 
 @router.post(
     "",
     status_code=201,
     response_model=JobCreated,
-    responses=_ERRORS,
+    responses=_SUBMIT_ERRORS,
     summary="Submit a batch job",
     openapi_extra={
         "requestBody": {
@@ -146,7 +294,14 @@ def _unpack_upload(archive: Path, dest: Path, settings: Settings) -> None:
                         "type": "object",
                         "properties": {
                             "archive": {"type": "string", "format": "binary"},
-                            "namespace": {"type": "string"},
+                            "namespace": {
+                                "type": "string",
+                                "pattern": ids.NAMESPACE_PATTERN,
+                                "description": ids.NAMESPACE_RULE,
+                            },
+                            "min_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "max_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "conf_thresh": {"type": "number", "minimum": 0, "maximum": 1},
                         },
                         "required": ["archive"],
                     }
@@ -160,30 +315,18 @@ async def submit(
     request: Request, idempotency_key: Annotated[str | None, Header()] = None
 ) -> JSONResponse:
     """Queue a dataset: JSON ``{"paths": [...]}`` under the allowed roots, or a multipart
-    ``archive`` (zip / tar). The same ``Idempotency-Key`` returns the same job."""
-    settings = _settings(request)
+    ``archive`` (zip / tar). The same ``Idempotency-Key`` with the same request answers the
+    first job again; with a different request, 409 ``idempotency_key_reused``."""
     job_id = _job_id(idempotency_key)
-    job, roots = await _parse_job(request, job_id)
-    found = await run_in_threadpool(datasets.expand, job.paths, roots, settings.image_suffixes)
-    jobs_dir = settings.store_dir / "jobs"
-    await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
-    status = await run_in_threadpool(
-        _queue(request).create_job,
-        job_id,
-        found.items,
-        namespace=job.namespace,
-        options=QueueOptions(**job.options.model_dump()),
-    )
-    logger.info("job %s: %d images, namespace %s", job_id, status.total, job.namespace)
-    body = JobCreated(
-        job_id=job_id,
-        total=status.total,
-        shards=-(-status.total // settings.job_shard_size),
-        skipped=[JobItemError(image_id=k, reason=v) for k, v in found.skipped.items()],
-    )
-    return JSONResponse(
-        body.model_dump(), status_code=201, headers={"Location": f"/v1/jobs/{job_id}"}
-    )
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _submit_archive(request, job_id)
+    if ctype not in ("application/json", ""):
+        raise UnsupportedMediaError(
+            f"Content-Type {ctype!r} is not a job request; send application/json "
+            "({\"paths\": [...]}) or multipart/form-data with an 'archive' part"
+        )
+    return await _submit_paths(request, job_id)
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Job progress")
@@ -192,6 +335,8 @@ async def status(request: Request, job_id: str) -> dict[str, Any]:
     found = await run_in_threadpool(_queue(request).job_status, _checked_job_id(job_id))
     if found is None:
         raise NotFoundError(f"no job {job_id!r}")
+    if found.state in TERMINAL_STATES:
+        await run_in_threadpool(_uploads(request).discard, job_id)
     return _status_body(found)
 
 
@@ -203,6 +348,7 @@ async def cancel(request: Request, job_id: str) -> dict[str, Any]:
     found = await run_in_threadpool(queue.job_status, job_id)
     if state is None or found is None:
         raise NotFoundError(f"no job {job_id!r}")
+    await run_in_threadpool(_uploads(request).discard, job_id)
     return _status_body(found)
 
 
@@ -215,13 +361,10 @@ async def cancel(request: Request, job_id: str) -> dict[str, Any]:
 async def export(
     request: Request,
     job_id: str,
-    format: Annotated[str, Query(description=" | ".join(EXPORT_SUFFIXES))] = "h5-ragged",
+    format: Annotated[ExportFormat, Query(description="store format of the file")] = "h5-ragged",
     model_version: str | None = None,
 ) -> FileResponse:
     """The job's cached records in a store format (records not yet extracted are left out)."""
-    if format not in EXPORT_SUFFIXES:
-        names = sorted(EXPORT_SUFFIXES)
-        raise InvalidRequestError(f"format must be one of {names}; got {format!r}")
     settings = _settings(request)
     manifest = datasets.read_manifest(settings.store_dir / "jobs", _checked_job_id(job_id))
     if manifest is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.backend import StoredRecord
+from service.backend import RequestClaim, StoredRecord
 from store.records import FeatureRecord
 from workers.heads_protocol import HeadsRequest, HeadsResult
 from workers.protocol import (
@@ -128,6 +128,7 @@ class FakeQueue:
         self.results: dict[str, OnlineResult | None] = {}
         self.jobs: dict[str, JobStatus] = {}
         self.job_items: dict[str, list[JobItem]] = {}
+        self.claims: dict[str, RequestClaim] = {}
         self.meta = {MODEL_VERSION: ModelMeta(OBJECTS, ATTRIBUTES, "fake model")}
         self.heads_depth = 0
         self.heads_enqueued: list[HeadsRequest] = []
@@ -226,6 +227,18 @@ class FakeQueue:
 
     def job_status(self, job_id: str) -> JobStatus | None:
         return self.jobs.get(job_id)
+
+    def claim_request(self, job_id: str, fingerprint: str) -> RequestClaim | None:
+        if job_id in self.claims:
+            return self.claims[job_id]
+        self.claims[job_id] = RequestClaim(fingerprint)
+        return None
+
+    def save_answer(self, job_id: str, answer: str) -> None:
+        self.claims[job_id] = RequestClaim(self.claims[job_id].fingerprint, answer)
+
+    def release_request(self, job_id: str) -> None:
+        self.claims.pop(job_id, None)
 
     def cancel_job(self, job_id: str) -> str | None:
         job = self.jobs.get(job_id)
