@@ -50,7 +50,7 @@ integration: setup-test
 
 # The fast suite (what CI runs): everything but the `slow` learning proofs and full-size nets.
 test: lint typecheck
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=10
 
 # Everything, the `slow` tests included (minutes more on a CPU).
 test-all: lint typecheck
