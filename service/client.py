@@ -347,6 +347,18 @@ class Client:
             tmp.replace(out)
         return out
 
+    def export_to_url(
+        self, job_id: str, format: str, url: str, *, model_version: str | None = None
+    ) -> dict[str, Any]:
+        """Have the gateway write a job's export to ``url`` (``s3://bucket/key``, under its
+        ``BUTD_EXPORT_URLS``); returns ``{"url", "records", "bytes", "model_version"}``."""
+        body = {"url": url, "format": format, "model_version": model_version}
+        response = self._http.post(f"/v1/jobs/{job_id}/exports", json=body)
+        if response.status_code >= 400:
+            raise ButdError(response)
+        written: dict[str, Any] = response.json()
+        return written
+
     # --- health -------------------------------------------------------------------------
 
     def ready(self) -> dict[str, Any]:

@@ -33,13 +33,13 @@ from store.exporters import EXPORTERS
 from store.h5 import FeatureFile
 from store.h5_writer import write_feature_file
 from store.index import FeatureIndex
+from store.objects import BucketShards, open_readers
 from store.records import FeatureRecord
 from store.shards import (
     Alias,
     Location,
     ShardEntries,
     ShardMissingError,
-    ShardReaders,
     seal_shard,
 )
 
@@ -64,6 +64,17 @@ class _VersionMeta:
     feature_dtype: str
 
 
+def _meta_of(f: FeatureFile) -> _VersionMeta:
+    return _VersionMeta(
+        objects_vocab=tuple(f.objects_vocab),
+        attributes_vocab=tuple(f.attributes_vocab),
+        description=str(f.config.get("description", "")),
+        config=dict(f.config),
+        feature_dim=f.feature_dim,
+        feature_dtype=f.feature_dtype.name,
+    )
+
+
 class IndexedStore:
     """``service.backend.FeatureStore`` over the Redis index and ``STORE/shards``.
 
@@ -72,6 +83,8 @@ class IndexedStore:
         index: the feature index (its Redis client is the gateway's).
         max_open: most shard files kept open at once.
         cache_bytes: budget of the in-memory record LRU (array bytes); 0 disables it.
+        store_url: the bucket prefix of the sealed shards (``store.objects``), or None for
+            ``root/shards``. Alias-only shards the gateway seals are uploaded there too.
     """
 
     def __init__(
@@ -81,12 +94,14 @@ class IndexedStore:
         *,
         max_open: int = 64,
         cache_bytes: int = 0,
+        store_url: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
         self.index = index
-        self.readers = ShardReaders(self.shards, max_open=max_open)
+        self.bucket = BucketShards(store_url) if store_url else None
+        self.readers = open_readers(self.shards, store_url, max_open=max_open)
         self._meta: dict[str, _VersionMeta] = {}
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], StoredRecord] = OrderedDict()
@@ -119,15 +134,7 @@ class IndexedStore:
         with self._lock:
             meta = self._meta.get(model_version)
             if meta is None:
-                with FeatureFile(self.shards / shard) as f:
-                    meta = _VersionMeta(
-                        objects_vocab=tuple(f.objects_vocab),
-                        attributes_vocab=tuple(f.attributes_vocab),
-                        description=str(f.config.get("description", "")),
-                        config=dict(f.config),
-                        feature_dim=f.feature_dim,
-                        feature_dtype=f.feature_dtype.name,
-                    )
+                meta = self.readers.with_file(shard, _meta_of)
                 self._meta[model_version] = meta
             return meta
 
@@ -202,6 +209,8 @@ class IndexedStore:
             return
         alias = Alias(namespace, image_id, sha256)
         info = seal_shard(self.shards, [], model_version="", aliases=[alias], worker_id="gateway")
+        if self.bucket is not None:
+            self.bucket.upload(self.shards / info.name)
         self.index.put_shard(ShardEntries(info.name, "", 0, [], [alias]))
 
     def export(

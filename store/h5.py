@@ -34,11 +34,12 @@ HDF5 refuses a second writer in another process but not in a forked child (refer
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import h5py
 import numpy as np
@@ -100,12 +101,16 @@ class FeatureFile(FileHandle):
     is built on first use of an id lookup.
 
     Args:
-        path: an existing feature file.
+        path: an existing feature file (with ``fileobj``: only its name, for messages).
+        fileobj: a seekable binary file object to read instead of ``path`` (an object in a
+            bucket: ``store.objects``); it stays the caller's to close.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fileobj: io.IOBase | BinaryIO | None = None
+    ) -> None:
         self.path = Path(path)
-        self._file = h5py.File(self.path, "r")
+        self._file = h5py.File(fileobj if fileobj is not None else self.path, "r")
         f = self._file
         if "offsets" not in f:
             self._file.close()

@@ -27,10 +27,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -47,6 +47,7 @@ RETIRED_SUFFIX = ".retired"
 _STR = h5py.string_dtype("utf-8")
 _SEQ = itertools.count()
 _ALIAS_SETS = ("alias_namespace", "alias_image_id", "alias_sha256")
+T = TypeVar("T")
 
 
 class ShardMissingError(LookupError):
@@ -277,15 +278,28 @@ class ShardReaders:
         if ff is not None:
             self._handles.move_to_end(shard)
             return ff
-        try:
-            ff = FeatureFile(self.directory / shard)
-        except FileNotFoundError as err:
-            raise ShardMissingError(f"shard {shard!r} is not in {self.directory}") from err
+        ff = self._open(shard)
         self._handles[shard] = ff
         while len(self._handles) > self.max_open:
             _, old = self._handles.popitem(last=False)
             old.close()
+            self._closed(old)
         return ff
+
+    def _open(self, shard: str) -> FeatureFile:
+        """Open one shard (``store.objects.BucketShardReaders`` opens it from a bucket)."""
+        try:
+            return FeatureFile(self.directory / shard)
+        except FileNotFoundError as err:
+            raise ShardMissingError(f"shard {shard!r} is not in {self.directory}") from err
+
+    def _closed(self, ff: FeatureFile) -> None:
+        """Called after a handle was closed (a subclass releases what it opened with it)."""
+
+    def with_file(self, shard: str, fn: Callable[[FeatureFile], T]) -> T:
+        """``fn`` applied to the open handle of ``shard`` (under the lock)."""
+        with self._lock:
+            return fn(self._handle(shard))
 
     def read(self, shard: str, row: int) -> FeatureRecord:
         """The record at image position ``row`` of ``shard``.
@@ -312,3 +326,4 @@ class ShardReaders:
             while self._handles:
                 _, ff = self._handles.popitem()
                 ff.close()
+                self._closed(ff)

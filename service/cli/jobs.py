@@ -64,7 +64,11 @@ def register(subparsers: Any) -> None:
     export = sub.add_parser("export", help="download a job's features")
     export.add_argument("job_id", metavar="JOB_ID")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="h5-ragged")
-    export.add_argument("--out", type=Path, required=True, help="file (npz: a directory)")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="file (npz: a directory), or an object URL (s3://bucket/key) the gateway writes",
+    )
     export.add_argument("--model-version", default=None)
     export.set_defaults(handler=run_export)
 
@@ -208,8 +212,19 @@ def run_cancel(args: argparse.Namespace) -> int:
 @_guarded
 def run_export(args: argparse.Namespace) -> int:
     """Download a job's features in a store format."""
+    from store.objects import is_url
+
     with _client() as client:
-        out = client.export(args.job_id, args.format, args.out, model_version=args.model_version)
+        if is_url(args.out):
+            written = client.export_to_url(
+                args.job_id, args.format, args.out, model_version=args.model_version
+            )
+            w = written
+            logger.info("wrote %s (%d records, %d bytes)", w["url"], w["records"], w["bytes"])
+            return 0
+        out = client.export(
+            args.job_id, args.format, Path(args.out), model_version=args.model_version
+        )
     logger.info("wrote %s", out)
     return 0
 

@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from service import datasets
+from service import datasets, url_sources
 from service.auth import require_api_key
 from service.backend import Queue, RequestClaim
 from service.errors import (
@@ -60,7 +60,7 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 503, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 502, 503, 507)
 }
 
 
@@ -179,7 +179,9 @@ async def _create(
 ) -> dict[str, Any]:
     """Expand the job's paths under ``roots``, keep its manifest, queue it; the 201 body."""
     settings = _settings(request)
-    found = await run_in_threadpool(datasets.expand, job.paths, roots, settings.image_suffixes)
+    found = await run_in_threadpool(
+        url_sources.expand_any, job.paths, roots, settings.allowed_urls, settings.image_suffixes
+    )
     jobs_dir = settings.store_dir / "jobs"
     await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
     status = await run_in_threadpool(
