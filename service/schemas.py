@@ -29,6 +29,12 @@ class ExtractOptions(BaseModel):
     conf_thresh: float | None = Field(
         default=None, ge=0.0, le=1.0, description="class-confidence threshold of the 10-100 rule"
     )
+    grid_size: int | None = Field(
+        default=None,
+        ge=0,
+        le=32,
+        description="also return a G x G grid of res5 features from the same pass (0 = none)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ExtractOptions:
@@ -77,6 +83,9 @@ class FeaturesResponse(BaseModel):
     attributes: list[str]
     attrs_conf: list[float]
     features: FeatureArray
+    grid: FeatureArray | None = Field(
+        default=None, description="(G, G, D) grid features, when the extraction asked for them"
+    )
     model_version: str
     model: ModelInfo
     cached: bool = Field(description="served from the store without reaching a worker")
@@ -96,6 +105,15 @@ class JobRequest(BaseModel):
         json_schema_extra={"pattern": ids.NAMESPACE_PATTERN},
     )
     options: ExtractOptions = Field(default_factory=ExtractOptions)
+    image_ids: Literal["path", "stem", "coco", "map"] = Field(
+        default="path",
+        description="how a file becomes its id (as butd extract --image-ids): path relative to "
+        "its directory argument, stem, coco (COCO_{split}_{012d}.jpg and integer names -> the "
+        "integer; other names are skipped with the reason), map (id_map)",
+    )
+    id_map: dict[str, str] | None = Field(
+        default=None, description='map rule: {"relative/path.jpg": "id"}', max_length=1_000_000
+    )
 
     @field_validator("namespace")
     @classmethod
@@ -176,6 +194,11 @@ class HeadRegions(BaseModel):
     """The regions a head attended over (N of them), with their attention weights."""
 
     head: str = Field(description="the head's name from its checkpoint, e.g. updown")
+    note: str = Field(
+        default="",
+        description="what the head is, from its checkpoint; the packaged demo heads say "
+        "'synthetic demo: ...' (not trained on COCO / VQA)",
+    )
     model_version: str = Field(description="model version of the features the head read")
     sha256: str = Field(description="content hash of the image")
     image_id: str | None = None

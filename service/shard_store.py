@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from service.backend import StoredRecord
-from service.errors import NotFoundError
-from store.exporters import EXPORTERS
+from service.errors import InvalidRequestError, NotFoundError
+from store.exporters import EXPORTERS, PaddingError
 from store.h5 import FeatureFile
 from store.h5_writer import write_feature_file
+from store.image_ids import ImageIdError
 from store.index import FeatureIndex
 from store.objects import BucketShards, open_readers
 from store.records import FeatureRecord
@@ -62,6 +63,7 @@ class _VersionMeta:
     config: dict[str, Any]
     feature_dim: int
     feature_dtype: str
+    grid_size: int = 0
 
 
 def _meta_of(f: FeatureFile) -> _VersionMeta:
@@ -72,6 +74,7 @@ def _meta_of(f: FeatureFile) -> _VersionMeta:
         config=dict(f.config),
         feature_dim=f.feature_dim,
         feature_dtype=f.feature_dtype.name,
+        grid_size=f.grid_size,
     )
 
 
@@ -214,15 +217,23 @@ class IndexedStore:
         self.index.put_shard(ShardEntries(info.name, "", 0, [], [alias]))
 
     def export(
-        self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
+        self,
+        model_version: str,
+        namespace: str,
+        image_ids: Sequence[str],
+        fmt: str,
+        out: Path,
+        options: dict[str, Any] | None = None,
     ) -> int:
         """Write the stored records of ``image_ids`` (under those ids) in format ``fmt``.
 
         The records are gathered into a temporary ragged file that the store's exporter
-        converts; ``npz`` (one file per image) is delivered as a zip of them.
+        converts (``options``: its keyword arguments, e.g. ``ids``, ``allow_padding``);
+        ``npz`` / ``npz-mcan`` (one file per image) are delivered as a zip of them.
 
         Raises:
             NotFoundError: none of the ids has a record under ``model_version``.
+            InvalidRequestError: the exporter refused (ids it cannot convert, padding).
         """
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             ragged = Path(tmp) / "records.h5"
@@ -232,11 +243,19 @@ class IndexedStore:
                     f"none of the {len(image_ids)} images is stored under model {model_version}"
                 )
             with FeatureFile(ragged) as ff:
-                if fmt == "npz":
-                    EXPORTERS[fmt](ff, Path(tmp) / "npz")
-                    _zip_dir(Path(tmp) / "npz", out)
-                else:
-                    EXPORTERS[fmt](ff, out)
+                if fmt == "h5-grid" and not ff.grid_size:
+                    raise InvalidRequestError(
+                        f"the records under model {model_version} have no grid features; pass "
+                        "the model_version of a grid_size extraction (its X-Model-Version)"
+                    )
+                try:
+                    if fmt.startswith("npz"):
+                        EXPORTERS[fmt](ff, Path(tmp) / "npz", **(options or {}))
+                        _zip_dir(Path(tmp) / "npz", out)
+                    else:
+                        EXPORTERS[fmt](ff, out, **(options or {}))
+                except (ImageIdError, PaddingError) as exc:
+                    raise InvalidRequestError(str(exc)) from exc
         return count
 
     def _gather(
@@ -264,6 +283,7 @@ class IndexedStore:
             attributes_vocab=meta.attributes_vocab,
             feature_dim=meta.feature_dim,
             feature_dtype=meta.feature_dtype,
+            grid_size=meta.grid_size,
         )
 
     def close(self) -> None:
@@ -273,7 +293,8 @@ class IndexedStore:
 
 def _nbytes(record: FeatureRecord) -> int:
     arrays = (record.boxes, record.features, record.objects_id, record.objects_conf)
-    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + 512
+    grid = 0 if record.grid is None else record.grid.nbytes
+    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + grid + 512
 
 
 def _chain(first: FeatureRecord, rest: Any) -> Any:

@@ -7,6 +7,7 @@ Shape glossary:
     N   images in the file
     R   regions in the file, summed over images (10..100 per image by default)
     D   feature size (2048 for ResNet-101 C4)
+    G   grid side of the optional grid features
 
 Layout (format "1")::
 
@@ -19,8 +20,12 @@ Layout (format "1")::
     features         (R, D) float16 (default) or float32
     objects_id, attrs_id     (R,) int64
     objects_conf, attrs_conf (R,) float32
+    grids            (N, G, G, D) optional, as features' dtype: grid features of each image
+                     (present only in files of a grid_size > 0 extraction; rows follow image_ids)
     root attributes: butd_format, model_version, config (JSON), objects_vocab and
-    attributes_vocab (JSON lists), feature_dtype, feature_dim
+    attributes_vocab (JSON lists), feature_dtype, feature_dim, grid_size (0 when no grids),
+    image_id_policy (JSON: the rule that made the ids, ``store.image_ids``; absent in files
+    written before it existed)
 
 Every dataset is chunked and resizable with no compression filter (fp16 without a filter reads
 fastest; reference serving §3.2). A reader sees only images whose ``offsets`` entry was written,
@@ -120,6 +125,7 @@ class FeatureFile(FileHandle):
         self._w = f["image_w"][: self._n]
         self._h = f["image_h"][: self._n]
         self._rows = {name: f[name] for name in ("features", *ROW_SETS)}
+        self._grids: h5py.Dataset | None = f.get("grids")
         self._id_dset = f["image_ids"].asstr()
         self._key_cache: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
         self._index: dict[str, int] | None = None
@@ -128,6 +134,10 @@ class FeatureFile(FileHandle):
         vocabs = [json.loads(attr_str(f.attrs.get(k, "[]"))) for k in _VOCABS]
         self.objects_vocab: list[str] = vocabs[0]
         self.attributes_vocab: list[str] = vocabs[1]
+        # How the ids were made (store.image_ids); files written before it was recorded: unknown.
+        self.id_policy: dict[str, Any] = json.loads(
+            attr_str(f.attrs.get("image_id_policy", '{"rule": "unrecorded"}'))
+        )
 
     @property
     def feature_dim(self) -> int:
@@ -140,6 +150,11 @@ class FeatureFile(FileHandle):
         dtype: np.dtype[Any] = np.dtype(self._rows["features"].dtype)
         return dtype
 
+    @property
+    def grid_size(self) -> int:
+        """G of the stored grids; 0 when the file holds regions only."""
+        return 0 if self._grids is None else int(self._grids.shape[1])
+
     def writer_meta(self) -> dict[str, Any]:
         """Keyword arguments that make a ``FeatureFileWriter`` of the same kind (no version)."""
         return {
@@ -148,6 +163,7 @@ class FeatureFile(FileHandle):
             "attributes_vocab": self.attributes_vocab,
             "feature_dtype": self.feature_dtype.name,
             "feature_dim": self.feature_dim,
+            "grid_size": self.grid_size,
         }
 
     def _ids_index(self) -> dict[str, int]:
@@ -216,6 +232,7 @@ class FeatureFile(FileHandle):
             image_h=int(self._h[i]),
             model_version=self.model_version,
             extra=extra,
+            grid=None if self._grids is None else self._grids[i],
             **arrays,
         )
 

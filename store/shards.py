@@ -161,7 +161,8 @@ def seal_shard(
             ``extra["namespace"]``; all of ``model_version``.
         model_version: stored as the root attribute; records must match.
         meta: FeatureFileWriter metadata: config, objects_vocab, attributes_vocab,
-            feature_dtype (default "float16"), feature_dim (default: from the records).
+            feature_dtype (default "float16"), feature_dim and grid_size (default: from the
+            records; a shard holds one model version, so all or none carry a grid).
         aliases: extra ``(namespace, image_id) -> sha`` bindings to store with the shard.
         worker_id: prefix of the shard name.
         sealed_at: ns timestamp (default now); reindex replays shards in this order.
@@ -176,6 +177,8 @@ def seal_shard(
         if not rec.extra.get("content_sha256"):
             raise ValueError(f"record {rec.image_id!r} has no extra['content_sha256']")
     meta.setdefault("feature_dim", records[0].feature_dim if records else 1)
+    first_grid = records[0].grid if records else None
+    meta.setdefault("grid_size", 0 if first_grid is None else int(first_grid.shape[0]))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = new_shard_name(worker_id)

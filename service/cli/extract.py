@@ -25,6 +25,7 @@ def register(subparsers: Any) -> None:
         metavar="FILE.json",
         help='features for given boxes: {"a.jpg": [[x1, y1, x2, y2], ...]}',
     )
+    _id_arguments(extract)
     extract.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     extract.add_argument(
         "--float32", action="store_true", help="store float32 features (default float16)"
@@ -44,7 +45,11 @@ def register(subparsers: Any) -> None:
         "regions shaded by their attention weight",
     )
     show.add_argument(
-        "--captioner", type=Path, metavar="DIR", help="trained caption head (DIR/last.pt)"
+        "--captioner",
+        type=Path,
+        metavar="DIR",
+        help="trained caption head (DIR/last.pt); default with the demo detector: the packaged "
+        "synthetic demo caption head",
     )
     show.add_argument(
         "--all",
@@ -56,6 +61,20 @@ def register(subparsers: Any) -> None:
     show.add_argument("--max-len", type=int, default=20, metavar="T")
     _model_arguments(show)
     show.set_defaults(handler=run_show)
+
+
+def _id_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-ids",
+        choices=("path", "stem", "coco", "map"),
+        default="path",
+        help="how a file becomes its id: path = relative to the directory argument (default); "
+        "stem = file name without extension; coco = COCO_{split}_{012d}.jpg and integer names "
+        "-> the integer (what COCO/VQA annotations and generate_tsv readers use); map = --id-map",
+    )
+    parser.add_argument(
+        "--id-map", type=Path, metavar="FILE.json", help='map rule: {"rel/path.jpg": "id", ...}'
+    )
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +89,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-boxes", type=int, default=None, metavar="N")
     parser.add_argument("--conf-thresh", type=float, default=None, metavar="X")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="also store a G x G grid of res5 features per image from the same pass "
+        "(e.g. 7: the 49 x 2048 grid-feature layout; default: regions only)",
+    )
 
 
 def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
@@ -82,6 +109,7 @@ def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
             ("max_boxes", args.max_boxes),
             ("conf_thresh", args.conf_thresh),
             ("precision", args.precision),
+            ("grid_size", args.grid_size),
         )
         if value is not None
     }
@@ -94,21 +122,35 @@ def run_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from detector.files import extract_files, find_images, load_boxes_file
+    from store.h5 import FeatureFileError
     from store.h5_writer import FeatureFileWriter
+    from store.image_ids import IdPolicy, ImageIdError
 
-    items = find_images(args.paths)
+    try:
+        policy = IdPolicy.load(args.image_ids, args.id_map)
+        items = find_images(args.paths, policy)
+    except (ImageIdError, ValueError, OSError) as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
     boxes = load_boxes_file(args.boxes) if args.boxes else None
     extractor = _load_extractor(args, args.batch_size)
     spec = extractor.spec
-    with FeatureFileWriter(
-        args.out,
-        model_version=extractor.model_version,
-        config={"extraction": extractor.config.to_json(), "model": spec.description},
-        objects_vocab=spec.objects_vocab,
-        attributes_vocab=spec.attributes_vocab,
-        feature_dtype="float32" if args.float32 else "float16",
-        feature_dim=spec.arch.feature_dim,
-    ) as writer:
+    try:
+        writer = FeatureFileWriter(
+            args.out,
+            model_version=extractor.model_version,
+            config={"extraction": extractor.config.to_json(), "model": spec.description},
+            objects_vocab=spec.objects_vocab,
+            attributes_vocab=spec.attributes_vocab,
+            feature_dtype="float32" if args.float32 else "float16",
+            feature_dim=spec.arch.feature_dim,
+            grid_size=extractor.config.grid_size,
+            id_policy=policy.metadata(item.path.name for item in items),
+        )
+    except FeatureFileError as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
+    with writer:
         stored = writer.stored_sha256()
         todo = sum(1 for item in items if item.image_id not in stored)
         with tqdm(total=todo, unit="img", desc="extract", file=sys.stderr) as bar:
@@ -145,14 +187,26 @@ def run_show(args: argparse.Namespace) -> int:
     from store.images import decode_image
 
     if args.attention and args.captioner is None:
-        print("butd show --attention needs --captioner DIR", file=sys.stderr)
-        return 2
+        from heads.demo import DEMO_DETECTOR, demo_head
+
+        if args.weights not in (None, DEMO_DETECTOR):
+            print("butd show --attention needs --captioner DIR", file=sys.stderr)
+            return 2
+        args.captioner = demo_head("caption")
     image = decode_image(args.image.read_bytes())
+    head: Any = None
+    if args.attention:
+        from heads.inference import load_head
+
+        head = load_head(args.captioner)
+        grid = int(head[1]["config"].get("grid_size", 0))
+        if grid and args.grid_size is None:  # a grid head reads the grid of this extraction
+            args.grid_size = grid
     extractor = _load_extractor(args)
     record = extractor.extract([image], [args.image.name])[0]
     spec = extractor.spec
     if args.attention:
-        return _show_attention(args, image, record)
+        return _show_attention(args, image, record, head)
     threshold = None if args.all else extractor.config.conf_thresh
     drawing = draw_regions(
         image, record, spec.objects_vocab, spec.attributes_vocab, min_conf=threshold
@@ -167,15 +221,16 @@ def run_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
-    """Caption ``record`` with the head at ``args.captioner``; save one panel per word."""
+def _show_attention(args: argparse.Namespace, image: Any, record: Any, head: Any) -> int:
+    """Caption ``record`` with the loaded ``head`` (model, meta); save one panel per word:
+    regions shaded by their weight, or a heat map of the grid attention for a grid head."""
     from PIL import Image
 
     from heads.decoding import Captioner
-    from heads.inference import caption, load_head
-    from heads.visualise import attention_panels
+    from heads.inference import caption
+    from heads.visualise import attention_panels, grid_attention_panels
 
-    model, meta = load_head(args.captioner)
+    model, meta = head
     if not isinstance(model, Captioner):
         print(f"{args.captioner} is a {meta.get('task')} head, not a captioner", file=sys.stderr)
         return 2
@@ -191,8 +246,13 @@ def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
     if not result.words:
         print(f"{args.captioner} produced an empty caption; nothing to draw", file=sys.stderr)
         return 1
-    weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
-    grid = attention_panels(image, record.boxes, result.words, weights)
+    g = int(meta["config"].get("grid_size", 0))
+    if g:
+        weights = result.attention.numpy()  # (T, G*G)
+        grid = grid_attention_panels(image, result.words, weights, g)
+    else:
+        weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
+        grid = attention_panels(image, record.boxes, result.words, weights)
     Image.fromarray(grid[..., ::-1]).save(args.out)
     print(f"{args.out}: {' '.join(result.words)} ({len(result.words)} panels)")
     return 0

@@ -28,7 +28,7 @@ from service.cli import summaries
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz")
+EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "npz-mcan", "h5-grid")
 
 
 def register(subparsers: Any) -> None:
@@ -47,6 +47,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--min-boxes", type=int, default=None)
     submit.add_argument("--max-boxes", type=int, default=None)
     submit.add_argument("--conf-thresh", type=float, default=None)
+    submit.add_argument(
+        "--grid-size", type=int, default=None, metavar="G", help="also store G x G grid features"
+    )
     submit.add_argument("--json", action="store_true", help="print the gateway's JSON answers")
     submit.set_defaults(handler=run_submit)
 
@@ -78,6 +81,9 @@ def register(subparsers: Any) -> None:
     get.add_argument("--sha256", action="store_true", help="IMAGE_ID is a content hash")
     get.add_argument("--out", type=Path, default=None, help="write .npz here (else a summary)")
     get.add_argument("--json", action="store_true", help="every field as JSON (long)")
+    get.add_argument(
+        "--model-version", default=None, help="read this version (e.g. a --grid-size extraction)"
+    )
     get.set_defaults(handler=run_get)
 
 
@@ -140,6 +146,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         ("min_boxes", args.min_boxes),
         ("max_boxes", args.max_boxes),
         ("conf_thresh", args.conf_thresh),
+        ("grid_size", getattr(args, "grid_size", None)),
     )
     return {k: v for k, v in pairs if v is not None}
 
@@ -234,14 +241,16 @@ def run_get(args: argparse.Namespace) -> int:
     """Fetch one cached record: .npz with --out, else a short summary (--json: every field)."""
     with _client() as client:
         if args.out is not None:
-            data = client.get_npz(args.image_id, args.namespace, sha256=args.sha256)
+            data = client.get_npz(
+                args.image_id, args.namespace, sha256=args.sha256, model_version=args.model_version
+            )
             args.out.write_bytes(data)
             logger.info("wrote %s (%d bytes)", args.out, len(data))
             return 0
         regions = (
             client.get_by_sha256(args.image_id)
             if args.sha256
-            else client.get(args.image_id, args.namespace)
+            else client.get(args.image_id, args.namespace, model_version=args.model_version)
         )
     if args.json:
         _print(_jsonable(regions))

@@ -56,8 +56,11 @@ def record_summary(regions: dict[str, Any]) -> str:
         f"features {'x'.join(map(str, feats.shape))} {feats.dtype}, image "
         f"{regions['image_w']}x{regions['image_h']}, model {regions['model_version']}, "
         f"sha256 {str(regions['sha256'])[:12]}...",
-        "  conf  attribute object          box x1,y1,x2,y2",
     ]
+    if "grid" in regions:
+        grid = regions["grid"]
+        lines[0] += f", grid {'x'.join(map(str, grid.shape))} {grid.dtype}"
+    lines.append("  conf  attribute object          box x1,y1,x2,y2")
     order = sorted(range(n), key=lambda i: -float(regions["objects_conf"][i]))
     for i in order[:SHOWN]:
         label = f"{_name(regions, 'attributes', i)} {_name(regions, 'objects', i)}"
