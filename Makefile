@@ -1,36 +1,62 @@
-# Targets named in README.md. PY is the interpreter of the environment `make setup` builds.
+# Targets named in README.md. PY is the interpreter of the environment the install targets build.
+#
+#   make serve [PORT=8001] [STORE=/data/butd-store] [HOST=0.0.0.0]   runtime packages only
+#   make test                                                        + the [test] extra
+#   make test-all                                                    + the `slow` tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# `make serve` options; empty = the BUTD_* environment or the built-in default
+# (127.0.0.1, port 8000, store ./butd-store).
+PORT ?=
+STORE ?=
+HOST ?=
 
-.PHONY: setup serve test lint typecheck unit integration bench
+# Stamps: the runtime install, then the test extra on top. Rebuilt when the dependencies change.
+RUNTIME := $(VENV)/.installed-runtime
+TESTENV := $(VENV)/.installed-test
 
-$(PY):
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+.PHONY: setup setup-test serve test test-all lint typecheck unit integration bench
+
+$(RUNTIME): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install -c constraints.txt -e .
+	touch $@
+
+$(TESTENV): $(RUNTIME)
 	$(PY) -m pip install -c constraints.txt -e ".[test]"
+	touch $@
 
-setup: $(PY)
+setup: $(RUNTIME)
+
+setup-test: $(TESTENV)
 
 serve: setup
-	$(VENV)/bin/butd serve
+	$(VENV)/bin/butd serve $(if $(PORT),--port $(PORT)) $(if $(STORE),--store-dir $(STORE)) \
+		$(if $(HOST),--host $(HOST))
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-typecheck: setup
+typecheck: setup-test
 	$(VENV)/bin/mypy store workers service
 
-unit: setup
-	$(PY) -m pytest tests/unit -q
+unit: setup-test
+	$(PY) -m pytest tests/unit -q -m "not slow"
 
-integration: setup
-	$(PY) -m pytest tests/integration -q
+integration: setup-test
+	$(PY) -m pytest tests/integration -q -m "not slow"
 
+# The fast suite (what CI runs): everything but the `slow` learning proofs and full-size nets.
 test: lint typecheck
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+# Everything, the `slow` tests included (minutes more on a CPU).
+test-all: lint typecheck
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup-test
 	$(PY) bench/detector.py
 	$(PY) bench/store.py
 	$(PY) bench/service.py

@@ -1,17 +1,20 @@
 """Extract image files into a feature file: discovery, resumption, per-image failures.
 
 Used by ``butd extract``. An image that cannot be read or decoded is reported with its reason
-and skipped; the others complete. Images already in the output file are skipped, so an
-interrupted run resumes where it stopped.
+and skipped; the others complete. Each stored image carries the sha256 of its file's bytes.
+An image whose id is already in the output file is skipped only when its bytes have that same
+hash, so an interrupted run resumes where it stopped; a different file under a stored id is
+refused with a message (an append-only file cannot replace it), never silently skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +47,8 @@ class ExtractSummary:
     extracted: int = 0
     skipped: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    # Stored ids whose file now has other bytes: image id -> why it was not extracted.
+    refused: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -112,14 +117,20 @@ def extract_files(
     items: Sequence[ImageItem],
     write: Callable[[list[FeatureRecord]], None],
     *,
-    done: set[str] | frozenset[str] = frozenset(),
+    stored: Mapping[str, str] | None = None,
     boxes: dict[str, np.ndarray] | None = None,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractSummary:
-    """Extract ``items`` not in ``done``; ``write`` receives each batch's records."""
-    summary = ExtractSummary(skipped=sum(1 for it in items if it.image_id in done))
-    todo = [it for it in items if it.image_id not in done]
+    """Extract ``items`` not stored yet; ``write`` receives each batch's records.
+
+    Args:
+        stored: image id -> sha256 of the bytes it was extracted from ("" when not recorded),
+            e.g. ``FeatureFileWriter.stored_sha256()``. A stored id is skipped when the file's
+            bytes hash the same, and refused (``summary.refused``) otherwise.
+    """
+    summary = ExtractSummary()
+    todo = _unstored(items, stored or {}, summary)
     start = time.perf_counter()
     for chunk in _chunks(todo, batch_size):
         decoded = _decode_all(chunk, summary.failed)
@@ -130,13 +141,51 @@ def extract_files(
             progress(len(chunk))
     summary.seconds = time.perf_counter() - start
     log.info(
-        "extracted %d images (%d skipped, %d failed) in %.1fs",
+        "extracted %d images (%d skipped, %d refused, %d failed) in %.1fs",
         summary.extracted,
         summary.skipped,
+        len(summary.refused),
         len(summary.failed),
         summary.seconds,
     )
     return summary
+
+
+def _unstored(
+    items: Sequence[ImageItem], stored: Mapping[str, str], summary: ExtractSummary
+) -> list[ImageItem]:
+    """Items to extract; stored ones are counted as skipped (same bytes) or refused."""
+    todo = []
+    for item in items:
+        old = stored.get(item.image_id)
+        if old is None:
+            todo.append(item)
+            continue
+        try:
+            new = file_sha256(item.path)
+        except OSError as exc:
+            summary.failed[item.image_id] = f"{type(exc).__name__}: {exc}"
+            continue
+        if new == old:
+            summary.skipped += 1
+        else:
+            summary.refused[item.image_id] = _refusal(old, new)
+            log.warning("not extracting %s: %s", item.path, summary.refused[item.image_id])
+    return todo
+
+
+def _refusal(old: str, new: str) -> str:
+    if not old:
+        what = "is stored without a content hash (an older file), so it may be another image"
+    else:
+        what = f"is stored from other bytes (sha256 {old[:12]}..., this file {new[:12]}...)"
+    return f"this id {what}; write to a new --out file, or rename the image"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (hex), as stored in ``content_sha256``."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _chunks(items: Sequence[ImageItem], size: int) -> Iterator[Sequence[ImageItem]]:
@@ -146,12 +195,14 @@ def _chunks(items: Sequence[ImageItem], size: int) -> Iterator[Sequence[ImageIte
 
 def _decode_all(
     chunk: Sequence[ImageItem], failed: dict[str, str]
-) -> list[tuple[ImageItem, np.ndarray]]:
-    """Decode each image on its own; a failure is recorded with its reason and skipped."""
+) -> list[tuple[ImageItem, np.ndarray, str]]:
+    """Decode each image on its own (with its bytes' sha256); a failure is recorded with its
+    reason and skipped."""
     decoded = []
     for item in chunk:
         try:
-            decoded.append((item, decode_image(item.path.read_bytes())))
+            raw = item.path.read_bytes()
+            decoded.append((item, decode_image(raw), hashlib.sha256(raw).hexdigest()))
         except (ImageError, OSError) as exc:
             failed[item.image_id] = f"{type(exc).__name__}: {exc}"
             log.warning("skipping %s: %s", item.path, exc)
@@ -160,13 +211,14 @@ def _decode_all(
 
 def _extract_chunk(
     extractor: Extractor,
-    decoded: list[tuple[ImageItem, np.ndarray]],
+    decoded: list[tuple[ImageItem, np.ndarray, str]],
     boxes: dict[str, np.ndarray],
 ) -> list[FeatureRecord]:
-    """Detected regions, or the caller's boxes for images named in the boxes file."""
+    """Detected regions, or the caller's boxes for images named in the boxes file; each record
+    carries its file's sha256 (``extra["content_sha256"]``)."""
     free: list[tuple[ImageItem, np.ndarray]] = []
     given: list[tuple[ImageItem, np.ndarray, np.ndarray]] = []
-    for item, image in decoded:
+    for item, image, _ in decoded:
         item_boxes = _boxes_for(item, boxes)
         if item_boxes is None:
             free.append((item, image))
@@ -174,6 +226,9 @@ def _extract_chunk(
             given.append((item, image, item_boxes))
     records = extractor.extract([im for _, im in free], [it.image_id for it, _ in free])
     records += [extractor.extract_with_boxes(im, b, it.image_id) for it, im, b in given]
+    sha = {item.image_id: digest for item, _, digest in decoded}
+    for record in records:
+        record.extra["content_sha256"] = sha[record.image_id]
     return records
 
 

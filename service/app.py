@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.backend import FeatureStore, Queue
@@ -179,7 +180,8 @@ def create_app(
             ``settings.redis_url`` and opens ``settings.store_dir``.
     """
     settings = settings or get_settings()
-    app = FastAPI(
+    # /docs and /redoc with the Swagger UI and ReDoc files fastapi-offline installs (no CDN).
+    app = FastAPIOffline(
         title="butd",
         summary="Bottom-up region features (Faster R-CNN R101 C4 + attributes) as a service",
         version="0.1.0",

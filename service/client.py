@@ -54,6 +54,7 @@ class ButdError(Exception):
         detail: the server's message.
         request_id: the request id, when the server gave one.
         retry_after: seconds to wait before retrying (503), else None.
+        body: the whole JSON error body (some errors add fields, e.g. ``server_paths``).
     """
 
     def __init__(self, response: httpx.Response) -> None:
@@ -61,6 +62,7 @@ class ButdError(Exception):
             body = response.json()
         except ValueError:
             body = {"error": "http_error", "detail": response.text[:500]}
+        self.body: dict[str, Any] = body if isinstance(body, dict) else {}
         self.status_code = response.status_code
         self.error = str(body.get("error", "http_error"))
         self.detail = str(body.get("detail", ""))

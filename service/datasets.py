@@ -34,6 +34,12 @@ from store.image_ids import IdPolicy, ImageIdError
 from workers.protocol import JobItem
 
 _COPY_CHUNK = 1 << 20
+# The two ways past a refused server path, named in every refusal.
+_WAYS_OUT = (
+    "upload the files instead (`butd jobs submit PATH --upload`, or POST /v1/jobs with a "
+    "multipart `archive`), or start the service with BUTD_ALLOWED_ROOTS naming the directories "
+    "it may read (comma-separated)"
+)
 
 
 # Bounds of a server path in a job request (Linux: PATH_MAX 4096, NAME_MAX 255 bytes).
@@ -99,7 +105,11 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
         InvalidRequestError: the path does not exist.
     """
     if not roots:
-        raise PathNotAllowedError("server paths are disabled: BUTD_ALLOWED_ROOTS is empty")
+        raise PathNotAllowedError(
+            f"server paths are disabled (BUTD_ALLOWED_ROOTS is empty), so {raw!r} is not read: "
+            f"{_WAYS_OUT}",
+            server_paths="disabled",
+        )
     check_path_text(raw)
     real_roots = [r.resolve() for r in roots]
     try:
@@ -112,7 +122,9 @@ def resolve_allowed(raw: str, roots: list[Path]) -> Path:
     if not _inside(real, real_roots):
         shown = ", ".join(str(r) for r in real_roots)
         raise PathNotAllowedError(
-            f"path {raw!r} resolves to {str(real)!r}, outside the allowed roots ({shown})"
+            f"path {raw!r} resolves to {str(real)!r}, outside the allowed roots ({shown}): "
+            f"{_WAYS_OUT}",
+            server_paths="restricted",
         )
     try:
         real.stat()

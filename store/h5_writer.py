@@ -200,6 +200,15 @@ class FeatureFileWriter(FileHandle):
             self._ids = set(self._file["image_ids"].asstr()[:].tolist())
         return self._ids
 
+    def stored_sha256(self) -> dict[str, str]:
+        """Image id -> sha256 of the image bytes it was extracted from ("" when not recorded);
+        a resumed extraction skips an id only when its file still hashes the same."""
+        f = self._file
+        ids = f["image_ids"].asstr()[:].tolist()
+        if "content_sha256" not in f:
+            return dict.fromkeys(ids, "")
+        return dict(zip(ids, f["content_sha256"].asstr()[:].tolist(), strict=True))
+
     def _validate(self, records: Sequence[FeatureRecord]) -> None:
         seen = self.ids() if self.unique_ids else set()
         batch: set[str] = set()

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,8 @@ class TrainResult:
     weights: Path
     seconds: float
     last_losses: dict[str, float]
+    # True when ``should_stop`` ended the run before ``max_iter`` (a checkpoint was saved).
+    stopped: bool = False
 
 
 class Trainer:
@@ -201,12 +203,23 @@ class Trainer:
             export_scale(self.config),
         )
 
-    def train(self, max_iter: int | None = None, *, progress: bool = True) -> TrainResult:
-        """Runs until ``max_iter`` (default: the config's), checkpointing on the way."""
+    def train(
+        self,
+        max_iter: int | None = None,
+        *,
+        progress: bool = True,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TrainResult:
+        """Runs until ``max_iter`` (default: the config's), checkpointing on the way.
+
+        ``should_stop`` is asked after every iteration (e.g. "a SIGTERM arrived"); when it says
+        yes, the current iteration is checkpointed and the run ends with ``stopped=True``.
+        """
         end = self.config.max_iter if max_iter is None else max_iter
         start_time, running = time.perf_counter(), dict[str, float]()
         bar = tqdm(total=end, initial=self.iteration, disable=not progress, desc="train")
-        weights = None
+        weights, stopped = None, False
+        logger.info("training from iteration %d to %d", self.iteration, end)
         while self.iteration < end:
             losses = self.step()
             if not all(math.isfinite(v) for v in losses.values()):
@@ -221,9 +234,17 @@ class Trainer:
                     losses["lr"],
                     " ".join(f"{k} {running[k]:.4f}" for k in ("total", *LOSS_NAMES)),
                 )
-            if self.iteration % self.config.checkpoint_every == 0 or self.iteration == end:
+            stopped = should_stop is not None and should_stop() and self.iteration < end
+            if (
+                stopped
+                or self.iteration % self.config.checkpoint_every == 0
+                or self.iteration == end
+            ):
                 weights = self.checkpoint()
+            if stopped:
+                break
         bar.close()
         if weights is None:
             weights = self.checkpoint()
-        return TrainResult(self.iteration, weights, time.perf_counter() - start_time, running)
+        seconds = time.perf_counter() - start_time
+        return TrainResult(self.iteration, weights, seconds, running, stopped)

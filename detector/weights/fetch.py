@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +26,19 @@ from detector.weights.registry import RegistryEntry, canonical_path, load_vocab
 logger = logging.getLogger(__name__)
 
 RETRIES = 5  # resumptions per URL after a dropped connection
+# Wait before the n-th resumption: BACKOFF_S * 2 ** (n - 1) seconds, at most BACKOFF_MAX_S (a
+# dropped connection is often a brief outage; retrying in the same millisecond only repeats it).
+BACKOFF_S = 1.0
+BACKOFF_MAX_S = 30.0
+
+
+def backoff_delays(retries: int, base_s: float = BACKOFF_S) -> list[float]:
+    """Seconds waited before each of ``retries`` resumptions: 1, 2, 4, ... capped."""
+    return [min(base_s * 2.0**n, BACKOFF_MAX_S) for n in range(retries)]
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 class _Restart(Exception):
@@ -109,10 +123,13 @@ def download(
     client = client or httpx.Client(follow_redirects=True, timeout=httpx.Timeout(30.0, read=300.0))
     part = dest.with_name(dest.name + ".part")
     errors = []
+    delays = backoff_delays(retries)
     try:
         for url in urls:
             last = f"{url}: no attempt"
             for attempt in range(retries + 1):
+                if attempt:
+                    _sleep(delays[attempt - 1])
                 try:
                     _download_once(client, url, part, progress)
                     part.replace(dest)

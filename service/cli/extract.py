@@ -12,8 +12,9 @@ def register(subparsers: Any) -> None:
     extract = subparsers.add_parser(
         "extract",
         help="extract region features of image files into an HDF5 feature file",
-        description="Files and directories; resumable (ids already in FILE are skipped); "
-        "a bad image is reported and skipped while the rest completes.",
+        description="Files and directories; resumable (an id already in FILE is skipped when its "
+        "file has the same sha256, refused when the bytes differ); a bad image is reported and "
+        "skipped while the rest completes.",
     )
     extract.add_argument("paths", nargs="+", metavar="PATH", help="image files or directories")
     extract.add_argument("--out", required=True, type=Path, metavar="FILE.h5")
@@ -49,6 +50,12 @@ def register(subparsers: Any) -> None:
         metavar="DIR",
         help="trained caption head (DIR/last.pt); default with the demo detector: the packaged "
         "synthetic demo caption head",
+    )
+    show.add_argument(
+        "--all",
+        action="store_true",
+        help="draw every region (default: only those whose confidence reaches the threshold, "
+        "--conf-thresh or the model's)",
     )
     show.add_argument("--beam-size", type=int, default=5, metavar="N")
     show.add_argument("--max-len", type=int, default=20, metavar="T")
@@ -144,26 +151,35 @@ def run_extract(args: argparse.Namespace) -> int:
         print(f"butd extract: {exc}", file=sys.stderr)
         return 2
     with writer:
-        done = writer.ids()
-        todo = sum(1 for item in items if item.image_id not in done)
+        stored = writer.stored_sha256()
+        todo = sum(1 for item in items if item.image_id not in stored)
         with tqdm(total=todo, unit="img", desc="extract", file=sys.stderr) as bar:
             summary = extract_files(
                 extractor,
                 items,
                 writer.append,
-                done=done,
+                stored=stored,
                 boxes=boxes,
                 batch_size=args.batch_size,
                 progress=bar.update,
             )
     print(
-        f"{args.out}: {summary.extracted} extracted, {summary.skipped} already present, "
+        f"{args.out}: {summary.extracted} extracted, {summary.skipped} already present "
+        f"(same bytes), {len(summary.refused)} refused (stored from other bytes), "
         f"{len(summary.failed)} failed ({summary.seconds:.1f}s; model {spec.description!r}, "
         f"version {extractor.model_version})"
     )
-    for image_id, reason in sorted(summary.failed.items()):
-        print(f"  failed {image_id}: {reason}", file=sys.stderr)
-    return 0
+    _list("failed", summary.failed)
+    _list("refused", summary.refused)
+    return 1 if summary.refused else 0
+
+
+def _list(what: str, reasons: dict[str, str], shown: int = 20) -> None:
+    """The first ``shown`` images and why, on stderr."""
+    for image_id, reason in sorted(reasons.items())[:shown]:
+        print(f"  {what} {image_id}: {reason}", file=sys.stderr)
+    if len(reasons) > shown:
+        print(f"  ... and {len(reasons) - shown} more {what}", file=sys.stderr)
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -191,8 +207,17 @@ def run_show(args: argparse.Namespace) -> int:
     spec = extractor.spec
     if args.attention:
         return _show_attention(args, image, record, head)
-    draw_regions(image, record, spec.objects_vocab, spec.attributes_vocab).save(args.out)
-    print(f"{args.out}: {record.num_boxes} regions ({spec.description})")
+    threshold = None if args.all else extractor.config.conf_thresh
+    drawing = draw_regions(
+        image, record, spec.objects_vocab, spec.attributes_vocab, min_conf=threshold
+    )
+    drawing.image.save(args.out)
+    shown = f"{drawing.drawn} of {record.num_boxes} regions"
+    if threshold is not None:
+        shown += f" (confidence >= {threshold:g}; --all draws every one)"
+    if drawing.unlabelled:
+        shown += f"; {drawing.unlabelled} labels left out for lack of room"
+    print(f"{args.out}: {shown}")
     return 0
 
 

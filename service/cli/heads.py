@@ -170,7 +170,8 @@ def _ask(args: argparse.Namespace, task: str) -> int:
             else:
                 out = client.answer(args.question, **_named(args), top=args.top)
         except (ButdError, httpx.HTTPError) as exc:
-            raise SystemExit(f"butd {task}: {exc}") from None
+            command = "caption" if task == "caption" else "answer"
+            raise SystemExit(f"butd {command}: {exc}") from None
     drop = {"attention", "boxes"}
     print(json.dumps({k: v for k, v in out.items() if k not in drop}))
     return 0

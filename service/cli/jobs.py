@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.cli import summaries
+
 logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "npz-mcan", "h5-grid")
@@ -48,15 +50,18 @@ def register(subparsers: Any) -> None:
     submit.add_argument(
         "--grid-size", type=int, default=None, metavar="G", help="also store G x G grid features"
     )
+    submit.add_argument("--json", action="store_true", help="print the gateway's JSON answers")
     submit.set_defaults(handler=run_submit)
 
-    status = sub.add_parser("status", help="progress of a job (JSON)")
+    status = sub.add_parser("status", help="progress of a job")
     status.add_argument("job_id", metavar="JOB_ID")
     status.add_argument("--wait", action="store_true", help="show progress until the job ends")
+    status.add_argument("--json", action="store_true", help="the whole status as JSON")
     status.set_defaults(handler=run_status)
 
     cancel = sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel.add_argument("--json", action="store_true", help="the status as JSON")
     cancel.set_defaults(handler=run_cancel)
 
     export = sub.add_parser("export", help="download a job's features")
@@ -74,7 +79,8 @@ def register(subparsers: Any) -> None:
     get.add_argument("image_id", metavar="IMAGE_ID", help="image id (or sha256 with --sha256)")
     get.add_argument("--namespace", default=None)
     get.add_argument("--sha256", action="store_true", help="IMAGE_ID is a content hash")
-    get.add_argument("--out", type=Path, default=None, help="write .npz here (else JSON summary)")
+    get.add_argument("--out", type=Path, default=None, help="write .npz here (else a summary)")
+    get.add_argument("--json", action="store_true", help="every field as JSON (long)")
     get.add_argument(
         "--model-version", default=None, help="read this version (e.g. a --grid-size extraction)"
     )
@@ -91,6 +97,14 @@ def _client() -> Any:
 
 def _print(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _show(data: dict[str, Any], as_json: bool, summary: Callable[[dict[str, Any]], str]) -> None:
+    """The gateway's answer as JSON (``--json``) or as a few lines for people."""
+    if as_json:
+        _print(data)
+    else:
+        sys.stdout.write(summary(data) + "\n")
 
 
 def _tar_paths(paths: list[str]) -> bytes:
@@ -137,27 +151,51 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in pairs if v is not None}
 
 
+def _submit_paths(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Submit server paths; upload them instead when the gateway reads no server paths.
+
+    A gateway with ``BUTD_ALLOWED_ROOTS`` empty (the default, e.g. ``make serve``) refuses every
+    path; the files named here are then packed and uploaded, and the command says so. A gateway
+    that reads some roots but not these refuses the job: its message names both ways out.
+    """
+    from service.client import ButdError
+
+    local = [Path(p) for p in args.paths]
+    paths = [str(p.resolve()) if p.exists() else str(p) for p in local]
+    try:
+        return dict(
+            client.submit_job(paths, args.namespace, idempotency_key=args.job_id, **_options(args))
+        )
+    except ButdError as exc:
+        disabled = exc.error == "path_not_allowed" and exc.body.get("server_paths") == "disabled"
+        if not (disabled and all(p.exists() for p in local)):
+            raise
+    logger.warning(
+        "the gateway reads no server paths (its BUTD_ALLOWED_ROOTS is empty): uploading %s "
+        "instead, as --upload does",
+        ", ".join(args.paths),
+    )
+    return _submit_upload(client, args)
+
+
+def _submit_upload(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        client.submit_archive(
+            _tar_paths(args.paths), args.namespace, idempotency_key=args.job_id, **_options(args)
+        )
+    )
+
+
 @_guarded
 def run_submit(args: argparse.Namespace) -> int:
     """Submit a job; with --wait, follow it and exit 1 unless it ends ``done``."""
     with _client() as client:
-        if args.upload:
-            created = client.submit_archive(
-                _tar_paths(args.paths),
-                args.namespace,
-                idempotency_key=args.job_id,
-                **_options(args),
-            )
-        else:
-            paths = [str(Path(p).resolve()) if Path(p).exists() else p for p in args.paths]
-            created = client.submit_job(
-                paths, args.namespace, idempotency_key=args.job_id, **_options(args)
-            )
-        _print(created)
+        created = _submit_upload(client, args) if args.upload else _submit_paths(client, args)
+        _show(created, args.json, summaries.created_summary)
         if not args.wait:
             return 0
         final = client.wait_job(created["job_id"])
-    _print(final)
+    _show(final, args.json, summaries.status_summary)
     return 0 if final["state"] == "done" else 1
 
 
@@ -166,7 +204,7 @@ def run_status(args: argparse.Namespace) -> int:
     """Print a job's status (or follow it with --wait)."""
     with _client() as client:
         status = client.wait_job(args.job_id) if args.wait else client.job(args.job_id)
-    _print(status)
+    _show(status, args.json, summaries.status_summary)
     return 0
 
 
@@ -174,7 +212,7 @@ def run_status(args: argparse.Namespace) -> int:
 def run_cancel(args: argparse.Namespace) -> int:
     """Cancel a job and print its status."""
     with _client() as client:
-        _print(client.cancel(args.job_id))
+        _show(client.cancel(args.job_id), args.json, summaries.status_summary)
     return 0
 
 
@@ -200,7 +238,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 @_guarded
 def run_get(args: argparse.Namespace) -> int:
-    """Fetch one cached record: .npz with --out, else a JSON summary on stdout."""
+    """Fetch one cached record: .npz with --out, else a short summary (--json: every field)."""
     with _client() as client:
         if args.out is not None:
             data = client.get_npz(
@@ -214,13 +252,13 @@ def run_get(args: argparse.Namespace) -> int:
             if args.sha256
             else client.get(args.image_id, args.namespace, model_version=args.model_version)
         )
-    summary = {k: v for k, v in regions.items() if k not in ("features", "grid")}
-    for name in ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
-        summary[name] = regions[name].tolist()
-    feats = regions["features"]
-    summary["features"] = {"shape": list(feats.shape), "dtype": str(feats.dtype)}
-    if "grid" in regions:
-        grid = regions["grid"]
-        summary["grid"] = {"shape": list(grid.shape), "dtype": str(grid.dtype)}
-    _print(summary)
+    if args.json:
+        _print(_jsonable(regions))
+    else:
+        sys.stdout.write(summaries.record_summary(regions) + "\n")
     return 0
+
+
+def _jsonable(regions: dict[str, Any]) -> dict[str, Any]:
+    """The decoded record with its arrays as lists (features as a nested list)."""
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in regions.items()}

@@ -8,7 +8,9 @@
 ``--data`` is a Visual Genome style directory (image_data.json, objects.json,
 attributes.json, objects_vocab.txt, attributes_vocab.txt), e.g. one ``butd synth`` wrote.
 Training writes ``OUT/checkpoints/iter_*.safetensors`` (canonical weights) with a
-``.state.pt`` beside each for ``--resume``, and ``OUT/model.safetensors`` at the end.
+``.state.pt`` beside each for ``--resume``, and ``OUT/model.safetensors`` at the end. Ctrl-C or
+SIGTERM saves a checkpoint after the iteration in hand, prints it and the ``--resume`` command,
+and exits 130 / 143; a second Ctrl-C stops at once.
 
 Handlers import torch lazily so ``butd --help`` stays light.
 """
@@ -18,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import shutil
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -91,7 +96,14 @@ def _train(args: argparse.Namespace) -> int:
         config, images, objects_vocab.names, attributes_vocab.names, args.out, device=args.device
     )
     trainer.start(resume=args.resume, init=args.init)
-    result = trainer.train(args.max_iter, progress=not args.no_progress)
+    with StopSignals() as stop:
+        result = trainer.train(args.max_iter, progress=not args.no_progress, should_stop=stop)
+    if result.stopped:
+        print(
+            f"stopped by {stop.name} at iteration {result.iteration} of {config.max_iter}; "
+            f"checkpoint {result.weights}\ncontinue with: {resume_command(args)}"
+        )
+        return 128 + (stop.signum or 0)
     final = args.out / "model.safetensors"
     if result.iteration >= config.max_iter:
         shutil.copyfile(result.weights, final)
@@ -100,6 +112,54 @@ def _train(args: argparse.Namespace) -> int:
         f"{final if final.exists() else result.weights}"
     )
     return 0
+
+
+class StopSignals:
+    """While entered, the first SIGINT / SIGTERM only sets a flag (calling the object says
+    whether one came), so the loop can checkpoint and stop; a second SIGINT interrupts at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "signal"
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logger.warning(
+            "%s: saving a checkpoint after this iteration, then stopping (Ctrl-C again to "
+            "stop without one)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopSignals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The ``butd train`` command line that continues this run from its last checkpoint."""
+    parts = ["butd", "train", "--data", str(args.data), "--config", args.config]
+    parts += ["--out", str(args.out), "--resume"]
+    for flag, value in (("--max-iter", args.max_iter), ("--device", args.device)):
+        if value is not None and not (flag == "--device" and value == "cpu"):
+            parts += [flag, str(value)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -65,7 +65,10 @@ def _options(query: Request, fields: dict[str, str]) -> QueueOptions:
     try:
         options = ExtractOptions.model_validate({k: v for k, v in raw.items() if v is not None})
     except ValidationError as exc:
-        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        # A whole-model check has an empty ``loc``: its message then stands alone.
+        detail = "; ".join(
+            ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors()
+        )
         raise InvalidRequestError(f"bad extraction options: {detail}") from None
     return QueueOptions(**options.model_dump())
 

@@ -122,7 +122,9 @@ def gateway(stack: dict[str, Any], **overrides: Any) -> Iterator[TestClient]:
         "redis_url": stack["redis"].url,
         "store_dir": stack["root"] / "store",
         "request_timeout_s": 60.0,
-        "heartbeat_max_age_s": 3.0,
+        # Beats come every second; a CPU-starved worker on a loaded machine may beat late, and
+        # "no live worker" must not depend on that.
+        "heartbeat_max_age_s": 30.0,
         "allowed_roots": [stack["data"]],
     }
     values.update(overrides)
@@ -187,7 +189,7 @@ def test_the_answer_equals_what_the_cache_returns_once_sealed(stack: dict[str, A
         posted = post(client, data, image_id="sealed", namespace="t2")
         assert posted.status_code == 200 and posted.json()["cached"] is False
     r = redis.Redis.from_url(stack["redis"].url)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while int(r.xpending(ONLINE_STREAM, "workers")["pending"]) and time.monotonic() < deadline:
         time.sleep(0.05)  # the worker seals and acks after answering
     with gateway(stack) as fresh:  # nothing remembered: read from the sealed shard
@@ -286,7 +288,7 @@ def test_timeout_504_then_cached_and_queue_full_503(stack: dict[str, Any]) -> No
         finally:
             stack["worker"].signal(signal.SIGCONT)
         sha = hashlib.sha256(slow).hexdigest()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180
         while client.get(f"/v1/features/sha256/{sha}").status_code != 200:
             assert time.monotonic() < deadline, "the timed-out request was never cached"
             time.sleep(0.2)
@@ -295,11 +297,11 @@ def test_timeout_504_then_cached_and_queue_full_503(stack: dict[str, Any]) -> No
 
 def test_cache_answers_with_the_worker_stopped(stack: dict[str, Any]) -> None:
     data = image_bytes(40)
-    with gateway(stack, heartbeat_max_age_s=2.0) as client:
+    with gateway(stack, heartbeat_max_age_s=5.0) as client:
         wait_ready(client)
         assert post(client, data).status_code == 200
         stack["worker"].stop()
-        time.sleep(2.5)  # the last heartbeat is now stale
+        time.sleep(5.5)  # the last heartbeat is now stale
         assert client.get("/health/ready").status_code == 503
         hit = post(client, data, image_id="after-stop")
         assert hit.status_code == 200 and hit.json()["cached"] is True

@@ -129,7 +129,7 @@ def test_redelivery_is_idempotent_and_compact_drops_duplicate(
     assert answers(index, recs) == after  # ... and the files alone say the same
 
 
-def _wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
+def _wait_for(cond: Callable[[], bool], timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"

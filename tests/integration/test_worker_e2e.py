@@ -256,7 +256,7 @@ def test_online_requests_expire_and_poison_entries_are_dead_lettered(
     assert res.num_boxes >= 4 and not res.cached
     assert res.record is not None and res.record.num_boxes == res.num_boxes
     # answered before sealing: the seal and the ack follow
-    wait_for(lambda: q.pending_count(r)[q.ONLINE_STREAM] == 0, 30, "online entry acked", worker)
+    wait_for(lambda: q.pending_count(r)[q.ONLINE_STREAM] == 0, 120, "online entry acked", worker)
     rows = stored_rows(tmp_path / "store")
     assert rows == {(res.model_version, sha): 1}  # the expired image was never computed
     index = FeatureIndex(r)
@@ -271,7 +271,7 @@ def test_online_requests_expire_and_poison_entries_are_dead_lettered(
     )
     assert index.lookup_content(res.model_version, sha) is not None
 
-    wait_for(lambda: q.job_status(r, "poison").finished, 30, "poison job failed", worker)
+    wait_for(lambda: q.job_status(r, "poison").finished, 120, "poison job failed", worker)
     status = q.job_status(r, "poison")
     assert status is not None and (status.state, status.failed) == ("failed", 2)
     assert all("dead-lettered after 3 deliveries" in why for why in status.errors.values())

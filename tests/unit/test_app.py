@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +144,10 @@ def test_option_ranges_are_validated(client: TestClient, query: str) -> None:
     )
     assert resp.status_code == 422
     assert resp.json()["error"] == "invalid_request"
+    detail = resp.json()["detail"]
+    assert ": :" not in detail and ":  " not in detail, detail
+    if "min_boxes=9" in query:
+        assert "need min_boxes <= max_boxes; got 9 > 3" in detail, detail
 
 
 def test_body_too_large_is_413(tmp_path: Path, queue: FakeQueue, store: FakeStore) -> None:
@@ -332,6 +337,29 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert {"/v1/features", "/v1/jobs", "/health/ready"} <= set(spec["paths"])
     assert client.get("/docs").status_code == 200
+
+
+def test_every_reference_in_the_openapi_spec_resolves(client: TestClient) -> None:
+    """ReDoc refuses the whole page over one dangling ``$ref`` (Swagger UI only warns)."""
+    spec = client.get("/openapi.json").json()
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)))
+    assert "JobRequest" in refs
+    assert refs <= set(spec["components"]["schemas"]), refs - set(spec["components"]["schemas"])
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_their_scripts_from_the_gateway_not_a_cdn(
+    client: TestClient, page: str
+) -> None:
+    html = client.get(page).text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+    assets = [s for s in sources if s.endswith((".js", ".css"))]
+    assert assets, html
+    for url in assets:
+        assert url.startswith("/"), f"{page} loads {url} from another host"
+        body = client.get(url)
+        assert body.status_code == 200 and len(body.content) > 10_000, url
+    assert "https://" not in "".join(assets)
 
 
 def test_image_id_bound_to_other_bytes_is_409(client: TestClient, queue: FakeQueue) -> None:

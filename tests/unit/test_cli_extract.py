@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -54,7 +55,33 @@ def test_extract_directory_resumes_and_reports_bad_images(
 
     # A second run over the same directory skips what is stored.
     assert main(["extract", str(images), "--out", str(out), "--weights", str(weights)]) == 0
-    assert "0 extracted, 2 already present" in capsys.readouterr().out
+    assert "0 extracted, 2 already present (same bytes), 0 refused" in capsys.readouterr().out
+
+
+def test_resume_refuses_a_different_image_under_a_stored_name(
+    weights: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "feats.h5"
+    args = ["extract", str(images), "--out", str(out), "--weights", str(weights)]
+    assert main(args) == 0
+    with FeatureFile(out) as f:
+        stored = dict(zip(f.ids(), f.content_sha256(), strict=True))
+        before = f.get("coffee.jpg").features.copy()
+    coffee = (images / "coffee.jpg").read_bytes()
+    assert stored["coffee.jpg"] == hashlib.sha256(coffee).hexdigest()
+
+    # Another photo under the stored name; a new image beside it.
+    (images / "coffee.jpg").write_bytes(_jpeg(data.astronaut(), (150, 100)))
+    (images / "new.jpg").write_bytes(_jpeg(data.rocket(), (90, 120)))
+    capsys.readouterr()
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "1 extracted, 1 already present (same bytes), 1 refused" in captured.out
+    assert "refused coffee.jpg: this id is stored from other bytes" in captured.err
+    assert "--out" in captured.err
+    with FeatureFile(out) as f:
+        assert sorted(f.ids()) == ["coffee.jpg", "new.jpg", "sub/cat.jpg"]
+        np.testing.assert_array_equal(f.get("coffee.jpg").features, before)  # untouched
 
 
 def test_extract_with_a_boxes_file_and_fixed_count(

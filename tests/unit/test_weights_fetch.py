@@ -18,6 +18,7 @@ import torch
 
 from detector.config import tiny_arch
 from detector.weights import REGISTRY, WeightsError, load
+from detector.weights import fetch as fetch_module
 from detector.weights.fetch import download, fetch
 from detector.weights.formats import CONVERTERS
 from detector.weights.registry import RegistryEntry
@@ -62,6 +63,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+@pytest.fixture(autouse=True)
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The back-off pauses ``download`` asked for, recorded instead of slept."""
+    asked: list[float] = []
+    monkeypatch.setattr(fetch_module, "_sleep", asked.append)
+    return asked
 
 
 @pytest.fixture
@@ -211,3 +220,32 @@ def test_cli_fetch_and_list(
     ready = next(line for line in listing.splitlines() if line.startswith(entry.name))
     assert "ready" in ready
     assert "airsplay-attr-36" in listing
+
+
+def test_retries_back_off_exponentially_instead_of_firing_at_once(
+    tmp_path: Path, waits: list[float]
+) -> None:
+    attempts: list[str] = []
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        attempts.append(str(request.url))
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(refuse)) as client,
+        pytest.raises(WeightsError, match="connection refused"),
+    ):
+        download(("http://mirror/w.bin",), tmp_path / "w.bin", client=client, retries=4)
+    assert len(attempts) == 5  # the first try and 4 resumptions
+    assert waits == [1.0, 2.0, 4.0, 8.0]  # a pause before each resumption, none before the first
+    assert fetch_module.backoff_delays(8)[-1] == fetch_module.BACKOFF_MAX_S
+
+
+def test_a_cut_download_waits_once_before_resuming(
+    server: str, tmp_path: Path, waits: list[float]
+) -> None:
+    data, _, name = _payload("hf")
+    _Handler.files[f"/{name}"] = data
+    _Handler.cut_once.add(f"/{name}")
+    assert download((f"{server}/{name}",), tmp_path / name, progress=False).read_bytes() == data
+    assert waits == [1.0]
