@@ -22,7 +22,7 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN mkdir -p butd detector store workers service heads \
  && touch butd/__init__.py detector/__init__.py store/__init__.py workers/__init__.py \
           service/__init__.py heads/__init__.py \
- && pip install -c constraints.txt . \
+ && pip install -c constraints.txt ".[s3]" \
  && pip uninstall -y butd
 COPY butd ./butd
 COPY detector ./detector

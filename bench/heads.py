@@ -6,6 +6,11 @@ a blind model (features zeroed) and a mean-pooled model without attention; capti
 against the unbound bag-of-attributes oracle. Writes a Markdown table (and JSON) as it goes.
 
     nice python bench/heads.py --out bench/results/heads.md
+    nice python bench/heads.py --grid --out bench/results/heads_grid.md   # grid-feature heads
+
+``--grid`` renders the scenes as 4 x 4 grid maps (``heads.synth.grid_scene``) and trains the
+grid heads: Up-Down, Up-Down + CBAM, SCA-CNN, SCA-CNN without channel attention, SCA + CBAM
+(captions) and Up-Down / Up-Down + CBAM (VQA), with the same controls.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heads.benchmark import (
     CAPTION_HEADS,
+    GRID_CAPTION_HEADS,
+    GRID_VQA_HEADS,
     VQA_HEADS,
     caption_task,
     constant_caption_f1,
@@ -113,8 +120,9 @@ def main() -> int:
     p.add_argument("--cap-scenes", type=int, nargs=2, default=(800, 200), help="train / val scenes")
     p.add_argument("--vqa-steps", type=int, default=1200, help="updates per VQA head (batch 64)")
     p.add_argument("--cap-steps", type=int, default=800, help="updates per caption head (batch 50)")
-    p.add_argument("--vqa-heads", nargs="*", default=list(VQA_HEADS))
-    p.add_argument("--cap-heads", nargs="*", default=list(CAPTION_HEADS))
+    p.add_argument("--grid", action="store_true", help="grid-map scenes and the grid heads")
+    p.add_argument("--vqa-heads", nargs="*", default=None)
+    p.add_argument("--cap-heads", nargs="*", default=None)
     p.add_argument("--cap-lr", type=float, default=1e-3, help="Adam lr of the captioners")
     p.add_argument(
         "--cap-seeds", type=int, default=1, help="train each captioner from this many seeds"
@@ -127,6 +135,10 @@ def main() -> int:
     if args.merge:
         return merge(args.merge, args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.vqa_heads is None:
+        args.vqa_heads = list(GRID_VQA_HEADS if args.grid else VQA_HEADS)
+    if args.cap_heads is None:
+        args.cap_heads = list(GRID_CAPTION_HEADS if args.grid else CAPTION_HEADS)
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, Any]]] = {"vqa": {}, "caption": {}}
@@ -135,13 +147,13 @@ def main() -> int:
         header = (f"D={args.dim}, hidden={args.hidden}, VQA {args.vqa_steps} updates × 64, "
                   f"captions {args.cap_steps} updates × 50 (seeds 0..{args.cap_seeds - 1}: "
                   f"mean ± std), Adam 1e-3, {args.device}, {args.threads} CPU thread(s)"
-                  "\n\n")  # fmt: skip
+                  f"{', 4 x 4 grid-map features' if args.grid else ''}\n\n")  # fmt: skip
         text = header + _table("VQA (official accuracy, val)", VQA_COLS, results["vqa"])
         text += "\n" + _table("Captions (greedy, val)", CAP_COLS, results["caption"])
         args.out.write_text(text + "\n" + LEGEND)
         args.out.with_suffix(".json").write_text(json.dumps(results, indent=1))
 
-    vt = vqa_task(args.dim, *args.vqa_scenes)
+    vt = vqa_task(args.dim, *args.vqa_scenes, grid=args.grid)
     for name in args.vqa_heads:
         t = time.time()
         results["vqa"][name] = {
@@ -150,7 +162,7 @@ def main() -> int:
         }
         logger.info("vqa %s %s", name, results["vqa"][name])
         write()
-    ct = caption_task(args.dim, *args.cap_scenes)
+    ct = caption_task(args.dim, *args.cap_scenes, grid=args.grid)
     f1, exact = unbound_oracle(ct.val_scenes)
     results["caption"]["unbound oracle"] = {"content_f1": f1, "exact_set": exact}
     results["caption"]["best constant"] = {"content_f1": constant_caption_f1(ct)}

@@ -116,6 +116,10 @@ class Conventions:
 DETECTRON2_DELTA_CLAMP = math.log(1000.0 / 16)
 
 
+# Largest grid side: 32 x 32 cells is already finer than res4 itself on a 600-pixel image.
+MAX_GRID_SIZE = 32
+
+
 @dataclass(frozen=True)
 class ExtractionConfig:
     """Test-time behaviour: image in, regions out. Part of ``model_version``."""
@@ -139,6 +143,10 @@ class ExtractionConfig:
     max_boxes: int = 100
     # "fp32" is the reference (TF32 off); "fp16"/"bf16" autocast on CUDA, deviation documented.
     precision: Precision = "fp32"
+    # Grid features from the same pass: res5 run over the whole res4 map, average-pooled to
+    # grid_size x grid_size cells of D channels (docs/grids.md). 0 = regions only. Left out of
+    # ``to_json`` (and so of ``model_version``) when 0, so region-only versions do not move.
+    grid_size: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_boxes <= self.max_boxes:
@@ -149,9 +157,14 @@ class ExtractionConfig:
             raise ValueError(f"conf_thresh must be in [0, 1]; got {self.conf_thresh}")
         if self.precision not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"precision must be fp32, fp16 or bf16; got {self.precision!r}")
+        if not 0 <= self.grid_size <= MAX_GRID_SIZE:
+            raise ValueError(f"grid_size must be in [0, {MAX_GRID_SIZE}]; got {self.grid_size}")
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.grid_size:
+            del data["grid_size"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ExtractionConfig:

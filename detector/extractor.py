@@ -9,6 +9,8 @@ Shape glossary:
     Extractor.extract:  decode already done (BGR uint8) -> prepare (mean, Caffe resize)
         -> group by resized shape -> Detector (backbone, RPN, RoI head) -> select (per-class NMS,
         max_conf, [min, max]) -> gather -> FeatureRecord per image.
+        With ``config.grid_size`` G > 0 the same res4 map also gives each record a (G, G, D) grid
+        (``Detector.grid``); the regions are computed exactly as without it.
 
 Strict fp32 is the default and turns TF32 off on CUDA (ARCHITECTURE.md: TF32 moves features by
 ~1e-3 relative); fp16/bf16 are opt-in autocast modes.
@@ -17,6 +19,7 @@ Strict fp32 is the default and turns TF32 off on CUDA (ARCHITECTURE.md: TF32 mov
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -49,6 +52,7 @@ class _Kept:
     objects_id: torch.Tensor  # (N,)
     attrs_conf: torch.Tensor  # (N,)
     attrs_id: torch.Tensor  # (N,)
+    grid: torch.Tensor | None = None  # (G, G, D) when the config asks for grid features
 
 
 class Extractor:
@@ -145,8 +149,11 @@ class Extractor:
         with torch.inference_mode(), self._autocast(self.config):
             res4 = self.model.backbone(prepared.tensor[None].to(self.device))
             outputs = self.model.regions(res4, [given * scale])[0]
-        index = torch.arange(len(boxes), device=self.device)
-        kept = self._gather(outputs, index, scale, boxes=given)
+            index = torch.arange(len(boxes), device=self.device)
+            kept = self._gather(outputs, index, scale, boxes=given)
+            if self.config.grid_size:
+                grid = self.model.grid(res4, self.config.grid_size)[0].float()
+                kept = dataclasses.replace(kept, grid=grid)
         return self._to_records([kept], [prepared], [0], [image_id], self.config)[0]
 
     # -- steps ---------------------------------------------------------------------------
@@ -161,8 +168,14 @@ class Extractor:
         images = torch.stack([p.tensor for p in batch]).to(self.device)  # (B, 3, H, W)
         scales = [p.scale for p in batch]
         with torch.inference_mode(), self._autocast(config):
-            outputs = self.model(images, scales, config)
-            return [self._select(out, s, config) for out, s in zip(outputs, scales, strict=True)]
+            res4 = self.model.backbone(images)
+            size = (images.shape[2], images.shape[3])
+            outputs = self.model.detect(res4, size, scales, config)
+            kept = [self._select(out, s, config) for out, s in zip(outputs, scales, strict=True)]
+            if not config.grid_size:
+                return kept
+            grids = self.model.grid(res4, config.grid_size).float()  # (B, G, G, D)
+            return [dataclasses.replace(k, grid=g) for k, g in zip(kept, grids, strict=True)]
 
     def _select(self, out: RegionOutputs, scale: float, config: ExtractionConfig) -> _Kept:
         """generate_tsv.py: per-class NMS on the proposals in original pixels, then gather."""
@@ -223,6 +236,9 @@ class Extractor:
             for f in _FIELDS
         }
         version = self.version_for(config)
+        grids: list[np.ndarray | None] = [None] * len(kept)
+        if kept and kept[0].grid is not None:  # one host copy for the batch's grids
+            grids = list(torch.stack([k.grid for k in kept if k.grid is not None]).cpu().numpy())
         return [
             FeatureRecord(
                 image_id=str(image_ids[i]),
@@ -235,6 +251,7 @@ class Extractor:
                 attrs_id=host["attrs_id"][j].astype(np.int64),
                 attrs_conf=host["attrs_conf"][j].astype(np.float32),
                 model_version=version,
+                grid=grids[j],
             )
             for j, i in enumerate(batch)
         ]

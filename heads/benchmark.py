@@ -31,6 +31,7 @@ from heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_p
 from heads.regions import RegionBatch, collate_records
 from heads.synth import (
     COLORS,
+    GRID,
     SHAPES,
     Scene,
     SynthWorld,
@@ -50,6 +51,11 @@ VQA_HEADS = ("blind", "mean_pool", "updown", "updown_relu", "ban2", "ban2_counte
 CAPTION_HEADS = (
     "blind", "mean_pool", "updown", "sat", "adaptive", "adaptive_spatial", "adaptive_warmup",
 )  # fmt: skip
+# Heads over grid features (``--grid``): SCA-CNN, its spatial-only ablation, CBAM in front.
+GRID_CAPTION_HEADS = (
+    "blind", "mean_pool", "updown", "updown_cbam", "sca", "sca_nochannel", "sca_cbam",
+)  # fmt: skip
+GRID_VQA_HEADS = ("blind", "mean_pool", "updown", "updown_cbam")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class VQATask:
     val_scenes: list[Scene]
     vocab: Vocabulary
     answers: list[str]
+    grid_size: int = 0  # G when the features are G*G grid cells (heads.synth.grid_scene)
 
 
 def _regions(scenes: list[Scene], l2: bool) -> tuple[RegionBatch, dict[str, int]]:
@@ -85,17 +92,21 @@ def _vqa_items(scenes: list[Scene], seed: int) -> list[VQAItem]:
     ]
 
 
-def vqa_task(dim: int, n_train: int, n_val: int, seed: int = 0, l2: bool = False) -> VQATask:
-    """Scenes with 1–6 objects; ``l2`` L2-normalises the features (Teney et al.)."""
+def vqa_task(
+    dim: int, n_train: int, n_val: int, seed: int = 0, l2: bool = False, grid: bool = False
+) -> VQATask:
+    """Scenes with 1–6 objects; ``l2`` L2-normalises the features (Teney et al.); ``grid``
+    renders them as GRID x GRID grid maps."""
     world = SynthWorld(dim, seed)
-    tr, va = make_scenes(world, n_train, seed + 1), make_scenes(world, n_val, seed + 2)
+    tr = make_scenes(world, n_train, seed + 1, grid=grid)
+    va = make_scenes(world, n_val, seed + 2, grid=grid)
     tr_items, va_items = _vqa_items(tr, seed + 3), _vqa_items(va, seed + 4)
     vocab = Vocabulary.build((tokenize_question(it.question) for it in tr_items), min_count=1)
     answers = sorted({a for it in tr_items for a in it.answers})
     (tr_r, tr_rows), (va_r, va_rows) = _regions(tr, l2), _regions(va, l2)
     return VQATask(
         tr_r, vqa_examples(tr_items, tr_rows, vocab, answers), va_r,
-        vqa_examples(va_items, va_rows, vocab, answers), va, vocab, answers,
+        vqa_examples(va_items, va_rows, vocab, answers), va, vocab, answers, GRID if grid else 0,
     )  # fmt: skip
 
 
@@ -107,7 +118,8 @@ def vqa_model(name: str, task: VQATask, hidden: int) -> torch.nn.Module:
         return BAN(v, n, cfg)
     variant = "hengyuan" if name == "updown_relu" else "paper"
     attention = "mean" if name == "mean_pool" else "top_down"
-    return UpDownVQA(v, n, VQAConfig(variant, attention, d, 100, hidden, hidden))
+    cfg = VQAConfig(variant, attention, d, 100, hidden, hidden, grid_size=task.grid_size)
+    return UpDownVQA(v, n, replace(cfg, cbam=name.endswith("_cbam")))
 
 
 def run_vqa(
@@ -168,12 +180,17 @@ class CaptionTask:
     val_refs: dict[str, list[str]]
     vocab: Vocabulary
     val: CaptionExamples  # the val references as teacher-forcing examples (diagnostics)
+    grid_size: int = 0  # G when the features are G*G grid cells (heads.synth.grid_scene)
 
 
-def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTask:
-    """Scenes with 1–4 objects and 5 templated references each (raw, un-normalised features)."""
+def caption_task(
+    dim: int, n_train: int, n_val: int, seed: int = 0, grid: bool = False
+) -> CaptionTask:
+    """Scenes with 1–4 objects and 5 templated references each (raw, un-normalised features);
+    ``grid`` renders them as GRID x GRID grid maps."""
     world = SynthWorld(dim, seed)
-    tr, va = make_scenes(world, n_train, seed + 1, 1, 4), make_scenes(world, n_val, seed + 2, 1, 4)
+    tr = make_scenes(world, n_train, seed + 1, 1, 4, grid=grid)
+    va = make_scenes(world, n_val, seed + 2, 1, 4, grid=grid)
     rng = random.Random(seed)
     items = [CaptionItem(s.record.image_id, tuple(scene_captions(s, rng))) for s in tr]
     vocab = Vocabulary.build(
@@ -187,7 +204,7 @@ def caption_task(dim: int, n_train: int, n_val: int, seed: int = 0) -> CaptionTa
     }
     ex = caption_examples(items, rows, vocab, max_len=24, keep_commas=True)
     va_ex = caption_examples(va_items, va_rows, vocab, max_len=24, keep_commas=True)
-    return CaptionTask(tr_r, ex, va_r, va, refs, vocab, va_ex)
+    return CaptionTask(tr_r, ex, va_r, va, refs, vocab, va_ex, GRID if grid else 0)
 
 
 def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
@@ -197,11 +214,18 @@ def caption_model(name: str, task: CaptionTask, hidden: int) -> Captioner:
     "spatial attention" ablation); ``adaptive_warmup`` trains the first half of the updates
     without the sentinel, then with it (``run_caption``); ``sat_nopenalty`` is SAT with λ = 0.
     """
-    kind = name.split("_")[0] if name.startswith(("sat", "adaptive")) else "updown"
+    kind = name.split("_")[0] if name.startswith(("sat", "adaptive", "sca")) else "updown"
     attention = "uniform" if name == "mean_pool" else "additive"
     d = task.train_regions.features.shape[2]
     cfg = CaptionerConfig(kind, attention, d, hidden, hidden // 2, hidden, init_std=0.0)
-    return Captioner(len(task.vocab), replace(cfg, sentinel=name != "adaptive_spatial"))
+    cfg = replace(
+        cfg,
+        sentinel=name != "adaptive_spatial",
+        grid_size=task.grid_size,
+        cbam=name.endswith("_cbam"),
+        channel_attention=name != "sca_nochannel",
+    )
+    return Captioner(len(task.vocab), cfg)
 
 
 def run_caption(

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from heads.attention import AdditiveAttention, build_attention
+from heads.cbam import grid_cbam
 from heads.layers import masked_mean, masked_softmax
 
 State = tuple[torch.Tensor, ...]
@@ -38,7 +39,7 @@ Cache = dict[str, torch.Tensor]
 class CaptionerConfig:
     """Sizes of a captioner. Defaults are the Up-Down paper's (heads-reference §2)."""
 
-    kind: str = "updown"  # updown | sat | adaptive
+    kind: str = "updown"  # updown | sat | adaptive | sca
     attention: str = "additive"  # additive | uniform (the mean-pool control)
     feature_dim: int = 2048  # D, pool5 of ResNet-101
     lstm_dim: int = 1000  # M, both LSTMs
@@ -46,6 +47,12 @@ class CaptionerConfig:
     embed_dim: int = 1000  # E, word embedding
     init_std: float = 0.01  # Caffe gaussian filler; 0 keeps PyTorch's default init
     sentinel: bool = True  # adaptive only; False is Lu et al.'s "spatial attention" ablation
+    # Grid features: G > 0 means the K inputs are G*G row-major cells of a grid (docs/grids.md);
+    # 0 means a region set. CBAM and SCA's grid reading need it.
+    grid_size: int = 0
+    cbam: bool = False  # refine grid features with CBAM before the attention (heads.cbam)
+    channel_attention: bool = True  # sca only; False is the spatial-only ablation
+    channel_dim: int = 16  # sca only: k, the size each channel's scalar is expanded to
 
 
 @dataclass(frozen=True)
@@ -91,10 +98,13 @@ class UpDownCore(nn.Module):
         self.lang_lstm = _lstm(d + m, m)  # x²_t = [v̂_t; h¹_t]
         self.out = nn.Linear(m, vocab_size)
         self.lstm_dim = m
+        self.cbam = grid_cbam(cfg.cbam, cfg.grid_size, d)
         caffe_init_(self, cfg.init_std)
 
     def start(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[State, Cache]:
         """Zero states (h1, c1, h2, c2) and the cache {features, mask, proj, mean}."""
+        if self.cbam is not None:  # grid features refined before the attention reads them
+            features = self.cbam(features)
         zeros = features.new_zeros(features.shape[0], self.lstm_dim)
         cache = {
             "features": features,
@@ -234,6 +244,10 @@ CORES: dict[str, type[nn.Module]] = {"updown": UpDownCore, "sat": SATCore, "adap
 
 def build_core(vocab_size: int, cfg: CaptionerConfig) -> DecoderCore:
     """The decoder core named by ``cfg.kind``."""
+    if cfg.kind == "sca":
+        from heads.sca import SCACore  # it imports this module
+
+        return cast(DecoderCore, SCACore(vocab_size, cfg))
     if cfg.kind not in CORES:
         raise ValueError(f"captioner kind must be one of {sorted(CORES)}; got {cfg.kind!r}")
     return cast(DecoderCore, CORES[cfg.kind](vocab_size, cfg))

@@ -28,7 +28,7 @@ from heads.data import (
 from heads.decoding import Captioner
 from heads.metrics.captions import CiderD
 from heads.objectives import caption_batch_loss, scst_loss, vqa_loss
-from heads.regions import RegionBatch, collate_records
+from heads.regions import RegionBatch, collate_records, grid_as_regions
 from heads.train import TrainSettings, fit
 from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
 from heads.vqa import UpDownVQA, VQAConfig
@@ -45,6 +45,7 @@ class FileRegions:
         image_ids: Sequence[str],
         l2_normalise: bool,
         device: torch.device | str = "cpu",
+        grid_size: int = 0,
     ) -> None:
         from store.h5 import FeatureFile
 
@@ -52,11 +53,15 @@ class FileRegions:
         self.image_ids = list(image_ids)
         self.l2 = l2_normalise
         self.device = torch.device(device)
+        self.grid_size = grid_size
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> RegionBatch:
-        """Padded batch of images ``rows``, on ``device``."""
+        """Padded batch of images ``rows`` (their grid cells with ``grid_size``), on ``device``."""
         ids = [self.image_ids[int(r)] for r in torch.as_tensor(rows).tolist()]
-        batch = collate_records([self.file.get(i) for i in ids], l2_normalise=self.l2)
+        records = [self.file.get(i) for i in ids]
+        if self.grid_size:
+            records = [grid_as_regions(r, self.grid_size) for r in records]
+        batch = collate_records(records, l2_normalise=self.l2)
         return batch.to(self.device)
 
 
@@ -79,6 +84,22 @@ def _feature_dim(path: Path) -> int:
         return int(ff.feature_dim)
 
 
+def _grid_size(args: argparse.Namespace) -> int:
+    """G of the file's grids with ``--grid`` (SystemExit when it has none), else 0; ``--cbam``
+    needs ``--grid``."""
+    from store.h5 import FeatureFile
+
+    if getattr(args, "cbam", False) and not getattr(args, "grid", False):
+        raise SystemExit("--cbam refines grid features: add --grid (a --grid-size feature file)")
+    if not getattr(args, "grid", False):
+        return 0
+    with FeatureFile(args.features) as ff:
+        g = ff.grid_size
+    if not g:
+        raise SystemExit(f"{args.features} has no grid features: extract it with --grid-size G")
+    return int(g)
+
+
 def train_vqa(args: argparse.Namespace) -> None:
     """Answer set (≥ 9 occurrences), question vocabulary, then BCE training."""
     items = read_vqa(args.questions, args.annotations)
@@ -89,6 +110,9 @@ def train_vqa(args: argparse.Namespace) -> None:
     ex = vqa_examples(items, rows, vocab, answers)
     head = args.head or "updown"
     d = _feature_dim(args.features)
+    g = _grid_size(args)
+    if head == "ban" and g:
+        raise SystemExit("--grid: the BAN head reads region sets only here; use --head updown")
     sizes = {} if args.hidden is None else {"hidden_dim": args.hidden}
     if head == "ban":
         cfg: Any = BANConfig(feature_dim=d, **sizes)
@@ -97,7 +121,7 @@ def train_vqa(args: argparse.Namespace) -> None:
         if args.hidden is not None:
             sizes["question_dim"] = args.hidden
         variant = "hengyuan" if head == "updown_relu" else "paper"
-        cfg = VQAConfig(variant=variant, feature_dim=d, **sizes)
+        cfg = VQAConfig(variant=variant, feature_dim=d, grid_size=g, cbam=bool(args.cbam), **sizes)
         model = UpDownVQA(len(vocab), len(answers), cfg)
     recipe = args.recipe or ("ban" if head == "ban" else "hengyuan")
     batch = args.batch_size or (256 if head == "ban" else 512)
@@ -105,7 +129,7 @@ def train_vqa(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     model.to(device)
     ex = ex.to(device)
-    regions = FileRegions(args.features, ids, l2_normalise=True, device=device)
+    regions = FileRegions(args.features, ids, l2_normalise=True, device=device, grid_size=g)
     meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
             "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +158,15 @@ def train_caption(args: argparse.Namespace) -> None:
     ex = caption_examples(items, rows, vocab)
     h = args.hidden
     sizes = {} if h is None else {"lstm_dim": h, "att_dim": max(h // 2, 1), "embed_dim": h}
+    g = _grid_size(args)
+    if args.cbam and args.head not in (None, "updown", "sca"):
+        raise SystemExit("--cbam is built into the updown and sca captioners")
     cfg = CaptionerConfig(
-        kind=args.head or "updown", feature_dim=_feature_dim(args.features), **sizes
+        kind=args.head or "updown",
+        feature_dim=_feature_dim(args.features),
+        grid_size=g,
+        cbam=bool(args.cbam),
+        **sizes,
     )
     device = torch.device(args.device)
     model = Captioner(len(vocab), cfg).to(device)
@@ -143,7 +174,7 @@ def train_caption(args: argparse.Namespace) -> None:
     recipe = args.recipe or "updown_caffe"
     batch = args.batch_size or 100
     settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
-    regions = FileRegions(args.features, ids, l2_normalise=False, device=device)
+    regions = FileRegions(args.features, ids, l2_normalise=False, device=device, grid_size=g)
     meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
     args.out.mkdir(parents=True, exist_ok=True)
     lam = args.ds_lambda if cfg.kind == "sat" else 0.0

@@ -25,7 +25,7 @@ from torch import nn
 from heads.ban import BAN, BANConfig
 from heads.captioners import CaptionerConfig
 from heads.decoding import Captioner, strip_tokens
-from heads.regions import collate_records
+from heads.regions import collate_records, grid_as_regions
 from heads.vocab import ALLOWED_MULTIPLE, BOS, Vocabulary, left_pad, tokenize_question
 from heads.vqa import UpDownVQA, VQAConfig
 from store.records import FeatureRecord
@@ -58,6 +58,13 @@ def load_head(
     model = build_head(ckpt["meta"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["meta"]
+
+
+def head_input(meta: dict[str, Any], record: FeatureRecord) -> FeatureRecord:
+    """What the head reads of ``record``: its regions, or its grid cells for a head trained on
+    grid features (``config["grid_size"]`` > 0; ValueError when the record has no such grid)."""
+    g = int(meta["config"].get("grid_size", 0))
+    return grid_as_regions(record, g) if g else record
 
 
 def check_features(meta: dict[str, Any], record: FeatureRecord) -> None:
@@ -99,6 +106,7 @@ def caption(
 
     Runs on the head's device (``head_device``); the result is on the CPU.
     """
+    record = head_input(meta, record)
     check_features(meta, record)
     device = head_device(model)
     vocab = Vocabulary(meta["vocab"])
@@ -124,6 +132,7 @@ def answer(
     model: nn.Module, meta: dict[str, Any], record: FeatureRecord, question: str, top: int = 5
 ) -> Answer:
     """Answer one question about one image, on the head's device (``head_device``)."""
+    record = head_input(meta, record)
     check_features(meta, record)
     device = head_device(model)
     vocab = Vocabulary(meta["vocab"])

@@ -136,3 +136,45 @@ def collate_records(
         torch.from_numpy(spatial),
         tuple(r.image_id for r in records),
     )
+
+
+def grid_as_regions(record: FeatureRecord, grid_size: int) -> FeatureRecord:
+    """The record's (G, G, D) grid as a set of G*G "regions" that every head reads.
+
+    Cells are in row-major order (top row first), each with its cell rectangle as the box (in
+    original-image pixels) and no label (ids 0, confidences 1); ``model_version`` and the image
+    size are kept.
+
+    Raises:
+        ValueError: the record has no grid, or one of another size than ``grid_size``.
+    """
+    grid = record.grid
+    if grid is None:
+        raise ValueError(
+            f"this head reads {grid_size}x{grid_size} grid features; image {record.image_id!r} "
+            f"has regions only: extract it with grid_size={grid_size} (--grid-size)"
+        )
+    g, d = int(grid.shape[0]), int(grid.shape[2])
+    if g != grid_size:
+        raise ValueError(
+            f"this head was trained on {grid_size}x{grid_size} grids; image {record.image_id!r} "
+            f"has a {g}x{g} grid"
+        )
+    col, row = np.meshgrid(np.arange(g), np.arange(g))  # (G, G) each, row-major
+    cw, ch = record.image_w / g, record.image_h / g
+    boxes = np.stack([col * cw, row * ch, (col + 1) * cw, (row + 1) * ch], axis=-1)
+    k = g * g
+    return FeatureRecord(
+        image_id=record.image_id,
+        image_w=record.image_w,
+        image_h=record.image_h,
+        boxes=boxes.reshape(k, 4).astype(np.float32),
+        features=grid.reshape(k, d),
+        objects_id=np.zeros(k, np.int64),
+        objects_conf=np.ones(k, np.float32),
+        attrs_id=np.zeros(k, np.int64),
+        attrs_conf=np.ones(k, np.float32),
+        model_version=record.model_version,
+        extra=dict(record.extra),
+        grid=grid,
+    )

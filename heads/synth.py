@@ -10,6 +10,14 @@ each image to K ∈ [10, 16], and the region order is shuffled.
 
 Each record's ``extra["object"]`` gives, per region, the index of the scene object it shows
 (-1 for clutter); it is used only to score where the attention lands.
+
+Grid scenes (``SynthWorld.grid_scene``, ``make_scenes(grid=True)``) render the same world as the
+detector's grid features would show it: a GRID x GRID map (the 4 x 4 layout the objects are
+placed on) whose cell holding an object is ``relu(object code + 0.5 stuff code + noise)`` (the
+background leaks into the cell) and every other cell ``relu(stuff code + noise)``. The record
+carries the map as ``grid`` (G, G, D) and, so that every head and diagnostic reads it unchanged,
+also as its G*G "regions" in row-major order (boxes = the cells, not shuffled: CBAM's
+convolution reads the layout).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -102,6 +110,35 @@ class SynthWorld:
         return Scene(objects, _record(image_id, feats, boxes, owner, objects, order))
 
 
+def grid_scene(
+    world: SynthWorld,
+    image_id: str,
+    rng: np.random.Generator,
+    min_objects: int = 1,
+    max_objects: int = 6,
+) -> Scene:
+    """One random scene rendered as a GRID x GRID map of cell features."""
+    n = int(rng.integers(min_objects, max_objects + 1))
+    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    objects = tuple(_object(int(c), rng) for c in cells)
+    owner = np.full(GRID * GRID, -1)
+    owner[cells] = np.arange(n)
+    feats = []
+    for cell in range(GRID * GRID):
+        code = world.stuff_codes[rng.integers(NUM_STUFF)]
+        if owner[cell] >= 0:
+            o = objects[owner[cell]]
+            code = world.color_codes[o.color] + world.shape_codes[o.shape] + world.size_codes[
+                o.size] + 0.5 * code  # fmt: skip
+        feats.append(world._feature(code, rng))
+    cw, ch = IMAGE_W / GRID, IMAGE_H / GRID
+    boxes = [((c % GRID) * cw, (c // GRID) * ch, (c % GRID + 1) * cw, (c // GRID + 1) * ch)
+             for c in range(GRID * GRID)]  # fmt: skip
+    rec = _record(image_id, feats, boxes, owner.tolist(), objects, np.arange(GRID * GRID))
+    grid = rec.features.reshape(GRID, GRID, world.dim)
+    return Scene(objects, replace(rec, grid=grid))
+
+
 def _object(cell: int, rng: np.random.Generator) -> SceneObject:
     cw, ch = IMAGE_W / GRID, IMAGE_H / GRID
     size = int(rng.integers(len(SIZES)))
@@ -159,10 +196,19 @@ def _record(
 
 
 def make_scenes(
-    world: SynthWorld, n: int, seed: int, min_objects: int = 1, max_objects: int = 6
+    world: SynthWorld,
+    n: int,
+    seed: int,
+    min_objects: int = 1,
+    max_objects: int = 6,
+    grid: bool = False,
 ) -> list[Scene]:
-    """``n`` scenes with ids ``synth-<seed>-<i>``."""
+    """``n`` scenes with ids ``synth-<seed>-<i>``; ``grid`` renders them as grid maps."""
     rng = np.random.default_rng(seed)
+    if grid:
+        return [
+            grid_scene(world, f"synth-{seed}-{i}", rng, min_objects, max_objects) for i in range(n)
+        ]
     return [world.scene(f"synth-{seed}-{i}", rng, min_objects, max_objects) for i in range(n)]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heads.cbam import grid_cbam
 from heads.layers import Activation, masked_softmax, nonlinear_fc, wn_linear
 from heads.regions import RegionBatch
 from heads.vocab import PAD
@@ -44,6 +45,8 @@ class VQAConfig:
     hidden_dim: int = 512  # joint space (hengyuan-hu: 1024)
     dropout: float = 0.2  # attention dropout (hengyuan variant only)
     classifier_dropout: float = 0.5  # hengyuan variant only
+    grid_size: int = 0  # G > 0: the K inputs are G*G grid cells (docs/grids.md); 0: regions
+    cbam: bool = False  # refine grid features with CBAM before the attention (heads.cbam)
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,7 @@ class UpDownVQA(nn.Module):
             )
 
         _prior_bias_(self.classifier[-1], num_answers)
+        self.cbam = grid_cbam(cfg.cbam, cfg.grid_size, d)
 
     def attend(self, v: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, K, D), (B, Q), (B, K) -> α (B, K), 0 on padded regions."""
@@ -115,8 +119,9 @@ class UpDownVQA(nn.Module):
     def forward(self, regions: RegionBatch, questions: torch.Tensor) -> VQAOutput:
         """regions (B, K, D) + mask, questions (B, L) left-padded -> logits (B, N)."""
         q = self.question(questions)[:, -1]  # (B, Q)
-        alpha = self.attend(regions.features, q, regions.mask)
-        v_hat = torch.bmm(alpha.unsqueeze(1), regions.features).squeeze(1)  # (B, D)
+        v = regions.features if self.cbam is None else self.cbam(regions.features)
+        alpha = self.attend(v, q, regions.mask)
+        v_hat = torch.bmm(alpha.unsqueeze(1), v).squeeze(1)  # (B, D)
         joint = self.q_net(q) * self.v_net(v_hat)  # (B, H)
         return VQAOutput(self.classifier(joint), alpha)
 

@@ -27,7 +27,7 @@ from service.job_uploads import UploadArea
 from service.metrics import Metrics
 from service.online import ModelVersions, OnlineService, new_request_id
 from service.openapi import install_openapi
-from service.routes import features, heads, health, jobs
+from service.routes import exports, features, heads, health, jobs
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         FeatureIndex(client),
         max_open=settings.max_open_shards,
         cache_bytes=settings.record_cache_mib * 2**20,
+        store_url=settings.store_url,
     )
     return queue, store
 
@@ -196,7 +197,8 @@ def create_app(
         _wire(app, queue, store)
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     install_error_handlers(app)
-    for router in (features.router, heads.router, jobs.router, health.router):
+    routers = (features.router, heads.router, jobs.router, exports.router, health.router)
+    for router in routers:
         app.include_router(router)
     install_openapi(app)
     return app

@@ -77,6 +77,8 @@ def decode_record(body: dict[str, Any]) -> dict[str, Any]:
         out[name] = np.asarray(body[name], dtype=dtype)
     out["boxes"] = out["boxes"].reshape(-1, 4)
     out["features"] = decode_features(body["features"])
+    if body.get("grid") is not None:
+        out["grid"] = decode_features(body["grid"])
     return out
 
 
@@ -93,6 +95,7 @@ def to_record(regions: dict[str, Any]) -> FeatureRecord:
         attrs_id=regions["attrs_id"],
         attrs_conf=regions["attrs_conf"],
         model_version=str(regions["model_version"]),
+        grid=regions.get("grid"),
     )
 
 
@@ -160,7 +163,8 @@ class Client:
         **options: int | float,
     ) -> dict[str, Any]:
         """Regions of one image (a path or its bytes); ``options`` = min_boxes, max_boxes,
-        conf_thresh. Cached images come back without reaching a worker (``cached`` True)."""
+        conf_thresh, grid_size (adds ``grid`` (G, G, D)). Cached images come back without
+        reaching a worker (``cached`` True)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
         params: dict[str, Any] = {"dtype": dtype, **options}
         if image_id is not None:
@@ -174,12 +178,20 @@ class Client:
         return decode_record(response.json())
 
     def get(
-        self, image_id: str, namespace: str | None = None, *, dtype: str = "float16"
+        self,
+        image_id: str,
+        namespace: str | None = None,
+        *,
+        dtype: str = "float16",
+        model_version: str | None = None,
     ) -> dict[str, Any]:
-        """Cached regions by the caller's image id (``ButdError`` 404 when unknown)."""
+        """Cached regions by the caller's image id (``ButdError`` 404 when unknown); a
+        ``model_version`` other than the current one (e.g. a grid extraction's) reads that."""
         params: dict[str, Any] = {"dtype": dtype}
         if namespace is not None:
             params["namespace"] = namespace
+        if model_version is not None:
+            params["model_version"] = model_version
         return decode_record(self._request("GET", f"/v1/features/{image_id}", params=params).json())
 
     def get_by_sha256(self, sha256: str, *, dtype: str = "float16") -> dict[str, Any]:
@@ -188,11 +200,18 @@ class Client:
         return decode_record(response.json())
 
     def get_npz(
-        self, image_id: str, namespace: str | None = None, *, sha256: bool = False
+        self,
+        image_id: str,
+        namespace: str | None = None,
+        *,
+        sha256: bool = False,
+        model_version: str | None = None,
     ) -> bytes:
         """The cached record as .npz bytes (``image_id`` is a content hash when ``sha256``)."""
         url = f"/v1/features/sha256/{image_id}" if sha256 else f"/v1/features/{image_id}"
         params = {"namespace": namespace} if namespace and not sha256 else {}
+        if model_version is not None:
+            params["model_version"] = model_version
         headers = {"Accept": "application/x-npz"}
         return self._request("GET", url, params=params, headers=headers).content
 
@@ -344,6 +363,18 @@ class Client:
         else:
             tmp.replace(out)
         return out
+
+    def export_to_url(
+        self, job_id: str, format: str, url: str, *, model_version: str | None = None
+    ) -> dict[str, Any]:
+        """Have the gateway write a job's export to ``url`` (``s3://bucket/key``, under its
+        ``BUTD_EXPORT_URLS``); returns ``{"url", "records", "bytes", "model_version"}``."""
+        body = {"url": url, "format": format, "model_version": model_version}
+        response = self._http.post(f"/v1/jobs/{job_id}/exports", json=body)
+        if response.status_code >= 400:
+            raise ButdError(response)
+        written: dict[str, Any] = response.json()
+        return written
 
     # --- health -------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Shapes: N regions, D feature size. Binary formats hold the arrays ``boxes (N,4) f32``,
 ``features (N,D) f16|f32``, ``objects_id``, ``attrs_id`` (N,) i64, ``objects_conf``,
-``attrs_conf`` (N,) f32, ``image_size`` (2,) i64 = (w, h); the ids and provenance travel as
+``attrs_conf`` (N,) f32, ``image_size`` (2,) i64 = (w, h), and ``grid (G,G,D) f16|f32`` when the
+record has grid features; the ids and provenance travel as
 metadata (npz: 0-d string arrays; safetensors: the header's ``__metadata__``).
 """
 
@@ -67,7 +68,6 @@ def _metadata(stored: StoredRecord, extra: dict[str, Any]) -> dict[str, Any]:
 def to_json(stored: StoredRecord, dtype: str, extra: dict[str, Any]) -> dict[str, Any]:
     """JSON body of ``FeaturesResponse``; ``extra`` adds request_id, namespace, cached."""
     rec = stored.record
-    feats = np.ascontiguousarray(rec.features, dtype=np.dtype(dtype).newbyteorder("<"))
     body = _metadata(stored, extra)
     body.update(
         image_w=rec.image_w,
@@ -80,19 +80,26 @@ def to_json(stored: StoredRecord, dtype: str, extra: dict[str, Any]) -> dict[str
         attrs_id=rec.attrs_id.tolist(),
         attributes=_names(stored.attributes_vocab, rec.attrs_id),
         attrs_conf=rec.attrs_conf.astype(np.float64).round(6).tolist(),
-        features={
-            "dtype": dtype,
-            "shape": list(feats.shape),
-            "encoding": "base64",
-            "byte_order": "little",
-            "data": base64.b64encode(feats.tobytes()).decode("ascii"),
-        },
+        features=_b64_array(rec.features, dtype),
     )
+    if rec.grid is not None:
+        body["grid"] = _b64_array(rec.grid, dtype)
     return body
 
 
+def _b64_array(array: np.ndarray, dtype: str) -> dict[str, Any]:
+    data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<"))
+    return {
+        "dtype": dtype,
+        "shape": list(data.shape),
+        "encoding": "base64",
+        "byte_order": "little",
+        "data": base64.b64encode(data.tobytes()).decode("ascii"),
+    }
+
+
 def decode_features(features: dict[str, Any]) -> np.ndarray:
-    """Inverse of the ``features`` field of ``to_json``: (N, D) array of the stated dtype."""
+    """Inverse of the ``features`` (or ``grid``) field of ``to_json``: the array, stated dtype."""
     dtype = np.dtype(features["dtype"]).newbyteorder("<")
     raw = base64.b64decode(features["data"])
     return np.frombuffer(raw, dtype=dtype).reshape(features["shape"])
@@ -100,6 +107,7 @@ def decode_features(features: dict[str, Any]) -> np.ndarray:
 
 def _arrays(stored: StoredRecord, dtype: str) -> dict[str, np.ndarray]:
     rec = stored.record
+    grid = {} if rec.grid is None else {"grid": np.ascontiguousarray(rec.grid, dtype=dtype)}
     return {
         "boxes": np.ascontiguousarray(rec.boxes, dtype=np.float32),
         "features": np.ascontiguousarray(rec.features, dtype=dtype),
@@ -108,6 +116,7 @@ def _arrays(stored: StoredRecord, dtype: str) -> dict[str, np.ndarray]:
         "attrs_id": np.ascontiguousarray(rec.attrs_id, dtype=np.int64),
         "attrs_conf": np.ascontiguousarray(rec.attrs_conf, dtype=np.float32),
         "image_size": np.array([rec.image_w, rec.image_h], dtype=np.int64),
+        **grid,
     }
 
 

@@ -105,6 +105,13 @@ class UnauthorizedError(ServiceError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class ObjectStoreError(ServiceError):
+    """The object store (S3, ...) refused or failed a read or write the request needed."""
+
+    status_code = 502
+    code = "object_store_error"
+
+
 class OverloadedError(ServiceError):
     """The online queue is full or no worker is live: retry after ``retry_after_s`` seconds."""
 

@@ -29,6 +29,12 @@ class ExtractOptions(BaseModel):
     conf_thresh: float | None = Field(
         default=None, ge=0.0, le=1.0, description="class-confidence threshold of the 10-100 rule"
     )
+    grid_size: int | None = Field(
+        default=None,
+        ge=0,
+        le=32,
+        description="also return a G x G grid of res5 features from the same pass (0 = none)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> ExtractOptions:
@@ -77,6 +83,9 @@ class FeaturesResponse(BaseModel):
     attributes: list[str]
     attrs_conf: list[float]
     features: FeatureArray
+    grid: FeatureArray | None = Field(
+        default=None, description="(G, G, D) grid features, when the extraction asked for them"
+    )
     model_version: str
     model: ModelInfo
     cached: bool = Field(description="served from the store without reaching a worker")

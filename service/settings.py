@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     )
     # Root of the feature store (sealed shards, index, job uploads); shared with the workers.
     store_dir: Path = Path("butd-store")
+    # fsspec URL of the sealed shards when they live in object storage (s3://bucket/prefix;
+    # the workers' BUTD_STORE_URL); unset = STORE_DIR/shards. GETs then read only the blocks
+    # holding the image's rows (ranged reads; store.objects).
+    store_url: str | None = None
+    # URL prefixes batch jobs may read from (comma-separated, e.g. s3://datasets/coco/);
+    # empty = URL sources refused. Credentials come from the store's standard environment.
+    allowed_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # URL prefixes job exports may be written to (POST /v1/jobs/{id}/exports); empty = refused.
+    export_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Cache key of the default extraction. None = read it from live worker heartbeats (the
     # newest heartbeat with a loaded model wins); set it to pin the gateway to one version.
     model_version: str | None = None
@@ -106,7 +115,7 @@ class Settings(BaseSettings):
     # Device of the embedded worker ("cpu", "cuda", "cuda:1").
     device: str = "cpu"
 
-    @field_validator("api_keys", "image_suffixes", mode="before")
+    @field_validator("api_keys", "image_suffixes", "allowed_urls", "export_urls", mode="before")
     @classmethod
     def _parse_str_list(cls, value: object) -> list[str]:
         return _split_list(value)

@@ -28,18 +28,18 @@ from pathlib import Path
 from typing import Any
 
 from service.backend import StoredRecord
-from service.errors import NotFoundError
+from service.errors import InvalidRequestError, NotFoundError
 from store.exporters import EXPORTERS
 from store.h5 import FeatureFile
 from store.h5_writer import write_feature_file
 from store.index import FeatureIndex
+from store.objects import BucketShards, open_readers
 from store.records import FeatureRecord
 from store.shards import (
     Alias,
     Location,
     ShardEntries,
     ShardMissingError,
-    ShardReaders,
     seal_shard,
 )
 
@@ -62,6 +62,19 @@ class _VersionMeta:
     config: dict[str, Any]
     feature_dim: int
     feature_dtype: str
+    grid_size: int = 0
+
+
+def _meta_of(f: FeatureFile) -> _VersionMeta:
+    return _VersionMeta(
+        objects_vocab=tuple(f.objects_vocab),
+        attributes_vocab=tuple(f.attributes_vocab),
+        description=str(f.config.get("description", "")),
+        config=dict(f.config),
+        feature_dim=f.feature_dim,
+        feature_dtype=f.feature_dtype.name,
+        grid_size=f.grid_size,
+    )
 
 
 class IndexedStore:
@@ -72,6 +85,8 @@ class IndexedStore:
         index: the feature index (its Redis client is the gateway's).
         max_open: most shard files kept open at once.
         cache_bytes: budget of the in-memory record LRU (array bytes); 0 disables it.
+        store_url: the bucket prefix of the sealed shards (``store.objects``), or None for
+            ``root/shards``. Alias-only shards the gateway seals are uploaded there too.
     """
 
     def __init__(
@@ -81,12 +96,14 @@ class IndexedStore:
         *,
         max_open: int = 64,
         cache_bytes: int = 0,
+        store_url: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.shards = self.root / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
         self.index = index
-        self.readers = ShardReaders(self.shards, max_open=max_open)
+        self.bucket = BucketShards(store_url) if store_url else None
+        self.readers = open_readers(self.shards, store_url, max_open=max_open)
         self._meta: dict[str, _VersionMeta] = {}
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple[str, str], StoredRecord] = OrderedDict()
@@ -119,15 +136,7 @@ class IndexedStore:
         with self._lock:
             meta = self._meta.get(model_version)
             if meta is None:
-                with FeatureFile(self.shards / shard) as f:
-                    meta = _VersionMeta(
-                        objects_vocab=tuple(f.objects_vocab),
-                        attributes_vocab=tuple(f.attributes_vocab),
-                        description=str(f.config.get("description", "")),
-                        config=dict(f.config),
-                        feature_dim=f.feature_dim,
-                        feature_dtype=f.feature_dtype.name,
-                    )
+                meta = self.readers.with_file(shard, _meta_of)
                 self._meta[model_version] = meta
             return meta
 
@@ -202,6 +211,8 @@ class IndexedStore:
             return
         alias = Alias(namespace, image_id, sha256)
         info = seal_shard(self.shards, [], model_version="", aliases=[alias], worker_id="gateway")
+        if self.bucket is not None:
+            self.bucket.upload(self.shards / info.name)
         self.index.put_shard(ShardEntries(info.name, "", 0, [], [alias]))
 
     def export(
@@ -223,6 +234,11 @@ class IndexedStore:
                     f"none of the {len(image_ids)} images is stored under model {model_version}"
                 )
             with FeatureFile(ragged) as ff:
+                if fmt == "h5-grid" and not ff.grid_size:
+                    raise InvalidRequestError(
+                        f"the records under model {model_version} have no grid features; pass "
+                        "the model_version of a grid_size extraction (its X-Model-Version)"
+                    )
                 if fmt == "npz":
                     EXPORTERS[fmt](ff, Path(tmp) / "npz")
                     _zip_dir(Path(tmp) / "npz", out)
@@ -255,6 +271,7 @@ class IndexedStore:
             attributes_vocab=meta.attributes_vocab,
             feature_dim=meta.feature_dim,
             feature_dtype=meta.feature_dtype,
+            grid_size=meta.grid_size,
         )
 
     def close(self) -> None:
@@ -264,7 +281,8 @@ class IndexedStore:
 
 def _nbytes(record: FeatureRecord) -> int:
     arrays = (record.boxes, record.features, record.objects_id, record.objects_conf)
-    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + 512
+    grid = 0 if record.grid is None else record.grid.nbytes
+    return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + grid + 512
 
 
 def _chain(first: FeatureRecord, rest: Any) -> Any:

@@ -20,6 +20,8 @@ Formats (reference heads §1, butd §1.7, §3.2):
   num_boxes, boxes, features`` (base64 float32; w before h). No labels.
 * ``lxmert-tsv``: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
   num_boxes, boxes, features`` (base64; ids int64, the rest float32; h before w).
+* ``h5-grid`` (``store.grid_export``): the grid features of a ``--grid-size`` extraction,
+  ``<image_id>_grids (G*G, D)`` per image, as grid-feature captioning / VQA code reads them.
 * ``npz`` (MILVLG): one ``np.savez_compressed`` file per image, named
   ``quote(image_id, safe="") + ".npz"`` (percent-encoding: "/" -> "%2F", reversible with
   ``urllib.parse.unquote``), fields ``x (N,D) f32``, ``bbox (N,4)``, ``num_bbox``, ``image_h``,
@@ -65,7 +67,7 @@ _LABELS = {"objects_id": np.int64, "objects_conf": np.float32, "attrs_id": np.in
 
 
 @contextlib.contextmanager
-def _atomic(out: Path) -> Iterator[Path]:
+def atomic_path(out: Path) -> Iterator[Path]:
     """Yield a temp path beside ``out``; rename it to ``out`` on success, delete it on error."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -75,6 +77,9 @@ def _atomic(out: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_atomic = atomic_path
 
 
 def imgid2idx_path(out: str | os.PathLike[str]) -> Path:
@@ -331,3 +336,12 @@ EXPORTERS: dict[str, Callable[..., int]] = {
     "lxmert-tsv": export_lxmert_tsv,
     "npz": export_npz,
 }
+
+
+def _register_grid_exporter() -> None:
+    from store.grid_export import export_h5_grid  # imports this module: registered after it
+
+    EXPORTERS["h5-grid"] = export_h5_grid
+
+
+_register_grid_exporter()

@@ -7,6 +7,7 @@ Shape glossary:
     N   images in the file
     R   regions in the file, summed over images (10..100 per image by default)
     D   feature size (2048 for ResNet-101 C4)
+    G   grid side of the optional grid features
 
 Layout (format "1")::
 
@@ -19,8 +20,10 @@ Layout (format "1")::
     features         (R, D) float16 (default) or float32
     objects_id, attrs_id     (R,) int64
     objects_conf, attrs_conf (R,) float32
+    grids            (N, G, G, D) optional, as features' dtype: grid features of each image
+                     (present only in files of a grid_size > 0 extraction; rows follow image_ids)
     root attributes: butd_format, model_version, config (JSON), objects_vocab and
-    attributes_vocab (JSON lists), feature_dtype, feature_dim
+    attributes_vocab (JSON lists), feature_dtype, feature_dim, grid_size (0 when no grids)
 
 Every dataset is chunked and resizable with no compression filter (fp16 without a filter reads
 fastest; reference serving §3.2). A reader sees only images whose ``offsets`` entry was written,
@@ -34,11 +37,12 @@ HDF5 refuses a second writer in another process but not in a forked child (refer
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 import h5py
 import numpy as np
@@ -100,12 +104,16 @@ class FeatureFile(FileHandle):
     is built on first use of an id lookup.
 
     Args:
-        path: an existing feature file.
+        path: an existing feature file (with ``fileobj``: only its name, for messages).
+        fileobj: a seekable binary file object to read instead of ``path`` (an object in a
+            bucket: ``store.objects``); it stays the caller's to close.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fileobj: io.IOBase | BinaryIO | None = None
+    ) -> None:
         self.path = Path(path)
-        self._file = h5py.File(self.path, "r")
+        self._file = h5py.File(fileobj if fileobj is not None else self.path, "r")
         f = self._file
         if "offsets" not in f:
             self._file.close()
@@ -115,6 +123,7 @@ class FeatureFile(FileHandle):
         self._w = f["image_w"][: self._n]
         self._h = f["image_h"][: self._n]
         self._rows = {name: f[name] for name in ("features", *ROW_SETS)}
+        self._grids: h5py.Dataset | None = f.get("grids")
         self._id_dset = f["image_ids"].asstr()
         self._key_cache: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
         self._index: dict[str, int] | None = None
@@ -135,6 +144,11 @@ class FeatureFile(FileHandle):
         dtype: np.dtype[Any] = np.dtype(self._rows["features"].dtype)
         return dtype
 
+    @property
+    def grid_size(self) -> int:
+        """G of the stored grids; 0 when the file holds regions only."""
+        return 0 if self._grids is None else int(self._grids.shape[1])
+
     def writer_meta(self) -> dict[str, Any]:
         """Keyword arguments that make a ``FeatureFileWriter`` of the same kind (no version)."""
         return {
@@ -143,6 +157,7 @@ class FeatureFile(FileHandle):
             "attributes_vocab": self.attributes_vocab,
             "feature_dtype": self.feature_dtype.name,
             "feature_dim": self.feature_dim,
+            "grid_size": self.grid_size,
         }
 
     def _ids_index(self) -> dict[str, int]:
@@ -211,6 +226,7 @@ class FeatureFile(FileHandle):
             image_h=int(self._h[i]),
             model_version=self.model_version,
             extra=extra,
+            grid=None if self._grids is None else self._grids[i],
             **arrays,
         )
 

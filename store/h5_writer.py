@@ -59,6 +59,8 @@ class FeatureFileWriter(FileHandle):
             keyed by content and may repeat an id across namespaces, pass False.
         size_hint: (images, regions) of a file written once (a shard): chunks are capped at
             that size so a small file stays small. None for files that grow.
+        grid_size: G > 0 adds the ``grids`` dataset (N, G, G, D); every record must then carry
+            a (G, G, D) grid, and with 0 none may.
 
     Raises:
         FeatureFileError: an existing file with another model_version, D or feature dtype.
@@ -76,6 +78,7 @@ class FeatureFileWriter(FileHandle):
         feature_dim: int,
         unique_ids: bool = True,
         size_hint: tuple[int, int] | None = None,
+        grid_size: int = 0,
     ) -> None:
         if feature_dtype not in ("float16", "float32"):
             raise FeatureFileError(f"feature_dtype must be float16 or float32; got {feature_dtype}")
@@ -84,6 +87,7 @@ class FeatureFileWriter(FileHandle):
         self.feature_dim = int(feature_dim)
         self.feature_dtype = np.dtype(feature_dtype)
         self.unique_ids = unique_ids
+        self.grid_size = int(grid_size)
         self._file: h5py.File = h5py.File(self.path, "a")
         if "offsets" in self._file:
             self._check_existing()
@@ -128,6 +132,13 @@ class FeatureFileWriter(FileHandle):
             f.create_dataset(
                 name, (0, *tail), dtype=dtype, maxshape=(None, *tail), chunks=(scalar_chunk, *tail)
             )
+        f.attrs["grid_size"] = self.grid_size
+        if self.grid_size:
+            cell = (self.grid_size, self.grid_size, self.feature_dim)
+            f.create_dataset(
+                "grids", (0, *cell), dtype=self.feature_dtype, maxshape=(None, *cell),
+                chunks=(1, *cell),
+            )  # fmt: skip
         f.flush()
 
     def _check_existing(self) -> None:
@@ -136,11 +147,13 @@ class FeatureFileWriter(FileHandle):
             "model_version": attr_str(f.attrs.get("model_version", "")),
             "feature_dim": int(f["features"].shape[1]),
             "feature_dtype": f["features"].dtype.name,
+            "grid_size": int(f["grids"].shape[1]) if "grids" in f else 0,
         }
         wanted = {
             "model_version": self.model_version,
             "feature_dim": self.feature_dim,
             "feature_dtype": self.feature_dtype.name,
+            "grid_size": self.grid_size,
         }
         for key, value in wanted.items():
             if found[key] != value:
@@ -154,10 +167,10 @@ class FeatureFileWriter(FileHandle):
         f = self._file
         n = len(f["offsets"]) - 1
         rows = int(f["offsets"][n])
-        for name in IMAGE_SETS:
+        for name in (*IMAGE_SETS, *(("grids",) if "grids" in f else ())):
             if len(f[name]) != n:
                 logger.warning("%s: trimming %s from %d to %d", self.path, name, len(f[name]), n)
-                f[name].resize((n,))
+                f[name].resize(n, axis=0)
         for name in ("features", *ROW_SETS):
             if f[name].shape[0] != rows:
                 logger.warning("%s: trimming %s to %d rows", self.path, name, rows)
@@ -183,11 +196,21 @@ class FeatureFileWriter(FileHandle):
                     f"record {rec.image_id!r} has D={rec.feature_dim}; file holds D="
                     f"{self.feature_dim}"
                 )
+            self._validate_grid(rec)
             if not self.unique_ids:
                 continue
             if rec.image_id in seen or rec.image_id in batch:
                 raise FeatureFileError(f"image id {rec.image_id!r} is already in {self.path}")
             batch.add(rec.image_id)
+
+    def _validate_grid(self, rec: FeatureRecord) -> None:
+        g = self.grid_size
+        found = None if rec.grid is None else tuple(rec.grid.shape)
+        wanted = (g, g, self.feature_dim) if g else None
+        if found != wanted:
+            raise FeatureFileError(
+                f"record {rec.image_id!r} has grid {found}; file {self.path} holds grids {wanted}"
+            )
 
     def append(self, records: Sequence[FeatureRecord]) -> None:
         """Append records (rows first, offsets last) and flush.
@@ -237,6 +260,10 @@ class FeatureFileWriter(FileHandle):
         for name, values in columns.items():
             f[name].resize((n0 + len(records),))
             f[name][n0:] = np.array(values, dtype=object if f[name].dtype == STR_DTYPE else None)
+        if self.grid_size:
+            grids = np.stack([rec.grid for rec in records if rec.grid is not None])
+            f["grids"].resize(n0 + len(records), axis=0)
+            f["grids"][n0:] = grids.astype(self.feature_dtype, copy=False)
 
 
 def write_feature_file(

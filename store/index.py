@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -111,6 +111,13 @@ class FeatureIndex:
         """Where the record of these image bytes under this model version lives, or None."""
         value = self.client.hget(self.loc_key(model_version), content_sha256)
         return None if value is None else _decode(value)
+
+    def stored_contents(self, model_version: str, shas: Sequence[str]) -> set[str]:
+        """Those of ``shas`` that have a record under ``model_version`` (one HMGET)."""
+        if not shas:
+            return set()
+        values = self.client.hmget(self.loc_key(model_version), list(shas))
+        return {sha for sha, value in zip(shas, values, strict=True) if value is not None}
 
     def lookup_alias(self, namespace: str, image_id: str) -> str | None:
         """The content sha256 bound to ``(namespace, image_id)``, or None."""

@@ -2,6 +2,7 @@
 
 Shape glossary:
     N   kept regions of one image (10..100 with the default selection rule)
+    G   grid side of the optional grid features (G x G cells)
     D   feature size (2048 for ResNet-101 C4; smaller for narrow test models)
 
 Conventions (ARCHITECTURE.md, STYLE.md §5):
@@ -42,6 +43,9 @@ class FeatureRecord:
         attrs_id: (N,) int64, 0-based attribute (no-attribute excluded).
         attrs_conf: (N,) float32, probability of ``attrs_id``.
         model_version: hash of the weights and the extraction config that produced the record.
+        extra: side information of the store (content sha256, namespace); not compared.
+        grid: optional (G, G, D) float32 or float16 grid features of the whole image from the
+            same detector pass (row-major cells, top-left first); None when not requested.
     """
 
     image_id: str
@@ -55,6 +59,7 @@ class FeatureRecord:
     attrs_conf: FloatArray
     model_version: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    grid: FloatArray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = self.num_boxes
@@ -67,6 +72,8 @@ class FeatureRecord:
         _check(self.objects_conf, "objects_conf", (n,), np.float32)
         _check(self.attrs_id, "attrs_id", (n,), np.int64)
         _check(self.attrs_conf, "attrs_conf", (n,), np.float32)
+        if self.grid is not None:
+            _check_grid(self.grid, self.feature_dim)
         if self.image_w <= 0 or self.image_h <= 0:
             raise RecordError(f"image size must be positive; got {self.image_w}x{self.image_h}")
 
@@ -88,6 +95,15 @@ class FeatureRecord:
         norm = b / scale
         wh = np.stack([(b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1)
         return np.concatenate([norm, wh.astype(np.float32)], axis=1).astype(np.float32)
+
+
+def _check_grid(grid: Any, dim: int) -> None:
+    if not isinstance(grid, np.ndarray):
+        raise RecordError(f"grid must be a numpy array; got {type(grid).__name__}")
+    if grid.ndim != 3 or grid.shape[0] != grid.shape[1] or grid.shape[2] != dim:
+        raise RecordError(f"grid must be (G, G, D={dim}); got {grid.shape}")
+    if grid.dtype not in (np.float32, np.float16):
+        raise RecordError(f"grid must be float32 or float16; got {grid.dtype}")
 
 
 def _check(arr: Any, name: str, shape: tuple[int, ...], dtype: type) -> None:

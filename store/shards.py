@@ -27,10 +27,10 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -47,6 +47,7 @@ RETIRED_SUFFIX = ".retired"
 _STR = h5py.string_dtype("utf-8")
 _SEQ = itertools.count()
 _ALIAS_SETS = ("alias_namespace", "alias_image_id", "alias_sha256")
+T = TypeVar("T")
 
 
 class ShardMissingError(LookupError):
@@ -160,7 +161,8 @@ def seal_shard(
             ``extra["namespace"]``; all of ``model_version``.
         model_version: stored as the root attribute; records must match.
         meta: FeatureFileWriter metadata: config, objects_vocab, attributes_vocab,
-            feature_dtype (default "float16"), feature_dim (default: from the records).
+            feature_dtype (default "float16"), feature_dim and grid_size (default: from the
+            records; a shard holds one model version, so all or none carry a grid).
         aliases: extra ``(namespace, image_id) -> sha`` bindings to store with the shard.
         worker_id: prefix of the shard name.
         sealed_at: ns timestamp (default now); reindex replays shards in this order.
@@ -175,6 +177,8 @@ def seal_shard(
         if not rec.extra.get("content_sha256"):
             raise ValueError(f"record {rec.image_id!r} has no extra['content_sha256']")
     meta.setdefault("feature_dim", records[0].feature_dim if records else 1)
+    first_grid = records[0].grid if records else None
+    meta.setdefault("grid_size", 0 if first_grid is None else int(first_grid.shape[0]))
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     name = new_shard_name(worker_id)
@@ -277,15 +281,28 @@ class ShardReaders:
         if ff is not None:
             self._handles.move_to_end(shard)
             return ff
-        try:
-            ff = FeatureFile(self.directory / shard)
-        except FileNotFoundError as err:
-            raise ShardMissingError(f"shard {shard!r} is not in {self.directory}") from err
+        ff = self._open(shard)
         self._handles[shard] = ff
         while len(self._handles) > self.max_open:
             _, old = self._handles.popitem(last=False)
             old.close()
+            self._closed(old)
         return ff
+
+    def _open(self, shard: str) -> FeatureFile:
+        """Open one shard (``store.objects.BucketShardReaders`` opens it from a bucket)."""
+        try:
+            return FeatureFile(self.directory / shard)
+        except FileNotFoundError as err:
+            raise ShardMissingError(f"shard {shard!r} is not in {self.directory}") from err
+
+    def _closed(self, ff: FeatureFile) -> None:
+        """Called after a handle was closed (a subclass releases what it opened with it)."""
+
+    def with_file(self, shard: str, fn: Callable[[FeatureFile], T]) -> T:
+        """``fn`` applied to the open handle of ``shard`` (under the lock)."""
+        with self._lock:
+            return fn(self._handle(shard))
 
     def read(self, shard: str, row: int) -> FeatureRecord:
         """The record at image position ``row`` of ``shard``.
@@ -312,3 +329,4 @@ class ShardReaders:
             while self._handles:
                 _, ff = self._handles.popitem()
                 ff.close()
+                self._closed(ff)

@@ -12,15 +12,22 @@ import json
 import random
 from pathlib import Path
 
-from heads.synth import SynthWorld, make_questions, make_scenes, scene_captions
+from heads.synth import GRID, SynthWorld, make_questions, make_scenes, scene_captions
 from store.h5_writer import write_feature_file
 
 
-def write_heads_dataset(root: Path, *, dim: int, scenes: int) -> dict[str, Path]:
-    """Files under ``root``: keys features, karpathy, questions, annotations (and root)."""
-    made = make_scenes(SynthWorld(dim, seed=0), scenes, seed=1, max_objects=3)
+def write_heads_dataset(
+    root: Path, *, dim: int, scenes: int, grid: bool = False
+) -> dict[str, Path]:
+    """Files under ``root``: keys features, karpathy, questions, annotations (and root);
+    ``grid`` renders the scenes as grid maps, stored as the file's ``grids`` too."""
+    made = make_scenes(SynthWorld(dim, seed=0), scenes, seed=1, max_objects=3, grid=grid)
     write_feature_file(
-        root / "f.h5", [s.record for s in made], model_version="synthetic", feature_dim=dim
+        root / "f.h5",
+        [s.record for s in made],
+        model_version="synthetic",
+        feature_dim=dim,
+        grid_size=GRID if grid else 0,
     )
     rng = random.Random(0)
     images = [

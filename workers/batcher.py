@@ -29,6 +29,7 @@ import numpy.typing as npt
 from detector.config import ExtractionConfig
 from store import ids
 from store.images import ImageError, decode_image
+from store.objects import is_url, read_url
 from store.records import FeatureRecord
 from workers.isolate import seal_isolated
 from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
@@ -93,8 +94,8 @@ class Task:
         image_id: the caller's id of the image.
         namespace: the caller's id space.
         options: extraction overrides.
-        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path, or
-            ``ARCHIVE::MEMBER``.
+        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path,
+            ``ARCHIVE::MEMBER`` or an object URL (``s3://bucket/key``).
         content_sha256: the hash the gateway computed ("" when unknown: job items).
         request_id: the online request ("" for job items).
         deadline_ms: epoch ms after which an online task is dropped (0 = none).
@@ -154,7 +155,8 @@ class Loaded:
 
 
 def read_source(source: str, fetch: FetchFn) -> bytes:
-    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, a file, or an archive member.
+    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, an fsspec URL
+    (``s3://bucket/key``), a file, or an archive member.
 
     Raises:
         FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
@@ -164,6 +166,8 @@ def read_source(source: str, fetch: FetchFn) -> bytes:
         if data is None:
             raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
         return data
+    if is_url(source):  # s3://bucket/key or any fsspec URL (store.objects)
+        return read_url(source)
     if ARCHIVE_SEPARATOR in source:
         archive, member = source.split(ARCHIVE_SEPARATOR, 1)
         return _read_member(Path(archive), member)

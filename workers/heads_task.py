@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from store.index import FeatureIndex
+from store.objects import open_readers
 from store.records import FeatureRecord
-from store.shards import ShardReaders
 from workers import queue as q
 from workers.heads_protocol import (
     HEADS_STREAM,
@@ -120,6 +120,7 @@ class HeadsServer(threading.Thread):
     Args:
         redis_url: Redis holding the stream, the results and the feature index.
         store_dir: the store directory (sealed shards under ``store_dir/shards``).
+        store_url: the bucket prefix of the sealed shards instead (``store.objects``), or None.
         heads: loaded heads by task ("caption", "vqa").
         consumer: the consumer name in the group (the worker's id).
         record_wait_s: how long to poll the index for a record not sealed yet, seconds.
@@ -137,11 +138,12 @@ class HeadsServer(threading.Thread):
         record_wait_s: float = 5.0,
         result_ttl_s: int = 600,
         block_ms: int = 1000,
+        store_url: str | None = None,
     ) -> None:
         super().__init__(name="heads", daemon=True)
         self.r = q.connect(redis_url)
         self.index = FeatureIndex(self.r)
-        self.readers = ShardReaders(Path(store_dir) / "shards")
+        self.readers = open_readers(Path(store_dir) / "shards", store_url)
         self.heads = heads
         self.consumer = consumer
         self.record_wait_s = record_wait_s
@@ -248,6 +250,7 @@ def start_heads(settings: WorkerSettings, device: str = "cpu") -> HeadsServer | 
         consumer=settings.worker_id,
         record_wait_s=settings.heads_record_wait_s,
         result_ttl_s=settings.result_ttl_s,
+        store_url=settings.store_url,
     )
     server.start()
     return server

@@ -32,6 +32,9 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ResultStatus = Literal["ok", "error", "expired"]
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
+# Largest grid side a request may ask for (detector.config.MAX_GRID_SIZE; torch-free copy).
+MAX_GRID_SIZE = 32
+
 
 class ProtocolError(ValueError):
     """A stream entry or stored value that does not follow the protocol."""
@@ -126,11 +129,13 @@ class ExtractOptions:
         min_boxes: fewest regions per image (1..max_boxes).
         max_boxes: most regions per image.
         conf_thresh: class-confidence threshold in [0, 1].
+        grid_size: G > 0 also computes a G x G grid of features per image (0 = none).
     """
 
     min_boxes: int | None = None
     max_boxes: int | None = None
     conf_thresh: float | None = None
+    grid_size: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.min_boxes, self.max_boxes
@@ -143,6 +148,9 @@ class ExtractOptions:
         c = self.conf_thresh
         if c is not None and not (math.isfinite(c) and 0.0 <= c <= 1.0):
             raise ProtocolError(f"conf_thresh must be in [0, 1]; got {c}")
+        g = self.grid_size
+        if g is not None and not 0 <= g <= MAX_GRID_SIZE:
+            raise ProtocolError(f"grid_size must be in [0, {MAX_GRID_SIZE}]; got {g}")
 
     def overrides(self) -> dict[str, Any]:
         """The fields that are set, for ``ExtractionConfig.replace(**overrides)``."""
@@ -156,7 +164,7 @@ class ExtractOptions:
         raw: Any = json.loads(data) if isinstance(data, str) else (data or {})
         if not isinstance(raw, Mapping):
             raise ProtocolError(f"options must be a JSON object; got {raw!r}")
-        unknown = set(raw) - {"min_boxes", "max_boxes", "conf_thresh"}
+        unknown = set(raw) - {"min_boxes", "max_boxes", "conf_thresh", "grid_size"}
         if unknown:
             raise ProtocolError(f"unknown extraction options {sorted(unknown)}")
         try:
@@ -164,6 +172,7 @@ class ExtractOptions:
                 min_boxes=None if raw.get("min_boxes") is None else int(raw["min_boxes"]),
                 max_boxes=None if raw.get("max_boxes") is None else int(raw["max_boxes"]),
                 conf_thresh=None if raw.get("conf_thresh") is None else float(raw["conf_thresh"]),
+                grid_size=None if raw.get("grid_size") is None else int(raw["grid_size"]),
             )
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"bad extraction options {dict(raw)!r}: {exc}") from exc

@@ -40,6 +40,11 @@ class WorkerSettings(BaseSettings):
     redis_url: str = _env("redis_url", "redis://127.0.0.1:6379/0")
     # Root of the feature store (sealed shards + index), shared with the gateway.
     store_dir: Path = _env("store_dir", Path("butd-store"))
+    # fsspec URL of the sealed shards (s3://bucket/prefix) when they live in object storage,
+    # shared by workers on hosts without a common filesystem; unset = STORE_DIR/shards.
+    # Shards are staged in STORE_DIR/shards, uploaded, then indexed. Credentials and endpoint
+    # come from the store's standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    store_url: str | None = _env("store_url", None)
     # Canonical weights file or registry name.
     weights: str = _env("weights", "demo-synthetic")
     # Torch device: "cpu", "cuda", "cuda:1"; "auto" = cuda:0 when available, else cpu.

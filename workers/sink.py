@@ -26,7 +26,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from store.index import FeatureIndex
+from store.objects import BucketShards
 from store.records import FeatureRecord
 from store.shards import Alias, ShardEntries, seal_shard
 from workers.batcher import AliasTriple, StoredItem
@@ -44,6 +47,8 @@ class StoreSink:
         index: the Redis feature index.
         worker_id: prefix of the shard names this worker writes.
         meta: ``seal_shard`` metadata besides the config (vocabularies, feature_dim, dtype).
+        bucket: where sealed shards go when they live in object storage: each is sealed in
+            ``root/shards`` first, uploaded, deleted locally, then indexed. None = stay local.
     """
 
     def __init__(
@@ -53,8 +58,10 @@ class StoreSink:
         *,
         worker_id: str,
         meta: dict[str, Any],
+        bucket: BucketShards | None = None,
     ) -> None:
         self.root = Path(root)
+        self.bucket = bucket
         self.shards = self.root / "shards"
         self.aliases_dir = self.root / "aliases"
         self.shards.mkdir(parents=True, exist_ok=True)
@@ -85,9 +92,12 @@ class StoreSink:
             records: new records with their content key and the alias they were computed for.
             aliases: every (namespace, image_id, sha256) the batch resolved, cached ones too.
         """
-        rows = [_row(item) for item in records]
-        row_aliases = {(i.namespace, i.image_id, i.content_sha256) for i in records}
-        extra = [a for a in dict.fromkeys(aliases) if a not in row_aliases and self._unbound(a)]
+        fresh = self._not_stored(model_version, records)
+        rows = [_row(item) for item in fresh]
+        row_aliases = {(i.namespace, i.image_id, i.content_sha256) for i in fresh}
+        named = [(i.namespace, i.image_id, i.content_sha256) for i in records]
+        wanted = dict.fromkeys([*named, *aliases])
+        extra = [a for a in wanted if a not in row_aliases and self._unbound(a)]
         if rows or extra:
             info = seal_shard(
                 self.shards,
@@ -97,6 +107,8 @@ class StoreSink:
                 aliases=[Alias(*a) for a in extra],
                 worker_id=self.worker_id,
             )
+            if self.bucket is not None:
+                self.bucket.upload(self.shards / info.name)
             bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
             contents = [(item.content_sha256, row) for row, item in enumerate(records)]
             with self._lock:
@@ -104,6 +116,22 @@ class StoreSink:
             log.debug("%s: sealed %s (%d rows, %d aliases)", name, info.name, len(rows), len(extra))
         self._append_alias_files([*row_aliases, *extra])
         self._flush()
+
+    def _not_stored(self, model_version: str, records: Sequence[StoredItem]) -> list[StoredItem]:
+        """The records whose content nobody has indexed since they were computed: a worker
+        cut off mid-batch (its entry reclaimed and finished by another) seals nothing twice.
+        With Redis unreachable every record is kept (sealed now, indexed once Redis is back)."""
+        try:
+            stored = self.index.stored_contents(model_version, [i.content_sha256 for i in records])
+        except redis.RedisError:
+            return list(records)
+        if stored:
+            log.info(
+                "%d of %d records were stored meanwhile; not sealed again",
+                len(stored),
+                len(records),
+            )
+        return [i for i in records if i.content_sha256 not in stored]
 
     def _flush(self) -> None:
         """Index the sealed shards not yet indexed (Redis was down when they were sealed)."""

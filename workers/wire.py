@@ -10,7 +10,7 @@ HDF5. The value LPUSHed onto ``result_key(request_id)`` is either
   "arrays": [[name, dtype, shape], ...]}}`` and the arrays follow in that order as raw C-order
   little-endian bytes (``boxes (N,4) <f4``, ``features (N,D) <f2|<f4`` as stored,
   ``objects_id (N,) <i8``, ``objects_conf (N,) <f4``, ``attrs_id (N,) <i8``,
-  ``attrs_conf (N,) <f4``).
+  ``attrs_conf (N,) <f4``), then ``grid (G,G,D)`` as stored when the record has grid features.
 
 ``MAGIC`` starts with a NUL byte, which no JSON text does, so both forms share one key.
 The record is sent in its stored form (``stored_form``): what the cache returns later is the
@@ -32,6 +32,7 @@ from workers.protocol import OnlineResult, ProtocolError
 MAGIC = b"\x00BUTD-R1"
 _LEN = struct.Struct("<I")
 ARRAYS = ("boxes", "features", "objects_id", "objects_conf", "attrs_id", "attrs_conf")
+OPTIONAL_ARRAYS = ("grid",)
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,15 @@ def stored_form(record: FeatureRecord, feature_dtype: str) -> FeatureRecord:
     Args:
         feature_dtype: "float16" or "float32" (the cast rounds to nearest, like the HDF5 writer).
     """
-    if record.features.dtype == np.dtype(feature_dtype):
+    dtype = np.dtype(feature_dtype)
+    grid = record.grid
+    if record.features.dtype == dtype and (grid is None or grid.dtype == dtype):
         return record
-    return replace(record, features=record.features.astype(feature_dtype))
+    return replace(
+        record,
+        features=record.features.astype(dtype),
+        grid=None if grid is None else grid.astype(dtype),
+    )
 
 
 def encode_result(result: OnlineResult) -> bytes:
@@ -82,7 +89,8 @@ def encode_result(result: OnlineResult) -> bytes:
         return result.to_json().encode()
     specs: list[list[Any]] = []
     chunks: list[bytes] = []
-    for name in ARRAYS:
+    names = [*ARRAYS, *(n for n in OPTIONAL_ARRAYS if getattr(rec, n) is not None)]
+    for name in names:
         array = getattr(rec, name)
         dtype = array.dtype.newbyteorder("<")
         specs.append([name, dtype.str, list(array.shape)])
@@ -132,7 +140,7 @@ def _arrays(data: bytes, offset: int, specs: list[list[Any]]) -> dict[str, Any]:
     """The arrays named by ``specs`` laid out back to back from ``offset``."""
     out: dict[str, Any] = {}
     for name, dtype_str, shape in specs:
-        if name not in ARRAYS:
+        if name not in ARRAYS and name not in OPTIONAL_ARRAYS:
             raise ValueError(f"unknown array {name!r}")
         dtype = np.dtype(dtype_str)
         count = int(np.prod(shape, dtype=np.int64))

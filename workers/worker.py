@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from store.index import FeatureIndex
+from store.objects import BucketShards
 from workers import queue as q
 from workers.batcher import ExtractorLike, FeatureSink, Processor, chunks, fill_batch
 from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
@@ -295,6 +296,7 @@ def build_worker(settings: WorkerSettings) -> Worker:
             "attributes_vocab": spec.attributes_vocab,
             "feature_dim": spec.arch.feature_dim,
         },
+        bucket=BucketShards(settings.store_url) if settings.store_url else None,
     )
     meta = ModelMeta(tuple(spec.objects_vocab), tuple(spec.attributes_vocab), spec.description)
     heads = start_heads(settings, device=device)  # on the extractor's device

@@ -6,6 +6,7 @@ Shape glossary:
     D   feature size (2048)
     K   object classes (K+1 logits, background at 0)
     At  attributes (At+1 logits, "no attribute" at 0)
+    G   grid side of the optional grid features (cells G x G)
 
 The network takes a tensor batch and returns raw tensors; selection of the 10–100 regions and
 conversion to original-image pixels live in ``detector.select`` and ``detector.extractor``.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from detector.config import ExtractionConfig, ModelSpec
 from detector.model.backbone import Backbone
@@ -73,9 +75,29 @@ class Detector(nn.Module):
             B RegionOutputs over each image's proposals.
         """
         res4 = self.backbone(images)
-        sizes = [(images.shape[2], images.shape[3])] * images.shape[0]
-        proposals = self.rpn(res4, sizes, scales, config)
+        return self.detect(res4, (images.shape[2], images.shape[3]), scales, config)
+
+    def detect(
+        self,
+        res4: torch.Tensor,
+        size: tuple[int, int],
+        scales: list[float],
+        config: ExtractionConfig,
+    ) -> list[RegionOutputs]:
+        """RPN and RoI head over a backbone map res4 (B, C4, Hf, Wf) of images of ``size``."""
+        proposals = self.rpn(res4, [size] * res4.shape[0], scales, config)
         return self.regions(res4, proposals)
+
+    def grid(self, res4: torch.Tensor, grid_size: int) -> torch.Tensor:
+        """Grid features: the RoI head's res5 over the whole res4 map, average-pooled.
+
+        res4 (B, C4, Hf, Wf) -> (B, G, G, D), G = ``grid_size``. res5 keeps stride 16 (its
+        stride-1, dilated form, as on RoIs), so cells are in the region features' space; res4 is
+        only read, so the regions computed from it are unchanged.
+        """
+        res5 = self.roi_heads.res5(res4)  # (B, D, Hf, Wf)
+        pooled = F.adaptive_avg_pool2d(res5, grid_size)  # (B, D, G, G)
+        return pooled.permute(0, 2, 3, 1)
 
     def regions(self, res4: torch.Tensor, boxes: list[torch.Tensor]) -> list[RegionOutputs]:
         """Features, class and attribute logits of given boxes (resized pixels) per image."""

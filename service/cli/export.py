@@ -2,7 +2,8 @@
 
 Formats (``store.exporters``): ``h5-dense`` (hengyuan-hu fixed K, ``--k``), ``h5-ragged``
 (BAN ``pos_boxes``), ``tsv`` (generate_tsv.py), ``lxmert-tsv``, ``npz`` (MILVLG, one file per
-image; ``--out`` is a directory).
+image; ``--out`` is a directory), ``h5-grid`` (``<image_id>_grids`` (G*G, D) per image, from a
+``butd extract --grid-size G`` file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz")
+FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid")
 
 
 def register(subparsers: Any) -> None:
@@ -42,7 +43,7 @@ def run_export(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from store.exporters import EXPORTERS
-    from store.h5 import FeatureFile
+    from store.h5 import FeatureFile, FeatureFileError
 
     options: dict[str, Any] = {}
     if args.fmt == "h5-dense":
@@ -53,7 +54,11 @@ def run_export(args: argparse.Namespace) -> int:
         options["compress"] = not args.no_compress
     start = time.perf_counter()
     with FeatureFile(args.file) as ff, tqdm(total=len(ff), unit="img", desc=args.fmt) as bar:
-        count = EXPORTERS[args.fmt](ff, args.out, progress=bar.update, **options)
+        try:
+            count = EXPORTERS[args.fmt](ff, args.out, progress=bar.update, **options)
+        except FeatureFileError as exc:  # e.g. h5-grid of a file extracted without grids
+            logger.error("%s", exc)
+            return 1
     logger.info(
         "exported %d images from %s to %s (%s) in %.1f s",
         count,

@@ -63,6 +63,14 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-boxes", type=int, default=None, metavar="N")
     parser.add_argument("--conf-thresh", type=float, default=None, metavar="X")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None)
+    parser.add_argument(
+        "--grid-size",
+        type=int,
+        default=None,
+        metavar="G",
+        help="also store a G x G grid of res5 features per image from the same pass "
+        "(e.g. 7: the 49 x 2048 grid-feature layout; default: regions only)",
+    )
 
 
 def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
@@ -75,6 +83,7 @@ def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
             ("max_boxes", args.max_boxes),
             ("conf_thresh", args.conf_thresh),
             ("precision", args.precision),
+            ("grid_size", args.grid_size),
         )
         if value is not None
     }
@@ -101,6 +110,7 @@ def run_extract(args: argparse.Namespace) -> int:
         attributes_vocab=spec.attributes_vocab,
         feature_dtype="float32" if args.float32 else "float16",
         feature_dim=spec.arch.feature_dim,
+        grid_size=extractor.config.grid_size,
     ) as writer:
         done = writer.ids()
         todo = sum(1 for item in items if item.image_id not in done)
@@ -132,25 +142,34 @@ def run_show(args: argparse.Namespace) -> int:
         print("butd show --attention needs --captioner DIR", file=sys.stderr)
         return 2
     image = decode_image(args.image.read_bytes())
+    head: Any = None
+    if args.attention:
+        from heads.inference import load_head
+
+        head = load_head(args.captioner)
+        grid = int(head[1]["config"].get("grid_size", 0))
+        if grid and args.grid_size is None:  # a grid head reads the grid of this extraction
+            args.grid_size = grid
     extractor = _load_extractor(args)
     record = extractor.extract([image], [args.image.name])[0]
     spec = extractor.spec
     if args.attention:
-        return _show_attention(args, image, record)
+        return _show_attention(args, image, record, head)
     draw_regions(image, record, spec.objects_vocab, spec.attributes_vocab).save(args.out)
     print(f"{args.out}: {record.num_boxes} regions ({spec.description})")
     return 0
 
 
-def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
-    """Caption ``record`` with the head at ``args.captioner``; save one panel per word."""
+def _show_attention(args: argparse.Namespace, image: Any, record: Any, head: Any) -> int:
+    """Caption ``record`` with the loaded ``head`` (model, meta); save one panel per word:
+    regions shaded by their weight, or a heat map of the grid attention for a grid head."""
     from PIL import Image
 
     from heads.decoding import Captioner
-    from heads.inference import caption, load_head
-    from heads.visualise import attention_panels
+    from heads.inference import caption
+    from heads.visualise import attention_panels, grid_attention_panels
 
-    model, meta = load_head(args.captioner)
+    model, meta = head
     if not isinstance(model, Captioner):
         print(f"{args.captioner} is a {meta.get('task')} head, not a captioner", file=sys.stderr)
         return 2
@@ -166,8 +185,13 @@ def _show_attention(args: argparse.Namespace, image: Any, record: Any) -> int:
     if not result.words:
         print(f"{args.captioner} produced an empty caption; nothing to draw", file=sys.stderr)
         return 1
-    weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
-    grid = attention_panels(image, record.boxes, result.words, weights)
+    g = int(meta["config"].get("grid_size", 0))
+    if g:
+        weights = result.attention.numpy()  # (T, G*G)
+        grid = grid_attention_panels(image, result.words, weights, g)
+    else:
+        weights = result.attention[:, : record.num_boxes].numpy()  # (T, N)
+        grid = attention_panels(image, record.boxes, result.words, weights)
     Image.fromarray(grid[..., ::-1]).save(args.out)
     print(f"{args.out}: {' '.join(result.words)} ({len(result.words)} panels)")
     return 0

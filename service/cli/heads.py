@@ -49,7 +49,20 @@ def register(subparsers: Any) -> None:
         "--out", required=True, type=Path, help="checkpoint directory (resumes from last.pt)"
     )
     t.add_argument(
-        "--head", default=None, help="caption: updown|sat|adaptive; vqa: updown|updown_relu|ban"
+        "--head",
+        default=None,
+        help="caption: updown|sat|adaptive|sca; vqa: updown|updown_relu|ban",
+    )
+    t.add_argument(
+        "--grid",
+        action="store_true",
+        help="train on the file's grid features (butd extract --grid-size G) instead of regions",
+    )
+    t.add_argument(
+        "--cbam",
+        action="store_true",
+        help="with --grid: refine the grid with CBAM before the head's attention (updown, sca, "
+        "vqa updown)",
     )
     t.add_argument(
         "--recipe", default=None, help="optimiser recipe (heads.train); default per head"

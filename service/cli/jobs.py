@@ -26,7 +26,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz")
+EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid")
 
 
 def register(subparsers: Any) -> None:
@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
     submit.add_argument("--min-boxes", type=int, default=None)
     submit.add_argument("--max-boxes", type=int, default=None)
     submit.add_argument("--conf-thresh", type=float, default=None)
+    submit.add_argument(
+        "--grid-size", type=int, default=None, metavar="G", help="also store G x G grid features"
+    )
     submit.set_defaults(handler=run_submit)
 
     status = sub.add_parser("status", help="progress of a job (JSON)")
@@ -59,7 +62,11 @@ def register(subparsers: Any) -> None:
     export = sub.add_parser("export", help="download a job's features")
     export.add_argument("job_id", metavar="JOB_ID")
     export.add_argument("--format", choices=EXPORT_FORMATS, default="h5-ragged")
-    export.add_argument("--out", type=Path, required=True, help="file (npz: a directory)")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="file (npz: a directory), or an object URL (s3://bucket/key) the gateway writes",
+    )
     export.add_argument("--model-version", default=None)
     export.set_defaults(handler=run_export)
 
@@ -68,6 +75,9 @@ def register(subparsers: Any) -> None:
     get.add_argument("--namespace", default=None)
     get.add_argument("--sha256", action="store_true", help="IMAGE_ID is a content hash")
     get.add_argument("--out", type=Path, default=None, help="write .npz here (else JSON summary)")
+    get.add_argument(
+        "--model-version", default=None, help="read this version (e.g. a --grid-size extraction)"
+    )
     get.set_defaults(handler=run_get)
 
 
@@ -122,6 +132,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         ("min_boxes", args.min_boxes),
         ("max_boxes", args.max_boxes),
         ("conf_thresh", args.conf_thresh),
+        ("grid_size", getattr(args, "grid_size", None)),
     )
     return {k: v for k, v in pairs if v is not None}
 
@@ -170,8 +181,19 @@ def run_cancel(args: argparse.Namespace) -> int:
 @_guarded
 def run_export(args: argparse.Namespace) -> int:
     """Download a job's features in a store format."""
+    from store.objects import is_url
+
     with _client() as client:
-        out = client.export(args.job_id, args.format, args.out, model_version=args.model_version)
+        if is_url(args.out):
+            written = client.export_to_url(
+                args.job_id, args.format, args.out, model_version=args.model_version
+            )
+            w = written
+            logger.info("wrote %s (%d records, %d bytes)", w["url"], w["records"], w["bytes"])
+            return 0
+        out = client.export(
+            args.job_id, args.format, Path(args.out), model_version=args.model_version
+        )
     logger.info("wrote %s", out)
     return 0
 
@@ -181,19 +203,24 @@ def run_get(args: argparse.Namespace) -> int:
     """Fetch one cached record: .npz with --out, else a JSON summary on stdout."""
     with _client() as client:
         if args.out is not None:
-            data = client.get_npz(args.image_id, args.namespace, sha256=args.sha256)
+            data = client.get_npz(
+                args.image_id, args.namespace, sha256=args.sha256, model_version=args.model_version
+            )
             args.out.write_bytes(data)
             logger.info("wrote %s (%d bytes)", args.out, len(data))
             return 0
         regions = (
             client.get_by_sha256(args.image_id)
             if args.sha256
-            else client.get(args.image_id, args.namespace)
+            else client.get(args.image_id, args.namespace, model_version=args.model_version)
         )
-    summary = {k: v for k, v in regions.items() if k != "features"}
+    summary = {k: v for k, v in regions.items() if k not in ("features", "grid")}
     for name in ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf"):
         summary[name] = regions[name].tolist()
     feats = regions["features"]
     summary["features"] = {"shape": list(feats.shape), "dtype": str(feats.dtype)}
+    if "grid" in regions:
+        grid = regions["grid"]
+        summary["grid"] = {"shape": list(grid.shape), "dtype": str(grid.dtype)}
     _print(summary)
     return 0

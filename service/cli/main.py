@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "extract",
     "export",
     "jobs",
+    "queue",
     "store",
     "weights",
     "train",

@@ -33,7 +33,7 @@ router = APIRouter(
     prefix="/v1/features", tags=["features"], dependencies=[Depends(require_api_key)]
 )
 
-_OPTION_NAMES = ("min_boxes", "max_boxes", "conf_thresh")
+_OPTION_NAMES = ("min_boxes", "max_boxes", "conf_thresh", "grid_size")
 
 _BINARY_CONTENT = {
     encoding.NPZ: {"schema": {"type": "string", "format": "binary"}},
@@ -118,12 +118,15 @@ async def extract(
     min_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     max_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     conf_thresh: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    grid_size: Annotated[int | None, Query(ge=0, le=32)] = None,
 ) -> Response:
     """Upload an image (multipart ``file``, or a raw ``image/*`` body) and get its regions.
 
     Cached bytes (same sha256, same model version) are answered without a worker. ``image_id``
     and ``namespace`` may also be form fields; any of ``min_boxes``, ``max_boxes``,
-    ``conf_thresh`` makes a different model version and always reaches a worker.
+    ``conf_thresh``, ``grid_size`` makes a different model version and always reaches a worker.
+    ``grid_size`` G adds a (G, G, D) ``grid`` of res5 features from the same detector pass; the
+    regions are the same bytes as without it. GET it back with that ``model_version``.
     """
     service = _service(request)
     body = await read_image_body(request, service.settings.max_body_bytes)

@@ -50,6 +50,10 @@ _UPLOAD_BODY = {
 ImageId = ImageIdQuery
 Namespace = NamespaceQuery
 Sha256 = Sha256Query
+GridSize = Annotated[
+    int | None,
+    Query(ge=0, le=32, description="extract G x G grid features (for heads trained on grids)"),
+]
 
 
 @dataclass(frozen=True)
@@ -64,12 +68,20 @@ class Image:
 
 
 async def _image(
-    request: Request, image_id: str | None, namespace: str | None, sha256: str | None
+    request: Request,
+    image_id: str | None,
+    namespace: str | None,
+    sha256: str | None,
+    grid_size: int | None = None,
 ) -> Image:
-    """The record named by ``sha256`` or ``image_id``, or that of the uploaded bytes."""
+    """The record named by ``sha256`` or ``image_id``, or that of the uploaded bytes.
+
+    ``grid_size`` G (for heads trained on grid features) extracts or reads the record of the
+    grid extraction (``POST /v1/features?grid_size=G``)."""
     online: OnlineService = request.app.state.online
+    options = ExtractOptions(grid_size=grid_size or None)
     if sha256 is not None or image_id is not None:
-        return await run_in_threadpool(_stored, online, image_id, namespace, sha256)
+        return await run_in_threadpool(_stored, online, image_id, namespace, sha256, grid_size)
     if not request.headers.get("content-type") and request.headers.get("content-length") in (
         None,
         "0",
@@ -79,13 +91,17 @@ async def _image(
     sha = hashlib.sha256(body.data).hexdigest()
     given = given_id(body.fields.get("image_id"), None)
     ns = namespace_of(body.fields.get("namespace") or namespace)
-    upload = Upload(body.data, sha, given or sha, ns if given else "", ExtractOptions())
+    upload = Upload(body.data, sha, given or sha, ns if given else "", options)
     extracted = await run_in_threadpool(online.extract, upload, request.state.request_id)
     return Image(extracted.stored, given, ns if given else None, extracted.cached, body.fields)
 
 
 def _stored(
-    online: OnlineService, image_id: str | None, namespace: str | None, sha256: str | None
+    online: OnlineService,
+    image_id: str | None,
+    namespace: str | None,
+    sha256: str | None,
+    grid_size: int | None = None,
 ) -> Image:
     ns = namespace_of(namespace) if image_id is not None else None
     if image_id is not None:
@@ -100,6 +116,11 @@ def _stored(
     version = online.models.current()
     if version is None:
         raise NotFoundError("no model version known yet (no worker has been seen)")
+    if grid_size:  # the gateway cannot name the grid extraction's version of a stored id
+        raise InvalidRequestError(
+            "grid_size applies to an uploaded image (its grid extraction is cached like any "
+            "other); upload the image instead of naming it by image_id or sha256"
+        )
     stored = online.store.get(version, sha256)
     if stored is None:
         raise NotFoundError(
@@ -152,10 +173,11 @@ async def caption(
     sha256: Sha256 = None,
     beam_size: Annotated[int, Query(ge=1, le=20, description="beam size (Up-Down: 5)")] = 5,
     max_len: Annotated[int, Query(ge=1, le=50, description="longest caption, words")] = 20,
+    grid_size: GridSize = None,
 ) -> CaptionResponse:
     """The caption a worker's caption head writes, with its attention per word over the
     image's regions (each row sums to 1 over the ``num_boxes`` boxes)."""
-    image = await _image(request, image_id, namespace, sha256)
+    image = await _image(request, image_id, namespace, sha256, grid_size)
     result = await _ask(request, "caption", image, beam_size=beam_size, max_len=max_len)
     return CaptionResponse(
         **_common(request, image, result),
@@ -180,13 +202,14 @@ async def vqa(
     namespace: Namespace = None,
     sha256: Sha256 = None,
     top: Annotated[int, Query(ge=1, le=100, description="how many answers")] = 5,
+    grid_size: GridSize = None,
 ) -> VQAResponse:
     """The answers of a worker's VQA head (sigmoid scores, best first), with its attention
     per glimpse over the image's regions. ``question`` may also be a form field."""
     multipart = request.headers.get("content-type", "").startswith("multipart/")
     if not (question or "").strip() and not multipart:
         raise InvalidRequestError("a question is required (query or form field 'question')")
-    image = await _image(request, image_id, namespace, sha256)
+    image = await _image(request, image_id, namespace, sha256, grid_size)
     asked = (question or image.fields.get("question") or "").strip()
     if not asked:
         raise InvalidRequestError("a question is required (query or form field 'question')")

@@ -34,7 +34,7 @@ def heads_served(workers: Sequence[WorkerInfo]) -> dict[str, int]:
     return {task: sum(task in w.heads for w in loaded) for task in tasks}
 
 
-def _readiness(queue: Queue) -> ReadyResponse:
+def _readiness(queue: Queue, require_worker: bool = True) -> ReadyResponse:
     try:
         queue.ping()
         beats = queue.live_workers()
@@ -55,6 +55,10 @@ def _readiness(queue: Queue) -> ReadyResponse:
     ]
     heads = heads_served(workers)
     loaded = [w for w in workers if w.loaded]
+    if not loaded and not require_worker:
+        return ReadyResponse(
+            ready=True, reason="no worker (not required)", workers=workers, heads=heads
+        )
     if not loaded:
         reason = "no worker heartbeat" if not workers else "no worker has its model loaded"
         return ReadyResponse(ready=False, reason=reason, workers=workers, heads=heads)
@@ -68,9 +72,13 @@ def _readiness(queue: Queue) -> ReadyResponse:
     responses={503: {"model": ReadyResponse}},
     summary="Redis answers and a worker with a loaded model has a fresh heartbeat",
 )
-async def ready(request: Request) -> JSONResponse:
-    """200 when requests can be served now; 503 with the reason otherwise."""
-    body = await run_in_threadpool(_readiness, request.app.state.queue)
+async def ready(request: Request, require_worker: bool = True) -> JSONResponse:
+    """200 when requests can be served now; 503 with the reason otherwise.
+
+    ``require_worker=false``: 200 as soon as Redis answers (jobs are accepted with no worker
+    up); the readiness probe of a deployment whose workers scale to zero uses it.
+    """
+    body = await run_in_threadpool(_readiness, request.app.state.queue, require_worker)
     content: dict[str, Any] = body.model_dump()
     return JSONResponse(content, status_code=200 if body.ready else 503)
 

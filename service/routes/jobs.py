@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from service import datasets
+from service import datasets, url_sources
 from service.auth import require_api_key
 from service.backend import Queue, RequestClaim
 from service.errors import (
@@ -54,13 +54,14 @@ EXPORT_SUFFIXES = {
     "h5-ragged": ".h5",
     "tsv": ".tsv",
     "lxmert-tsv": ".tsv",
+    "h5-grid": ".h5",  # <image_id>_grids (G*G, D): jobs submitted with grid_size
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"]
+ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid"]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 503, 507)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 502, 503, 507)
 }
 
 
@@ -179,7 +180,9 @@ async def _create(
 ) -> dict[str, Any]:
     """Expand the job's paths under ``roots``, keep its manifest, queue it; the 201 body."""
     settings = _settings(request)
-    found = await run_in_threadpool(datasets.expand, job.paths, roots, settings.image_suffixes)
+    found = await run_in_threadpool(
+        url_sources.expand_any, job.paths, roots, settings.allowed_urls, settings.image_suffixes
+    )
     jobs_dir = settings.store_dir / "jobs"
     await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
     status = await run_in_threadpool(
@@ -302,6 +305,7 @@ def _state_fn(request: Request) -> Callable[[str], str | None]:
                             "min_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
                             "max_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
                             "conf_thresh": {"type": "number", "minimum": 0, "maximum": 1},
+                            "grid_size": {"type": "integer", "minimum": 0, "maximum": 32},
                         },
                         "required": ["archive"],
                     }

@@ -75,6 +75,18 @@ def test_upload_is_extracted_first_then_captioned(client: TestClient, queue: Fak
     assert queue.heads_enqueued[0].content_sha256 == sha
 
 
+def test_grid_heads_get_the_upload_extracted_with_grids(
+    client: TestClient, queue: FakeQueue
+) -> None:
+    files = {"file": ("x.png", png_bytes(seed=5), "image/png")}
+    r = client.post("/v1/caption", files=files, params={"grid_size": 7})
+    assert r.status_code == 200, r.text
+    assert queue.enqueued[0].options.grid_size == 7  # the worker computes the grid
+    named = client.post("/v1/caption", params={"image_id": "img1", "grid_size": 7})
+    assert named.status_code == 422 and "upload the image" in named.json()["detail"]
+    assert client.post("/v1/vqa", files=files, params={"grid_size": 33}).status_code == 422
+
+
 def test_vqa_upload_takes_question_from_form(client: TestClient, queue: FakeQueue) -> None:
     files = {"file": ("x.png", png_bytes(seed=4), "image/png")}
     r = client.post("/v1/vqa", files=files, data={"question": "what is it?", "image_id": "u1"})

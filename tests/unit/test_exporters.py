@@ -202,7 +202,7 @@ def test_imgid2idx_keys_never_collide() -> None:
 
 
 def test_registry_names() -> None:
-    assert set(EXPORTERS) == {"h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz"}
+    assert set(EXPORTERS) == {"h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid"}
     with pytest.raises(ValueError):
         npz_name("")
 
@@ -224,6 +224,9 @@ def test_cli_export_every_format(tmp_path: Path, source) -> None:
     for fmt in export.FORMATS:
         out = tmp_path / f"out-{fmt}"
         args = parser.parse_args(["export", str(path), "--format", fmt, "--out", str(out)])
+        if fmt == "h5-grid":  # a file without grids: refused (tests/unit/test_grids.py exports)
+            assert args.handler(args) == 1 and not out.exists()
+            continue
         assert args.handler(args) == 0
         if fmt == "tsv":
             assert [r["image_id"] for r in read_tsv(out)] == [r.image_id for r in recs]
