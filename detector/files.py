@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.extractor import Extractor
+from store.image_ids import IdPolicy, ImageIdError
 from store.images import ImageError, decode_image
 from store.records import FeatureRecord
 
@@ -45,29 +47,47 @@ class ExtractSummary:
     seconds: float = 0.0
 
 
-def find_images(paths: Iterable[str | Path]) -> list[ImageItem]:
-    """Image files under ``paths``.
+def find_images(paths: Iterable[str | Path], policy: IdPolicy | None = None) -> list[ImageItem]:
+    """Image files under ``paths``, named by ``policy`` (default: the ``path`` rule).
 
-    A directory contributes every image below it, with ids relative to that directory (POSIX
-    separators); a file contributes itself with its bare file name as id. Order is sorted within
-    each argument, so runs are reproducible.
+    A directory contributes every image below it under its path relative to that directory
+    (POSIX separators); a file contributes itself under its bare file name. The policy turns
+    that relative name into the id (``store.image_ids``). Order is sorted within each argument,
+    so runs are reproducible.
+
+    Raises:
+        ImageIdError: names the rule cannot turn into ids (the count and the first few).
+        ValueError: two images with the same id.
     """
-    items: list[ImageItem] = []
+    found: list[tuple[Path, str]] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(
+            files = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
-            items += [ImageItem(p, p.relative_to(path).as_posix()) for p in found]
+            found += [(p, p.relative_to(path).as_posix()) for p in files]
         elif path.is_file():
-            items.append(ImageItem(path, path.name))
+            found.append((path, path.name))
         else:
             raise FileNotFoundError(f"no such file or directory: {path}")
+    items = _named(found, policy or IdPolicy())
     ids = [item.image_id for item in items]
     if len(set(ids)) != len(ids):
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise ValueError(f"several images share an id: {dupes[:5]}")
+    return items
+
+
+def _named(found: list[tuple[Path, str]], policy: IdPolicy) -> list[ImageItem]:
+    items, refused = [], []
+    for path, relative in found:
+        try:
+            items.append(ImageItem(path, policy.image_id(relative)))
+        except ImageIdError as exc:
+            refused.append(str(exc))
+    if refused:
+        raise ImageIdError(f"{len(refused)} of {len(found)} images have no id: {refused[0]}")
     return items
 
 

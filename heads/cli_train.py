@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from heads.ban import BAN, BANConfig
 from heads.captioners import AdaptiveCore, CaptionerConfig
 from heads.data import (
+    CaptionItem,
+    VQAItem,
     build_answer_set,
     caption_examples,
     read_coco_captions,
@@ -34,6 +36,7 @@ from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
 from heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
+Item = TypeVar("Item", CaptionItem, VQAItem)
 
 
 class FileRegions:
@@ -65,16 +68,32 @@ class FileRegions:
         return batch.to(self.device)
 
 
-def _available(path: Path, wanted: Sequence[str]) -> list[str]:
+def join_items(path: Path, items: Sequence[Item]) -> tuple[list[Item], list[str]]:
+    """Annotations re-keyed to the feature file's ids (``store.image_ids.join_ids``: COCO /
+    VQA integers find ``COCO_..._000000000042.jpg``, synth ``"1"`` finds ``000001.jpg``).
+
+    Returns:
+        The items whose image has features (``image_id`` = the stored id), and the stored ids
+        they use, in first-use order.
+
+    Raises:
+        SystemExit: no annotated image has features (the message shows an id of each side).
+    """
     from store.h5 import FeatureFile
+    from store.image_ids import join_ids
 
     with FeatureFile(path) as ff:
-        have = [i for i in dict.fromkeys(wanted) if i in ff]
-        dim = ff.feature_dim
-    logger.info(
-        "%d of %d images have features in %s (D=%d)", len(have), len(set(wanted)), path, dim
-    )
-    return have
+        joined = join_ids((it.image_id for it in items), ff.ids(), ff.id_policy.get("rule", ""))
+    message = joined.summary(str(path))
+    if not joined.matched:
+        raise SystemExit(f"butd heads train: no annotated image has features: {message}")
+    if joined.missing:
+        logger.warning(message)
+    else:
+        logger.info(message)
+    kept = [replace(it, image_id=joined.matched[it.image_id]) for it in items
+            if it.image_id in joined.matched]  # fmt: skip
+    return kept, list(dict.fromkeys(it.image_id for it in kept))
 
 
 def _feature_dim(path: Path) -> int:
@@ -102,8 +121,7 @@ def _grid_size(args: argparse.Namespace) -> int:
 
 def train_vqa(args: argparse.Namespace) -> None:
     """Answer set (≥ 9 occurrences), question vocabulary, then BCE training."""
-    items = read_vqa(args.questions, args.annotations)
-    ids = _available(args.features, [it.image_id for it in items])
+    items, ids = join_items(args.features, read_vqa(args.questions, args.annotations))
     rows = {i: r for r, i in enumerate(ids)}
     vocab = Vocabulary.build((tokenize_question(it.question) for it in items), min_count=1)
     answers = build_answer_set((a for it in items for a in it.answers), args.min_count or 9)
@@ -131,7 +149,8 @@ def train_vqa(args: argparse.Namespace) -> None:
     ex = ex.to(device)
     regions = FileRegions(args.features, ids, l2_normalise=True, device=device, grid_size=g)
     meta = {"task": "vqa", "head": "ban" if head == "ban" else "updown", "config": asdict(cfg),
-            "vocab": vocab.words, "answers": answers, "l2_normalise": True}  # fmt: skip
+            "vocab": vocab.words, "answers": answers, "l2_normalise": True,
+            "note": getattr(args, "note", "")}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     fit(model, lambda idx: vqa_loss(model, regions, ex, idx), len(ex), settings, args.out, meta)
 
@@ -149,8 +168,7 @@ def _caption_items(path: Path) -> list[Any]:
 
 def train_caption(args: argparse.Namespace) -> None:
     """Vocabulary (≥ 5 occurrences), XE training, then optional SCST with train-set CIDEr-D."""
-    items = _caption_items(args.annotations)
-    ids = _available(args.features, [it.image_id for it in items])
+    items, ids = join_items(args.features, _caption_items(args.annotations))
     rows = {i: r for r, i in enumerate(ids)}
     vocab = Vocabulary.build(
         (tokenize_caption(c) for it in items for c in it.captions), args.min_count or 5
@@ -175,7 +193,8 @@ def train_caption(args: argparse.Namespace) -> None:
     batch = args.batch_size or 100
     settings = TrainSettings(recipe, args.steps, batch, steps_per_epoch=max(1, len(ex) // batch))
     regions = FileRegions(args.features, ids, l2_normalise=False, device=device, grid_size=g)
-    meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words}
+    meta = {"task": "caption", "head": cfg.kind, "config": asdict(cfg), "vocab": vocab.words,
+            "note": getattr(args, "note", "")}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     lam = args.ds_lambda if cfg.kind == "sat" else 0.0
     core = model.core

@@ -357,7 +357,7 @@ class Client:
             with tmp.open("wb") as fh:
                 for chunk in response.iter_bytes():
                     fh.write(chunk)
-        if format == "npz":
+        if format.startswith("npz"):
             _unzip_flat(tmp, out)
             tmp.unlink()
         else:

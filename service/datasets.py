@@ -30,6 +30,7 @@ from typing import IO
 
 from service.errors import InvalidRequestError, PathNotAllowedError
 from store import ids
+from store.image_ids import IdPolicy, ImageIdError
 from workers.protocol import JobItem
 
 _COPY_CHUNK = 1 << 20
@@ -138,9 +139,12 @@ def _walk(directory: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def expand(paths: list[str], roots: list[Path], suffixes: list[str]) -> Expansion:
-    """Job items of ``paths``: a file as itself (id = its name), a directory recursively
-    (id = the path relative to that directory, with ``/``); sorted, ids unique.
+def expand(
+    paths: list[str], roots: list[Path], suffixes: list[str], policy: IdPolicy | None = None
+) -> Expansion:
+    """Job items of ``paths``: a file as itself (its name), a directory recursively (the path
+    relative to that directory, with ``/``), named by ``policy`` (``store.image_ids``; default
+    the ``path`` rule; a name the rule refuses is skipped with the reason); sorted, ids unique.
 
     Raises:
         PathNotAllowedError: a path or a file under a directory resolves outside the roots.
@@ -160,7 +164,12 @@ def expand(paths: list[str], roots: list[Path], suffixes: list[str]) -> Expansio
             if real.suffix.lower() not in wanted:
                 out.skipped[image_id] = f"suffix {real.suffix!r} is not an image suffix"
                 continue
-            out.items.append(JobItem(ref=str(real), image_id=image_id))
+            try:
+                named = (policy or IdPolicy()).image_id(image_id)
+            except ImageIdError as exc:
+                out.skipped[image_id] = str(exc)
+                continue
+            out.items.append(JobItem(ref=str(real), image_id=named))
     return _checked(out)
 
 

@@ -105,6 +105,15 @@ class JobRequest(BaseModel):
         json_schema_extra={"pattern": ids.NAMESPACE_PATTERN},
     )
     options: ExtractOptions = Field(default_factory=ExtractOptions)
+    image_ids: Literal["path", "stem", "coco", "map"] = Field(
+        default="path",
+        description="how a file becomes its id (as butd extract --image-ids): path relative to "
+        "its directory argument, stem, coco (COCO_{split}_{012d}.jpg and integer names -> the "
+        "integer; other names are skipped with the reason), map (id_map)",
+    )
+    id_map: dict[str, str] | None = Field(
+        default=None, description='map rule: {"relative/path.jpg": "id"}', max_length=1_000_000
+    )
 
     @field_validator("namespace")
     @classmethod
@@ -185,6 +194,11 @@ class HeadRegions(BaseModel):
     """The regions a head attended over (N of them), with their attention weights."""
 
     head: str = Field(description="the head's name from its checkpoint, e.g. updown")
+    note: str = Field(
+        default="",
+        description="what the head is, from its checkpoint; the packaged demo heads say "
+        "'synthetic demo: ...' (not trained on COCO / VQA)",
+    )
     model_version: str = Field(description="model version of the features the head read")
     sha256: str = Field(description="content hash of the image")
     image_id: str | None = None

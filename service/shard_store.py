@@ -29,9 +29,10 @@ from typing import Any
 
 from service.backend import StoredRecord
 from service.errors import InvalidRequestError, NotFoundError
-from store.exporters import EXPORTERS
+from store.exporters import EXPORTERS, PaddingError
 from store.h5 import FeatureFile
 from store.h5_writer import write_feature_file
+from store.image_ids import ImageIdError
 from store.index import FeatureIndex
 from store.objects import BucketShards, open_readers
 from store.records import FeatureRecord
@@ -216,15 +217,23 @@ class IndexedStore:
         self.index.put_shard(ShardEntries(info.name, "", 0, [], [alias]))
 
     def export(
-        self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
+        self,
+        model_version: str,
+        namespace: str,
+        image_ids: Sequence[str],
+        fmt: str,
+        out: Path,
+        options: dict[str, Any] | None = None,
     ) -> int:
         """Write the stored records of ``image_ids`` (under those ids) in format ``fmt``.
 
         The records are gathered into a temporary ragged file that the store's exporter
-        converts; ``npz`` (one file per image) is delivered as a zip of them.
+        converts (``options``: its keyword arguments, e.g. ``ids``, ``allow_padding``);
+        ``npz`` / ``npz-mcan`` (one file per image) are delivered as a zip of them.
 
         Raises:
             NotFoundError: none of the ids has a record under ``model_version``.
+            InvalidRequestError: the exporter refused (ids it cannot convert, padding).
         """
         with tempfile.TemporaryDirectory(dir=self.root) as tmp:
             ragged = Path(tmp) / "records.h5"
@@ -239,11 +248,14 @@ class IndexedStore:
                         f"the records under model {model_version} have no grid features; pass "
                         "the model_version of a grid_size extraction (its X-Model-Version)"
                     )
-                if fmt == "npz":
-                    EXPORTERS[fmt](ff, Path(tmp) / "npz")
-                    _zip_dir(Path(tmp) / "npz", out)
-                else:
-                    EXPORTERS[fmt](ff, out)
+                try:
+                    if fmt.startswith("npz"):
+                        EXPORTERS[fmt](ff, Path(tmp) / "npz", **(options or {}))
+                        _zip_dir(Path(tmp) / "npz", out)
+                    else:
+                        EXPORTERS[fmt](ff, out, **(options or {}))
+                except (ImageIdError, PaddingError) as exc:
+                    raise InvalidRequestError(str(exc)) from exc
         return count
 
     def _gather(

@@ -17,6 +17,7 @@ from pathlib import Path
 from service import datasets
 from service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
 from store import ids
+from store.image_ids import IdPolicy
 from store.objects import is_url, list_files
 from workers.protocol import JobItem
 
@@ -84,13 +85,15 @@ def expand_any(
     roots: list[Path],
     allowed_urls: Sequence[str],
     suffixes: list[str],
+    policy: IdPolicy | None = None,
 ) -> datasets.Expansion:
-    """``datasets.expand`` for server paths plus ``expand_urls`` for URLs, in one job."""
+    """``datasets.expand`` for server paths (their ids made by ``policy``, the job's
+    ``image_ids`` rule) plus ``expand_urls`` for URLs, in one job."""
     urls = [p for p in paths if is_url(p)]
     local = [p for p in paths if not is_url(p)]
     out = datasets.Expansion()
     if local:
-        out = datasets.expand(local, roots, suffixes)
+        out = datasets.expand(local, roots, suffixes, policy)
     if urls:
         remote = expand_urls(urls, allowed_urls, suffixes)
         out.items.extend(remote.items)

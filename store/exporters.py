@@ -20,15 +20,16 @@ Formats (reference heads §1, butd §1.7, §3.2):
   num_boxes, boxes, features`` (base64 float32; w before h). No labels.
 * ``lxmert-tsv``: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
   num_boxes, boxes, features`` (base64; ids int64, the rest float32; h before w).
+* ``npz`` / ``npz-mcan``: one file per image, ``x`` as (N, D) (MILVLG's writer) or (D, N) (what
+  MCAN / OpenVQA load); see ``store.export_npz``.
 * ``h5-grid`` (``store.grid_export``): the grid features of a ``--grid-size`` extraction,
   ``<image_id>_grids (G*G, D)`` per image, as grid-feature captioning / VQA code reads them.
-* ``npz`` (MILVLG): one ``np.savez_compressed`` file per image, named
-  ``quote(image_id, safe="") + ".npz"`` (percent-encoding: "/" -> "%2F", reversible with
-  ``urllib.parse.unquote``), fields ``x (N,D) f32``, ``bbox (N,4)``, ``num_bbox``, ``image_h``,
-  ``image_w``, ``info`` (a pickled dict: ``np.load(..., allow_pickle=True)``).
 
-``imgid2idx`` keys are ints when every id is a canonical decimal integer (COCO ids, as the
-original converters wrote them), strings otherwise. Features leave as float32 (fp16 widens exactly).
+Ids are written the way each consumer looks them up (``store.export_common.CONSUMERS``,
+``store.image_ids``): integers for the generate_tsv readers and the ``*_imgid2idx.pkl`` (pickle
+protocol 2, readable by Python 2.7), the file stem for LXMERT and MILVLG; ``ids="stored"`` keeps
+the stored ids. The ``image_ids`` dataset of the HDF5 exports keeps the stored ids, in row
+order. Features leave as float32 (fp16 widens exactly).
 Every exporter streams one image at a time from a ``FeatureFile`` and writes under a temp name
 that is renamed into place when complete.
 """
@@ -36,26 +37,26 @@ that is renamed into place when complete.
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import json
 import logging
 import os
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import h5py
 import numpy as np
 
+from store.export_common import Progress, atomic, export_keys
+from store.export_npz import export_npz, export_npz_mcan
+from store.grid_export import export_h5_grid
 from store.h5 import FeatureFile
 from store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]
 TSV_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 LXMERT_FIELDS = (
     "img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
@@ -66,39 +67,24 @@ _LABELS = {"objects_id": np.int64, "objects_conf": np.float32, "attrs_id": np.in
            "attrs_conf": np.float32}  # fmt: skip
 
 
-@contextlib.contextmanager
-def atomic_path(out: Path) -> Iterator[Path]:
-    """Yield a temp path beside ``out``; rename it to ``out`` on success, delete it on error."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-_atomic = atomic_path
-
-
 def imgid2idx_path(out: str | os.PathLike[str]) -> Path:
     """``data/train36.hdf5`` -> ``data/train36_imgid2idx.pkl`` (the original side file)."""
     out = Path(out)
     return out.with_name(f"{out.stem}_imgid2idx.pkl")
 
 
-def imgid2idx(ids: list[str]) -> dict[Any, int]:
-    """image id -> row; int keys when every id is a canonical decimal integer ("42", not
-    "042", so no two ids share a key), else str keys."""
-    if ids and all(i.isascii() and i.isdigit() and str(int(i)) == i for i in ids):
-        return {int(i): row for row, i in enumerate(ids)}
-    return {i: row for row, i in enumerate(ids)}
+def imgid2idx(keys: Sequence[Any]) -> dict[Any, int]:
+    """consumer key (``store.image_ids.consumer_keys``) -> row."""
+    return {key: row for row, key in enumerate(keys)}
 
 
-def _write_imgid2idx(out: Path, ids: list[str]) -> None:
-    with _atomic(imgid2idx_path(out)) as tmp, tmp.open("wb") as fh:
-        pickle.dump(imgid2idx(ids), fh, protocol=pickle.HIGHEST_PROTOCOL)
+PICKLE_PROTOCOL = 2
+"""Python 2.7 (bottom-up-attention-vqa's own environment) reads protocols 0-2 only."""
+
+
+def _write_imgid2idx(out: Path, keys: Sequence[Any]) -> None:
+    with atomic(imgid2idx_path(out)) as tmp, tmp.open("wb") as fh:
+        pickle.dump(imgid2idx(keys), fh, protocol=PICKLE_PROTOCOL)
 
 
 def select_top_k(rec: FeatureRecord, k: int) -> np.ndarray[Any, np.dtype[np.int64]]:
@@ -172,14 +158,46 @@ def _dense_arrays(rec: FeatureRecord, k: int) -> Arrays:
     return out
 
 
+class PaddingError(ValueError):
+    """``h5-dense`` of images with fewer than K regions, without ``allow_padding``."""
+
+
+def _check_padding(ff: FeatureFile, counts: np.ndarray[Any, Any], k: int, allow: bool) -> int:
+    padded = int((counts < k).sum())
+    if padded and not allow:
+        raise PaddingError(
+            f"h5-dense: {padded} of {len(ff)} images have fewer than K={k} regions (fewest: "
+            f"{int(counts.min())}); bottom-up-attention-vqa has no mask and would read the zero "
+            f"padding as regions. Extract fixed K instead (`butd extract --min-boxes {k} "
+            f"--max-boxes {k}`), use h5-ragged, or pass --allow-padding"
+        )
+    if padded:
+        logger.warning("h5-dense: %d of %d images padded to K=%d with zero rows (num_boxes "
+                       "says how many are real)", padded, len(ff), k)  # fmt: skip
+    return padded
+
+
 def export_h5_dense(
-    ff: FeatureFile, out: str | os.PathLike[str], *, k: int = 36, progress: Progress | None = None
+    ff: FeatureFile,
+    out: str | os.PathLike[str],
+    *,
+    k: int = 36,
+    allow_padding: bool = False,
+    ids: str = "consumer",
+    progress: Progress | None = None,
 ) -> int:
-    """Write the hengyuan-hu fixed-K HDF5 file and its ``_imgid2idx.pkl``; returns N."""
+    """Write the hengyuan-hu fixed-K HDF5 file and its ``_imgid2idx.pkl``; returns N.
+
+    Raises:
+        PaddingError: an image has fewer than K regions and ``allow_padding`` is False.
+        ImageIdError: a stored id that is not a COCO / integer id (``ids="consumer"``).
+    """
     out, n, d = Path(out), len(ff), ff.feature_dim
     counts = ff.num_boxes()
+    keys = export_keys(ff, "h5-dense", ids)
+    padded = _check_padding(ff, counts, k, allow_padding)
     truncated = int((counts > k).sum())
-    with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic(out) as tmp, h5py.File(tmp, "w") as h5:
         _per_image_sets(h5, ff)
         _sizes(h5, ff, num_boxes=np.minimum(counts, k).astype(np.int32))
         tails = {"image_features": (k, d), "image_bb": (k, 4), "spatial_features": (k, 6)}
@@ -189,10 +207,11 @@ def export_h5_dense(
         _stream(ff, dsets, lambda rec: _dense_arrays(rec, k), np.stack, progress)
         h5.attrs["k"] = k
         h5.attrs["truncated_images"] = truncated
+        h5.attrs["padded_images"] = padded
     if truncated:
         logger.warning("%s: %d of %d images had more than K=%d boxes; kept the top %d by "
                        "objects_conf", out, truncated, n, k, k)  # fmt: skip
-    _write_imgid2idx(out, ff.ids())
+    _write_imgid2idx(out, keys)
     return n
 
 
@@ -206,15 +225,20 @@ def _ragged_arrays(rec: FeatureRecord) -> Arrays:
 
 
 def export_h5_ragged(
-    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
+    ff: FeatureFile,
+    out: str | os.PathLike[str],
+    *,
+    ids: str = "consumer",
+    progress: Progress | None = None,
 ) -> int:
     """Write the BAN ragged HDF5 file (``pos_boxes``) and its ``_imgid2idx.pkl``; returns N."""
     out, n, d = Path(out), len(ff), ff.feature_dim
+    keys = export_keys(ff, "h5-ragged", ids)
     counts = ff.num_boxes()
     ends = np.cumsum(counts)
     r = int(ends[-1]) if n else 0
     pos = np.stack([ends - counts, ends], axis=1).astype(np.int32 if r < 2**31 else np.int64)
-    with _atomic(out) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic(out) as tmp, h5py.File(tmp, "w") as h5:
         _per_image_sets(h5, ff)
         _sizes(h5, ff, pos_boxes=pos)
         tails = {"image_features": (d,), "image_bb": (4,), "spatial_features": (6,)}
@@ -222,7 +246,7 @@ def export_h5_ragged(
         for name, dt in _LABELS.items():
             dsets[name] = h5.create_dataset(name, (r,), dt)
         _stream(ff, dsets, _ragged_arrays, np.concatenate, progress)
-    _write_imgid2idx(out, ff.ids())
+    _write_imgid2idx(out, keys)
     return n
 
 
@@ -231,16 +255,18 @@ def b64(array: np.ndarray[Any, Any], dtype: Any) -> str:
     return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode("ascii")
 
 
-def tsv_row(rec: FeatureRecord) -> list[str]:
+def tsv_row(rec: FeatureRecord, image_id: Any = None) -> list[str]:
     """One generate_tsv.py row: image_id, image_w, image_h, num_boxes, boxes, features."""
-    return [rec.image_id, str(rec.image_w), str(rec.image_h), str(rec.num_boxes),
+    key = rec.image_id if image_id is None else image_id
+    return [str(key), str(rec.image_w), str(rec.image_h), str(rec.num_boxes),
             b64(rec.boxes, np.float32), b64(rec.features, np.float32)]  # fmt: skip
 
 
-def lxmert_row(rec: FeatureRecord) -> list[str]:
+def lxmert_row(rec: FeatureRecord, image_id: Any = None) -> list[str]:
     """One LXMERT obj36 row (h before w)."""
+    key = rec.image_id if image_id is None else image_id
     return [
-        rec.image_id, str(rec.image_h), str(rec.image_w),
+        str(key), str(rec.image_h), str(rec.image_w),
         b64(rec.objects_id, np.int64), b64(rec.objects_conf, np.float32),
         b64(rec.attrs_id, np.int64), b64(rec.attrs_conf, np.float32),
         str(rec.num_boxes), b64(rec.boxes, np.float32), b64(rec.features, np.float32),
@@ -248,13 +274,17 @@ def lxmert_row(rec: FeatureRecord) -> list[str]:
 
 
 def _export_tsv_rows(
-    ff: FeatureFile, out: Path, row: Callable[[FeatureRecord], list[str]], progress: Progress | None
+    ff: FeatureFile,
+    out: Path,
+    row: Callable[[FeatureRecord, Any], list[str]],
+    keys: Sequence[Any],
+    progress: Progress | None,
 ) -> int:
     n = 0
-    with _atomic(out) as tmp, tmp.open("w", newline="") as fh:
+    with atomic(out) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, delimiter="\t")
-        for rec in ff:
-            writer.writerow(row(rec))
+        for key, rec in zip(keys, ff, strict=True):
+            writer.writerow(row(rec, key))
             n += 1
             if progress is not None:
                 progress(1)
@@ -262,71 +292,31 @@ def _export_tsv_rows(
 
 
 def export_tsv(
-    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
+    ff: FeatureFile,
+    out: str | os.PathLike[str],
+    *,
+    ids: str = "consumer",
+    progress: Progress | None = None,
 ) -> int:
-    """Write the generate_tsv.py TSV (no labels); returns N."""
-    return _export_tsv_rows(ff, Path(out), tsv_row, progress)
+    """Write the generate_tsv.py TSV (no labels) under integer ids; returns N.
+
+    Raises:
+        ImageIdError: a stored id with no integer (the readers call ``int(image_id)``).
+    """
+    keys = export_keys(ff, "tsv", ids)
+    return _export_tsv_rows(ff, Path(out), tsv_row, keys, progress)
 
 
 def export_lxmert_tsv(
-    ff: FeatureFile, out: str | os.PathLike[str], *, progress: Progress | None = None
-) -> int:
-    """Write the LXMERT obj36-style TSV with labels; returns N."""
-    return _export_tsv_rows(ff, Path(out), lxmert_row, progress)
-
-
-def npz_name(image_id: str) -> str:
-    """File name of an image's npz: percent-encoded id (no path separators) + ".npz"."""
-    if not image_id:
-        raise ValueError("an empty image id has no npz file name")
-    return quote(image_id, safe="") + ".npz"
-
-
-def npz_fields(rec: FeatureRecord) -> dict[str, Any]:
-    """The MILVLG ``save_roi_features`` fields of one record."""
-    info = {
-        "image_id": rec.image_id,
-        "image_h": rec.image_h,
-        "image_w": rec.image_w,
-        "num_boxes": rec.num_boxes,
-        "objects_id": rec.objects_id,
-        "objects_conf": rec.objects_conf,
-        "attrs_id": rec.attrs_id,
-        "attrs_conf": rec.attrs_conf,
-    }
-    return {
-        "x": rec.features.astype(np.float32),
-        "bbox": rec.boxes,
-        "num_bbox": rec.num_boxes,
-        "image_h": rec.image_h,
-        "image_w": rec.image_w,
-        "info": info,
-    }
-
-
-def export_npz(
     ff: FeatureFile,
-    out_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
     *,
-    compress: bool = True,
+    ids: str = "consumer",
     progress: Progress | None = None,
 ) -> int:
-    """Write one MILVLG npz per image into ``out_dir``; returns N.
-
-    Args:
-        compress: ``np.savez_compressed`` as MILVLG does (True) or plain ``np.savez``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save = np.savez_compressed if compress else np.savez
-    n = 0
-    for rec in ff:
-        with _atomic(out_dir / npz_name(rec.image_id)) as tmp, tmp.open("wb") as fh:
-            save(fh, **npz_fields(rec))
-        n += 1
-        if progress is not None:
-            progress(1)
-    return n
+    """Write the LXMERT obj36-style TSV with labels under file-stem ids; returns N."""
+    keys = export_keys(ff, "lxmert-tsv", ids)
+    return _export_tsv_rows(ff, Path(out), lxmert_row, keys, progress)
 
 
 EXPORTERS: dict[str, Callable[..., int]] = {
@@ -335,13 +325,6 @@ EXPORTERS: dict[str, Callable[..., int]] = {
     "tsv": export_tsv,
     "lxmert-tsv": export_lxmert_tsv,
     "npz": export_npz,
+    "npz-mcan": export_npz_mcan,
+    "h5-grid": export_h5_grid,
 }
-
-
-def _register_grid_exporter() -> None:
-    from store.grid_export import export_h5_grid  # imports this module: registered after it
-
-    EXPORTERS["h5-grid"] = export_h5_grid
-
-
-_register_grid_exporter()

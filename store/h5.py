@@ -23,7 +23,9 @@ Layout (format "1")::
     grids            (N, G, G, D) optional, as features' dtype: grid features of each image
                      (present only in files of a grid_size > 0 extraction; rows follow image_ids)
     root attributes: butd_format, model_version, config (JSON), objects_vocab and
-    attributes_vocab (JSON lists), feature_dtype, feature_dim, grid_size (0 when no grids)
+    attributes_vocab (JSON lists), feature_dtype, feature_dim, grid_size (0 when no grids),
+    image_id_policy (JSON: the rule that made the ids, ``store.image_ids``; absent in files
+    written before it existed)
 
 Every dataset is chunked and resizable with no compression filter (fp16 without a filter reads
 fastest; reference serving §3.2). A reader sees only images whose ``offsets`` entry was written,
@@ -132,6 +134,10 @@ class FeatureFile(FileHandle):
         vocabs = [json.loads(attr_str(f.attrs.get(k, "[]"))) for k in _VOCABS]
         self.objects_vocab: list[str] = vocabs[0]
         self.attributes_vocab: list[str] = vocabs[1]
+        # How the ids were made (store.image_ids); files written before it was recorded: unknown.
+        self.id_policy: dict[str, Any] = json.loads(
+            attr_str(f.attrs.get("image_id_policy", '{"rule": "unrecorded"}'))
+        )
 
     @property
     def feature_dim(self) -> int:

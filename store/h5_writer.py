@@ -36,6 +36,7 @@ from store.h5 import (
     FileHandle,
     attr_str,
 )
+from store.image_ids import POLICY_ATTR, ImageIdError, merge_metadata
 from store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class FeatureFileWriter(FileHandle):
             that size so a small file stays small. None for files that grow.
         grid_size: G > 0 adds the ``grids`` dataset (N, G, G, D); every record must then carry
             a (G, G, D) grid, and with 0 none may.
+        id_policy: how the ids were made (``store.image_ids.IdPolicy.metadata``), recorded as
+            the root attribute ``image_id_policy``; merged into an existing file's record.
 
     Raises:
         FeatureFileError: an existing file with another model_version, D or feature dtype.
@@ -79,6 +82,7 @@ class FeatureFileWriter(FileHandle):
         unique_ids: bool = True,
         size_hint: tuple[int, int] | None = None,
         grid_size: int = 0,
+        id_policy: dict[str, Any] | None = None,
     ) -> None:
         if feature_dtype not in ("float16", "float32"):
             raise FeatureFileError(f"feature_dtype must be float16 or float32; got {feature_dtype}")
@@ -92,6 +96,8 @@ class FeatureFileWriter(FileHandle):
         if "offsets" in self._file:
             self._check_existing()
             self._trim_partial_append()
+            if id_policy is not None:
+                self._record_policy(id_policy)
         else:
             meta = {
                 "config": config or {},
@@ -99,7 +105,19 @@ class FeatureFileWriter(FileHandle):
                 "attributes_vocab": list(attributes_vocab),
             }
             self._create(meta, size_hint)
+            if id_policy is not None:
+                self._file.attrs[POLICY_ATTR] = json.dumps(id_policy)
         self._ids: set[str] | None = None
+
+    def _record_policy(self, policy: dict[str, Any]) -> None:
+        """Merge ``policy`` into the file's recorded one (a resume must use the same rule)."""
+        old = json.loads(attr_str(self._file.attrs.get(POLICY_ATTR, '{"rule": "path"}')))
+        try:
+            merged = merge_metadata(old, policy)
+        except ImageIdError as exc:
+            self._file.close()
+            raise FeatureFileError(f"{self.path}: {exc}") from exc
+        self._file.attrs[POLICY_ATTR] = json.dumps(merged)
 
     def _create(self, meta: dict[str, Any], size_hint: tuple[int, int] | None) -> None:
         f = self._file

@@ -108,6 +108,8 @@ class HeadsResult:
         status: ok | error (this request failed) | expired | unavailable (no such head here).
         reason: why, when not ok.
         head: the head's name (e.g. "updown"), from its checkpoint.
+        note: what the head is, from its checkpoint (the packaged demo heads: "synthetic
+            demo: ..."); "" when the checkpoint has none.
         words: the caption's words (caption).
         log_prob: the caption's log-probability (caption).
         answers: top answers with their sigmoid scores, best first (vqa).
@@ -121,6 +123,7 @@ class HeadsResult:
     reason: str = ""
     model_version: str = ""
     head: str = ""
+    note: str = ""
     words: list[str] = field(default_factory=list)
     log_prob: float = 0.0
     answers: list[tuple[str, float]] = field(default_factory=list)

@@ -91,6 +91,7 @@ def run_head(head: LoadedHead, request: HeadsRequest, record: FeatureRecord) -> 
         "status": "ok",
         "model_version": record.model_version,
         "head": head.name,
+        "note": str(head.meta.get("note", "")),
         "boxes": record.boxes.astype(float).tolist(),
         "image_w": int(record.image_w),
         "image_h": int(record.image_h),

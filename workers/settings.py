@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from heads.demo import DEMO_DETECTOR, demo_head
+
 
 def _env(name: str, default: Any, **constraints: Any) -> Any:
     """A field read from BUTD_NAME or NAME."""
@@ -88,6 +90,10 @@ class WorkerSettings(BaseSettings):
     # and served from butd:heads (workers.heads_task); unset = this worker serves no such head.
     caption_model: Path | None = _env("caption_model", None)
     vqa_model: Path | None = _env("vqa_model", None)
+    # With the packaged demo detector (WEIGHTS=demo-synthetic), an unset CAPTION_MODEL /
+    # VQA_MODEL means the packaged demo heads (heads/demo, trained on synthetic scenes, every
+    # answer marked as such); false = no head unless named.
+    demo_heads: bool = _env("demo_heads", True)
     # How long a heads request waits for its record to be sealed and indexed, seconds (an
     # online answer precedes its seal by up to SEAL_LINGER_MS plus the seal itself).
     heads_record_wait_s: float = _env("heads_record_wait_s", 5.0, ge=0, le=60)
@@ -103,6 +109,9 @@ class WorkerSettings(BaseSettings):
             )
         if not self.worker_id:
             self.worker_id = default_worker_id()
+        if self.demo_heads and self.weights == DEMO_DETECTOR:
+            self.caption_model = self.caption_model or demo_head("caption")
+            self.vqa_model = self.vqa_model or demo_head("vqa")
         return self
 
     def torch_device(self) -> str:

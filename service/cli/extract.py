@@ -24,6 +24,7 @@ def register(subparsers: Any) -> None:
         metavar="FILE.json",
         help='features for given boxes: {"a.jpg": [[x1, y1, x2, y2], ...]}',
     )
+    _id_arguments(extract)
     extract.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     extract.add_argument(
         "--float32", action="store_true", help="store float32 features (default float16)"
@@ -43,12 +44,30 @@ def register(subparsers: Any) -> None:
         "regions shaded by their attention weight",
     )
     show.add_argument(
-        "--captioner", type=Path, metavar="DIR", help="trained caption head (DIR/last.pt)"
+        "--captioner",
+        type=Path,
+        metavar="DIR",
+        help="trained caption head (DIR/last.pt); default with the demo detector: the packaged "
+        "synthetic demo caption head",
     )
     show.add_argument("--beam-size", type=int, default=5, metavar="N")
     show.add_argument("--max-len", type=int, default=20, metavar="T")
     _model_arguments(show)
     show.set_defaults(handler=run_show)
+
+
+def _id_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image-ids",
+        choices=("path", "stem", "coco", "map"),
+        default="path",
+        help="how a file becomes its id: path = relative to the directory argument (default); "
+        "stem = file name without extension; coco = COCO_{split}_{012d}.jpg and integer names "
+        "-> the integer (what COCO/VQA annotations and generate_tsv readers use); map = --id-map",
+    )
+    parser.add_argument(
+        "--id-map", type=Path, metavar="FILE.json", help='map rule: {"rel/path.jpg": "id", ...}'
+    )
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,22 +115,35 @@ def run_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from detector.files import extract_files, find_images, load_boxes_file
+    from store.h5 import FeatureFileError
     from store.h5_writer import FeatureFileWriter
+    from store.image_ids import IdPolicy, ImageIdError
 
-    items = find_images(args.paths)
+    try:
+        policy = IdPolicy.load(args.image_ids, args.id_map)
+        items = find_images(args.paths, policy)
+    except (ImageIdError, ValueError, OSError) as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
     boxes = load_boxes_file(args.boxes) if args.boxes else None
     extractor = _load_extractor(args, args.batch_size)
     spec = extractor.spec
-    with FeatureFileWriter(
-        args.out,
-        model_version=extractor.model_version,
-        config={"extraction": extractor.config.to_json(), "model": spec.description},
-        objects_vocab=spec.objects_vocab,
-        attributes_vocab=spec.attributes_vocab,
-        feature_dtype="float32" if args.float32 else "float16",
-        feature_dim=spec.arch.feature_dim,
-        grid_size=extractor.config.grid_size,
-    ) as writer:
+    try:
+        writer = FeatureFileWriter(
+            args.out,
+            model_version=extractor.model_version,
+            config={"extraction": extractor.config.to_json(), "model": spec.description},
+            objects_vocab=spec.objects_vocab,
+            attributes_vocab=spec.attributes_vocab,
+            feature_dtype="float32" if args.float32 else "float16",
+            feature_dim=spec.arch.feature_dim,
+            grid_size=extractor.config.grid_size,
+            id_policy=policy.metadata(item.path.name for item in items),
+        )
+    except FeatureFileError as exc:
+        print(f"butd extract: {exc}", file=sys.stderr)
+        return 2
+    with writer:
         done = writer.ids()
         todo = sum(1 for item in items if item.image_id not in done)
         with tqdm(total=todo, unit="img", desc="extract", file=sys.stderr) as bar:
@@ -139,8 +171,12 @@ def run_show(args: argparse.Namespace) -> int:
     from store.images import decode_image
 
     if args.attention and args.captioner is None:
-        print("butd show --attention needs --captioner DIR", file=sys.stderr)
-        return 2
+        from heads.demo import DEMO_DETECTOR, demo_head
+
+        if args.weights not in (None, DEMO_DETECTOR):
+            print("butd show --attention needs --captioner DIR", file=sys.stderr)
+            return 2
+        args.captioner = demo_head("caption")
     image = decode_image(args.image.read_bytes())
     head: Any = None
     if args.attention:

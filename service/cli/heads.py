@@ -81,6 +81,12 @@ def register(subparsers: Any) -> None:
     )
     t.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     t.add_argument(
+        "--note",
+        default="",
+        help="what this head is, stored in the checkpoint and returned "
+        "with every answer (the demo heads: heads.demo.DEMO_NOTE)",
+    )
+    t.add_argument(
         "--ds-lambda",
         type=float,
         default=1.0,
@@ -110,7 +116,10 @@ def _source_args(p: argparse.ArgumentParser) -> None:
         "image", help="image id (in --features, or in the gateway's store), or a .npz file"
     )
     p.add_argument(
-        "--model", type=Path, help="checkpoint directory or .pt file (local; needs --features/.npz)"
+        "--model",
+        type=Path,
+        help="checkpoint directory or .pt file (local, with --features/.npz; default: the "
+        "packaged synthetic demo head)",
     )
     p.add_argument("--features", type=Path, help="ragged HDF5 feature file holding the image")
     p.add_argument(
@@ -127,7 +136,10 @@ def _local(args: argparse.Namespace) -> bool:
     if not (npz or args.features is not None):
         return False
     if args.model is None:
-        raise SystemExit("give --model DIR with --features or a .npz file")
+        from heads.demo import DEMO_NOTE, demo_head
+
+        args.model = demo_head("caption" if getattr(args, "question", None) is None else "vqa")
+        logger.info("no --model: the packaged demo head %s (%s)", args.model, DEMO_NOTE)
     return True
 
 
@@ -170,11 +182,18 @@ def _record(args: argparse.Namespace) -> Any:
 
         return read_npz(args.image)
     from store.h5 import FeatureFile
+    from store.image_ids import join_ids
 
+    if not Path(args.features).is_file():
+        raise SystemExit(f"no feature file {args.features} (written by butd extract)")
     with FeatureFile(args.features) as ff:
-        if args.image not in ff:
-            raise SystemExit(f"image id {args.image!r} is not in {args.features}")
-        return ff.get(args.image)
+        if args.image in ff:
+            return ff.get(args.image)
+        joined = join_ids([args.image], ff.ids(), ff.id_policy.get("rule", ""))
+        if not joined.matched:
+            where = str(args.features)
+            raise SystemExit(f"image id {args.image!r} is not in {where}: {joined.summary(where)}")
+        return ff.get(joined.matched[args.image])
 
 
 def _caption(args: argparse.Namespace) -> int:
@@ -182,13 +201,11 @@ def _caption(args: argparse.Namespace) -> int:
         return _ask(args, "caption")
     from heads.inference import caption, load_head
 
+    record = _record(args)
     model, meta = load_head(args.model, device=args.device)
-    res = caption(model, meta, _record(args), args.beam, args.max_len)  # type: ignore[arg-type]
-    print(
-        json.dumps(
-            {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
-        )
-    )
+    res = caption(model, meta, record, args.beam, args.max_len)  # type: ignore[arg-type]
+    out = {"image_id": args.image, "caption": " ".join(res.words), "log_prob": res.log_prob}
+    print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
 
 
@@ -197,9 +214,11 @@ def _answer(args: argparse.Namespace) -> int:
         return _ask(args, "vqa")
     from heads.inference import answer, load_head
 
+    record = _record(args)
     model, meta = load_head(args.model, device=args.device)
-    res = answer(model, meta, _record(args), args.question, args.top)
-    print(json.dumps({"image_id": args.image, "question": args.question, "answers": res.answers}))
+    res = answer(model, meta, record, args.question, args.top)
+    out = {"image_id": args.image, "question": args.question, "answers": res.answers}
+    print(json.dumps({**out, "note": meta.get("note", "")}))
     return 0
 
 

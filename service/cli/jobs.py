@@ -26,7 +26,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid")
+EXPORT_FORMATS = ("h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "npz-mcan", "h5-grid")
 
 
 def register(subparsers: Any) -> None:

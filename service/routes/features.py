@@ -27,6 +27,7 @@ from service.online import OnlineService, Upload
 from service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
 from service.uploads import read_image_body
 from store import ids
+from store.image_ids import IdPolicy, ImageIdError
 from workers.protocol import ExtractOptions as QueueOptions
 
 router = APIRouter(
@@ -119,19 +120,22 @@ async def extract(
     max_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
     conf_thresh: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     grid_size: Annotated[int | None, Query(ge=0, le=32)] = None,
+    id_rule: Annotated[str | None, Query(pattern="^(path|stem|coco)$")] = None,
 ) -> Response:
     """Upload an image (multipart ``file``, or a raw ``image/*`` body) and get its regions.
 
     Cached bytes (same sha256, same model version) are answered without a worker. ``image_id``
-    and ``namespace`` may also be form fields; any of ``min_boxes``, ``max_boxes``,
-    ``conf_thresh``, ``grid_size`` makes a different model version and always reaches a worker.
-    ``grid_size`` G adds a (G, G, D) ``grid`` of res5 features from the same detector pass; the
-    regions are the same bytes as without it. GET it back with that ``model_version``.
+    and ``namespace`` may also be form fields; without ``image_id``, ``id_rule`` (path | stem |
+    coco, as ``butd extract --image-ids``) names the image from the multipart file name; any
+    of ``min_boxes``, ``max_boxes``, ``conf_thresh``, ``grid_size`` makes a different model
+    version and always reaches a worker. ``grid_size`` G adds a (G, G, D) ``grid`` of res5
+    features from the same detector pass; the regions are the same bytes as without it. GET it
+    back with that ``model_version``.
     """
     service = _service(request)
     body = await read_image_body(request, service.settings.max_body_bytes)
     sha = hashlib.sha256(body.data).hexdigest()
-    chosen = given_id(body.fields.get("image_id"), image_id)
+    chosen = given_id(body.fields.get("image_id"), image_id) or _named_by_rule(body, id_rule)
     ns = namespace_of(body.fields.get("namespace") or namespace)
     upload = Upload(
         data=body.data,
@@ -150,6 +154,24 @@ async def extract(
     response = render(request, result.stored, dtype, extra)
     response.headers["X-Cache"] = "hit" if result.cached else "miss"
     return response
+
+
+def _named_by_rule(body: Any, rule: str | None) -> str | None:
+    """The id ``rule`` gives the uploaded file's name (None without a rule); 422 when the
+    rule refuses the name or the upload has none."""
+    rule = body.fields.get("id_rule") or rule
+    if rule is None:
+        return None
+    if not body.filename:
+        raise InvalidRequestError(f"id_rule {rule!r} needs a multipart file with a file name")
+    try:
+        named = IdPolicy(rule).image_id(body.filename)
+    except ImageIdError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    problem = ids.image_id_problem(named)
+    if problem is not None:
+        raise InvalidRequestError(problem)
+    return named
 
 
 @router.get(

@@ -146,6 +146,7 @@ async def _ask(request: Request, task: HeadTask, image: Image, **params: Any) ->
 def _common(request: Request, image: Image, result: HeadsResult) -> dict[str, Any]:
     return {
         "head": result.head,
+        "note": result.note,
         "model_version": result.model_version,
         "sha256": image.stored.sha256,
         "image_id": image.image_id,

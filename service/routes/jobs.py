@@ -40,6 +40,7 @@ from service.schemas import (
 from service.settings import Settings
 from service.uploads import check_length, read_raw, save_multipart
 from store import ids
+from store.image_ids import IdPolicy, ImageIdError
 from workers.protocol import TERMINAL_STATES
 from workers.protocol import ExtractOptions as QueueOptions
 from workers.protocol import JobStatus as QueueJobStatus
@@ -56,9 +57,10 @@ EXPORT_SUFFIXES = {
     "lxmert-tsv": ".tsv",
     "h5-grid": ".h5",  # <image_id>_grids (G*G, D): jobs submitted with grid_size
     "npz": ".zip",  # one .npz per image, zipped (the client unpacks it into a directory)
+    "npz-mcan": ".zip",
 }
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
-ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "h5-grid"]
+ExportFormat = Literal["h5-dense", "h5-ragged", "tsv", "lxmert-tsv", "npz", "npz-mcan", "h5-grid"]
 _ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422)}
 _SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 415, 422, 502, 503, 507)
@@ -123,8 +125,9 @@ def _errors(exc: ValidationError) -> str:
 def _fields_job(fields: dict[str, str], dest: str) -> JobRequest:
     """The job of a multipart upload: its namespace and options fields, the upload's root."""
     options = {k: v for k, v in fields.items() if k in ExtractOptions.model_fields}
+    rule = fields.get("image_ids") or "path"
     return _job_of({"paths": [dest], "namespace": fields.get("namespace") or "default",
-                    "options": options})  # fmt: skip
+                    "options": options, "image_ids": rule})  # fmt: skip
 
 
 def _fingerprint(*parts: str) -> str:
@@ -180,8 +183,17 @@ async def _create(
 ) -> dict[str, Any]:
     """Expand the job's paths under ``roots``, keep its manifest, queue it; the 201 body."""
     settings = _settings(request)
+    try:
+        policy = IdPolicy(job.image_ids, job.id_map or {}, "id_map" if job.id_map else "")
+    except ImageIdError as exc:
+        raise InvalidRequestError(str(exc)) from None
     found = await run_in_threadpool(
-        url_sources.expand_any, job.paths, roots, settings.allowed_urls, settings.image_suffixes
+        url_sources.expand_any,
+        job.paths,
+        roots,
+        settings.allowed_urls,
+        settings.image_suffixes,
+        policy,
     )
     jobs_dir = settings.store_dir / "jobs"
     await run_in_threadpool(datasets.write_manifest, jobs_dir, job_id, job.namespace, found.items)
@@ -306,6 +318,7 @@ def _state_fn(request: Request) -> Callable[[str], str | None]:
                             "max_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
                             "conf_thresh": {"type": "number", "minimum": 0, "maximum": 1},
                             "grid_size": {"type": "integer", "minimum": 0, "maximum": 32},
+                            "image_ids": {"type": "string", "enum": ["path", "stem", "coco"]},
                         },
                         "required": ["archive"],
                     }
@@ -367,8 +380,14 @@ async def export(
     job_id: str,
     format: Annotated[ExportFormat, Query(description="store format of the file")] = "h5-ragged",
     model_version: str | None = None,
+    id_keys: Annotated[str, Query(alias="ids", pattern="^(consumer|stored)$")] = "consumer",
+    allow_padding: bool = False,
 ) -> FileResponse:
-    """The job's cached records in a store format (records not yet extracted are left out)."""
+    """The job's cached records in a store format (records not yet extracted are left out).
+
+    ``ids=consumer`` writes ids as the format's consumer keys them (``butd export -h``); an id
+    it cannot convert, or an adaptive job exported as ``h5-dense`` without ``allow_padding``,
+    is refused with 422 and the reason."""
     settings = _settings(request)
     manifest = datasets.read_manifest(settings.store_dir / "jobs", _checked_job_id(job_id))
     if manifest is None:
@@ -380,8 +399,9 @@ async def export(
     out = settings.store_dir / "exports" / f"{job_id}-{uuid.uuid4().hex[:8]}{suffix}"
     out.parent.mkdir(parents=True, exist_ok=True)
     namespace, image_ids = manifest
+    options = {"ids": id_keys, **({"allow_padding": allow_padding} if format == "h5-dense" else {})}
     count = await run_in_threadpool(
-        request.app.state.store.export, version, namespace, image_ids, format, out
+        request.app.state.store.export, version, namespace, image_ids, format, out, options
     )
     logger.info("job %s: exported %d records as %s", job_id, count, format)
     return FileResponse(

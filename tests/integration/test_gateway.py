@@ -242,9 +242,12 @@ def test_batch_job_directory_and_archive(stack: dict[str, Any]) -> None:
         out = stack["root"] / "set.tsv"
         out.write_bytes(export.content)
         rows = {r.image_id: r for r in read_lxmert_tsv(out)}
-        assert sorted(rows) == ["a.png", "b.png", "sub/c.png"]
+        assert sorted(rows) == ["a", "b", "c"]  # img_id as LXMERT keys it: the file stem
         one = client.get("/v1/features/sub/c.png?namespace=set&dtype=float32").json()
-        np.testing.assert_array_equal(decode_features(one["features"]), rows["sub/c.png"].features)
+        np.testing.assert_array_equal(decode_features(one["features"]), rows["c"].features)
+        stored = client.get(f"/v1/jobs/{status['job_id']}/export?format=lxmert-tsv&ids=stored")
+        out.write_bytes(stored.content)
+        assert sorted(r.image_id for r in read_lxmert_tsv(out)) == ["a.png", "b.png", "sub/c.png"]
 
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w") as zf:

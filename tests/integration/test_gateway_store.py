@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.errors import NotFoundError
+from service.errors import InvalidRequestError, NotFoundError
 from service.shard_store import IndexedStore, _nbytes
 from store.index import FeatureIndex, reindex
 from store.readers import read_lxmert_tsv
@@ -82,16 +82,21 @@ def test_export_uses_the_job_ids(tmp_path: Path, index: FeatureIndex, fmt: str) 
     _seal(tmp_path, index, [1, 2])
     store = IndexedStore(tmp_path, index)
     out = tmp_path / f"out.{fmt}"
-    assert store.export(MODEL_VERSION, "ds", ["1.jpg", "2.jpg", "nope.jpg"], fmt, out) == 2
-    if fmt == "lxmert-tsv":
+    wanted = ["1.jpg", "2.jpg", "nope.jpg"]
+    if fmt == "h5-dense":  # adaptive records: refused unless padding is allowed
+        with pytest.raises(InvalidRequestError, match="--allow-padding"):
+            store.export(MODEL_VERSION, "ds", wanted, fmt, out)
+    options = {"allow_padding": True} if fmt == "h5-dense" else None
+    assert store.export(MODEL_VERSION, "ds", wanted, fmt, out, options) == 2
+    if fmt == "lxmert-tsv":  # ids as LXMERT keys them: the file stem
         rows = list(read_lxmert_tsv(out))
-        assert [r.image_id for r in rows] == ["1.jpg", "2.jpg"]
+        assert [r.image_id for r in rows] == ["1", "2"]
         np.testing.assert_array_equal(
             rows[1].features, make_record("x", seed=2).features.astype(np.float32)
         )
     elif fmt == "npz":
         with zipfile.ZipFile(out) as zf:
-            assert sorted(zf.namelist()) == ["1.jpg.npz", "2.jpg.npz"]
+            assert sorted(zf.namelist()) == ["1.npz", "2.npz"]  # MILVLG: {stem}.npz
     else:
         assert out.stat().st_size > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]

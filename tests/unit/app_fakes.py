@@ -11,6 +11,7 @@ import io
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -70,6 +71,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], StoredRecord] = {}
         self.aliases: dict[tuple[str, str], str] = {}
+        self.export_options: dict[str, Any] | None = None
         self.exports: list[tuple[str, str, list[str], str, Path]] = []
         self.remembered: dict[tuple[str, str], StoredRecord] = {}
         self.remembered_aliases: dict[tuple[str, str], str] = {}
@@ -96,9 +98,16 @@ class FakeStore:
             self.remembered_aliases[alias] = stored.sha256
 
     def export(
-        self, model_version: str, namespace: str, image_ids: Sequence[str], fmt: str, out: Path
+        self,
+        model_version: str,
+        namespace: str,
+        image_ids: Sequence[str],
+        fmt: str,
+        out: Path,
+        options: dict[str, Any] | None = None,
     ) -> int:
         self.exports.append((model_version, namespace, list(image_ids), fmt, out))
+        self.export_options = options
         out.write_text("\n".join(image_ids))
         return len(image_ids)
 

@@ -204,7 +204,7 @@ def test_cli_caption_and_answer_ask_the_gateway(
     assert out["answer"] == "yes" and [a["answer"] for a in out["answers"]] == ["yes", "no"]
     with pytest.raises(SystemExit, match="404"):
         main(["caption", "missing"])
-    with pytest.raises(SystemExit, match="give --model"):
+    with pytest.raises(SystemExit, match=r"no feature file f\.h5"):  # local: demo head default
         main(["caption", "img1", "--features", "f.h5"])
 
 

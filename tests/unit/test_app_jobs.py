@@ -125,6 +125,7 @@ def test_export_streams_the_store_export(client: TestClient, roots: Path, queue:
     version, namespace, ids, fmt, out = queue.store.exports[0]
     assert version == "mv0000000000test"
     assert (namespace, ids, fmt) == ("ds", ["a.jpg", "sub/b.png"], "lxmert-tsv")
+    assert queue.store.export_options == {"ids": "consumer"}  # ids as the consumer keys them
     assert not out.exists()  # temp file removed after streaming
     assert client.get(f"/v1/jobs/{job_id}/export?format=csv").status_code == 422
     assert client.get("/v1/jobs/nope/export").status_code == 404

@@ -61,7 +61,9 @@ def test_the_document_is_complete(tmp_path: Path) -> None:
     assert sha["pattern"] == "^[0-9a-fA-F]{64}$"
     export = doc["paths"]["/v1/jobs/{job_id}/export"]["get"]["parameters"]
     fmt = next(p for p in export if p["name"] == "format")["schema"]
-    assert sorted(fmt["enum"]) == ["h5-dense", "h5-grid", "h5-ragged", "lxmert-tsv", "npz", "tsv"]
+    assert sorted(fmt["enum"]) == sorted(
+        ["h5-dense", "h5-grid", "h5-ragged", "lxmert-tsv", "npz", "npz-mcan", "tsv"]
+    )
 
 
 # Schema-valid requests that only the server can refuse: an upload that must decode as an image

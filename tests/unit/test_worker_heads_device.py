@@ -58,7 +58,20 @@ def test_start_heads_loads_the_heads_onto_the_device(
     assert sorted(heads) == ["caption", "vqa"]
     for head in heads.values():
         assert {p.device.type for p in head.model.parameters()} == {"meta"}
-    assert heads_task.start_heads(_settings(tmp_path), device="meta") is None
+    assert heads_task.start_heads(_settings(tmp_path, demo_heads=False), device="meta") is None
+
+
+def test_demo_detector_defaults_to_the_packaged_demo_heads(tmp_path: Path) -> None:
+    from heads.demo import demo_head
+
+    settings = _settings(tmp_path)  # WEIGHTS=demo-synthetic, CAPTION_MODEL / VQA_MODEL unset
+    assert (settings.caption_model, settings.vqa_model) == (demo_head("caption"), demo_head("vqa"))
+    named = _settings(tmp_path, caption_model=tmp_path / "mine")
+    assert named.caption_model == tmp_path / "mine" and named.vqa_model == demo_head("vqa")
+    other = _settings(tmp_path, weights="caffe-10-100")
+    assert (other.caption_model, other.vqa_model) == (None, None)
+    off = _settings(tmp_path, demo_heads=False)
+    assert (off.caption_model, off.vqa_model) == (None, None)
 
 
 def test_build_worker_starts_the_heads_on_the_extractors_device(
