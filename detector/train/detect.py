@@ -19,9 +19,9 @@ import torch
 
 from detector.boxes import clip_boxes, decode_boxes, nms
 from detector.config import ExtractionConfig
-from detector.evaluate import ImageDetections
 from detector.model import Detector
 from detector.preprocess import prepare
+from detector.train.metrics import ImageDetections
 
 
 def _attr_probs(attr_logits: torch.Tensor, mode: str) -> torch.Tensor:

@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torchvision
 
 from detector.anchors import grid_anchors
-from detector.boxes import clip_boxes, decode_boxes, keep_min_size
 from detector.model import Detector
+from detector.model.rpn import ProposalSettings, propose
 from detector.train.configs import TrainConfig
 from detector.train.dataset import TrainSample
 from detector.train.losses import attribute_loss, fast_rcnn_losses, rpn_losses
@@ -28,6 +27,30 @@ from detector.train.targets import anchor_targets, attribute_labels, sample_rois
 LOSS_NAMES = ("rpn_cls", "rpn_box", "cls", "box", "attr")
 # Clamp on dw/dh while decoding training proposals, so an untrained RPN cannot overflow exp().
 LOG_MAX_RATIO = math.log(1000.0 / 16)
+
+
+def proposal_settings(config: TrainConfig) -> ProposalSettings:
+    """The proposal layer at training time (TRAIN.RPN_* top-k and IoU).
+
+    Caffe's order (decode, clip, minimum size ``>=``, top-k, NMS, top-k) whatever the weights'
+    conventions; dw/dh clamped so an untrained RPN cannot overflow exp(); torchvision's NMS
+    flavour (no +1, IoU > thresh): training only needs good proposals, not the test-time
+    bit-exact NMS.
+    """
+    conv = config.conventions
+    return ProposalSettings(
+        pre_nms_topk=config.rpn_pre_nms_topk,
+        post_nms_topk=config.rpn_post_nms_topk,
+        nms_thresh=config.rpn_nms_thresh,
+        plus_one=conv.plus_one,
+        delta_clamp=LOG_MAX_RATIO,
+        min_size=conv.rpn_min_size,
+        min_size_scaled=conv.rpn_min_size_scaled,
+        min_size_inclusive=True,
+        topk_before_clip=False,
+        nms_plus_one=False,
+        nms_suppress_equal=False,
+    )
 
 
 @torch.no_grad()
@@ -39,26 +62,18 @@ def training_proposals(
     sample: TrainSample,
     config: TrainConfig,
 ) -> torch.Tensor:
-    """Proposals of one image for RoI sampling (TRAIN.RPN_* settings), from the head's maps.
+    """Proposals of one image for RoI sampling, from the head's maps (the RPN's own layer).
 
-    Caffe's proposal layer (decode, clip, minimum size, top-k, NMS, top-k), with torchvision's
-    NMS kernel: training only needs good proposals, not the test-time bit-exact +1 NMS.
+    Args:
+        objectness: (1, 2A or A, Hf, Wf) and deltas (1, 4A, Hf, Wf): ``model.rpn.head``.
+        anchors: (M, 4) ``grid_anchors`` of the map.
 
     Returns:
         (P, 4) float32 in resized pixels.
     """
-    conv = config.conventions
-    scores = model.rpn.foreground_scores(objectness)[0]  # (M,)
-    d = deltas[0].permute(1, 2, 0).reshape(-1, 4)  # (M, 4)
-    boxes = decode_boxes(anchors, d, plus_one=conv.plus_one, clamp=LOG_MAX_RATIO)
-    boxes = clip_boxes(boxes, sample.size[0], sample.size[1], plus_one=conv.plus_one)
-    min_size = conv.rpn_min_size * (sample.scale if conv.rpn_min_size_scaled else 1.0)
-    keep = keep_min_size(boxes, min_size, plus_one=conv.plus_one, inclusive=True)
-    boxes, scores = boxes[keep], scores[keep]
-    order = scores.argsort(descending=True)[: config.rpn_pre_nms_topk]
-    boxes, scores = boxes[order], scores[order]
-    kept = torchvision.ops.nms(boxes, scores, config.rpn_nms_thresh)
-    return boxes[kept[: config.rpn_post_nms_topk]]
+    scores, flat_deltas = model.rpn.flat_outputs(objectness, deltas)  # (1, M), (1, M, 4)
+    settings = proposal_settings(config)
+    return propose(anchors, flat_deltas[0], scores[0], sample.size, sample.scale, settings)
 
 
 def _rpn_part(

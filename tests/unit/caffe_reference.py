@@ -47,8 +47,15 @@ def caffe_roi_pool(fmap: np.ndarray, roi: np.ndarray, size: int, scale: float) -
     return out
 
 
-def caffe_proposals(scores_map, deltas_map, img_h, img_w, scale, cfg) -> np.ndarray:
-    """NumPy port of Caffe's proposal_layer.py (test mode) for one image."""
+def caffe_proposals(
+    scores_map, deltas_map, img_h, img_w, scale, cfg, *, clamp=None, nms_flavour="caffe"
+) -> np.ndarray:
+    """NumPy port of Caffe's proposal_layer.py for one image.
+
+    Test mode by default. The project's training recipe (``detector.train.step``) is the same
+    layer with ``clamp`` on dw/dh (log(1000/16)) and ``nms_flavour="torchvision"`` (no +1
+    areas, suppression only at IoU > thresh).
+    """
     from tests.unit.reference_nms import reference_nms
 
     a = CAFFE_ANCHORS.shape[0]
@@ -60,7 +67,9 @@ def caffe_proposals(scores_map, deltas_map, img_h, img_w, scale, cfg) -> np.ndar
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     prob = (e / e.sum(axis=1, keepdims=True)).reshape(1, 2 * a, hf, wf)[:, a:]
     scores = prob.transpose(0, 2, 3, 1).reshape(-1)
-    d = deltas_map.transpose(0, 2, 3, 1).reshape(-1, 4)
+    d = deltas_map.transpose(0, 2, 3, 1).reshape(-1, 4).copy()
+    if clamp is not None:
+        d[:, 2:] = np.minimum(d[:, 2:], np.float32(clamp))
     widths = anchors[:, 2] - anchors[:, 0] + 1.0
     heights = anchors[:, 3] - anchors[:, 1] + 1.0
     cx, cy = anchors[:, 0] + 0.5 * widths, anchors[:, 1] + 0.5 * heights
@@ -75,5 +84,6 @@ def caffe_proposals(scores_map, deltas_map, img_h, img_w, scale, cfg) -> np.ndar
     boxes, scores = boxes[keep], scores[keep]
     order = np.argsort(-scores, kind="stable")[: cfg.rpn_pre_nms_topk]
     boxes, scores = boxes[order], scores[order]
-    kept = reference_nms(boxes, scores, cfg.rpn_nms_thresh, plus_one=True, suppress_equal=True)
+    caffe = nms_flavour == "caffe"
+    kept = reference_nms(boxes, scores, cfg.rpn_nms_thresh, plus_one=caffe, suppress_equal=caffe)
     return boxes[kept[: cfg.rpn_post_nms_topk]]

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.evaluate import (
+from detector.evaluate import write_csv
+from detector.train.metrics import (
     GroundTruth,
     ImageDetections,
     average_precision,
     evaluate,
     voc_ap,
-    write_csv,
 )
 
 
@@ -152,3 +152,121 @@ def test_packaged_demo_model_detects_fresh_scenes(
     assert summary["object_map"] > 0.6
     assert summary["attribute_accuracy"] > 0.8
     assert len((tmp_path / "ap.csv").read_text().splitlines()) == 1 + 6 + 10
+
+
+def _random_case(seed: int, k: int, a: int) -> tuple[list[ImageDetections], list[GroundTruth]]:
+    """Images with jittered copies of their ground truth, strays, duplicates, score ties (scores
+    rounded to 0.2), images without ground truth or detections, attribute-less objects."""
+    rng = np.random.default_rng(seed)
+    dets, gts = [], []
+    for _ in range(30):
+        g = int(rng.integers(0, 7))
+        xy = rng.integers(0, 200, (g, 2)).astype(np.float32)
+        boxes = np.concatenate([xy, xy + rng.integers(5, 80, (g, 2))], 1).astype(np.float32)
+        classes = rng.integers(0, k, g)
+        attrs = tuple(tuple(sorted({*rng.integers(0, a, rng.integers(0, 3))})) for _ in range(g))
+        gts.append(_gt(boxes, classes, attrs))
+        n = int(rng.integers(0, 12))
+        near = boxes[rng.integers(0, g, n)] if g else np.zeros((n, 4), np.float32)
+        strays = np.sort(rng.integers(0, 250, (n, 2, 2)), axis=1).reshape(n, 4) + np.array(
+            [0, 0, 5, 5]
+        )
+        stray = rng.random(n) < 0.3 if g else np.ones(n, bool)
+        det_boxes = np.where(stray[:, None], strays, near + rng.normal(0, 5, (n, 4)))
+        labels = classes[rng.integers(0, g, n)] if g else rng.integers(0, k, n)
+        labels = np.where(rng.random(n) < 0.2, rng.integers(0, k, n), labels)
+        scores = np.round(rng.random(n) * 5) / 5
+        probs = rng.dirichlet(np.ones(a), n).astype(np.float32).reshape(n, a)
+        dets.append(
+            ImageDetections(
+                det_boxes.astype(np.float32),
+                scores.astype(np.float32),
+                labels.astype(np.int64),
+                probs,
+            )
+        )
+    return dets, gts
+
+
+def _voc_eval(detections: list, truth: list, thresh: float, plus_one: bool) -> tuple[float, int]:
+    """py-faster-rcnn ``voc_eval`` for one class, written as a plain loop.
+
+    ``detections``: (image, confidence, box) in image, then detection order (stable ranking);
+    ``truth``: per image, a list of boxes. A detection takes its best-IoU box of the image (the
+    first on ties); IoU >= thresh on an unclaimed box is a TP.
+    """
+    one = 1.0 if plus_one else 0.0
+    npos = sum(len(t) for t in truth)
+    if npos == 0:
+        return math.nan, 0
+    ranked = sorted(detections, key=lambda d: -d[1])  # stable
+    claimed = [[False] * len(t) for t in truth]
+    hits = []
+    for image, _, bb in ranked:
+        best, jbest = -math.inf, -1
+        for j, gt in enumerate(truth[image]):
+            iw = min(bb[2], gt[2]) - max(bb[0], gt[0]) + one
+            ih = min(bb[3], gt[3]) - max(bb[1], gt[1]) + one
+            inter = max(iw, 0.0) * max(ih, 0.0)
+            area_b = (bb[2] - bb[0] + one) * (bb[3] - bb[1] + one)
+            area_g = (gt[2] - gt[0] + one) * (gt[3] - gt[1] + one)
+            iou = inter / (area_b + area_g - inter)
+            if iou > best:
+                best, jbest = iou, j
+        hit = best >= thresh and not claimed[image][jbest]
+        if hit:
+            claimed[image][jbest] = True
+        hits.append(hit)
+    tp = np.cumsum(hits)
+    recall = [0.0, *(tp / npos), 1.0]
+    precision = [0.0, *(tp / np.arange(1, len(hits) + 1)), 0.0]
+    for i in range(len(precision) - 1, 0, -1):
+        precision[i - 1] = max(precision[i - 1], precision[i])
+    area = sum(
+        (recall[i + 1] - recall[i]) * precision[i + 1]
+        for i in range(len(recall) - 1)
+        if recall[i + 1] != recall[i]
+    )
+    return area, npos
+
+
+@pytest.mark.parametrize(("thresh", "plus_one"), [(0.5, True), (0.5, False), (0.3, True)])
+def test_object_and_attribute_ap_match_voc_eval_on_random_scenes(
+    thresh: float, plus_one: bool
+) -> None:
+    k, a = 6, 8
+    dets, gts = _random_case(7, k, a)
+    result = evaluate(
+        dets, gts, list("abcdef"), list("rstuvwxy"), iou_thresh=thresh, plus_one=plus_one
+    )
+    b64 = [[tuple(map(float, box)) for box in d.boxes] for d in dets]
+    expected = []
+    for c in range(k):
+        found = [
+            (i, float(d.scores[j]), b64[i][j])
+            for i, d in enumerate(dets)
+            for j in range(len(d.scores))
+            if d.labels[j] == c
+        ]
+        truth = [
+            [tuple(map(float, b)) for b, cl in zip(g.boxes, g.classes, strict=True) if cl == c]
+            for g in gts
+        ]
+        expected.append(("object", c, *_voc_eval(found, truth, thresh, plus_one)))
+    for t in range(a):
+        # The attribute score is the float32 product score x P(t), as ranked in float32.
+        found = [
+            (i, float(np.float32(d.scores[j]) * np.float32(d.attr_probs[j, t])), b64[i][j])
+            for i, d in enumerate(dets)
+            for j in range(len(d.scores))
+        ]
+        truth = [
+            [tuple(map(float, b)) for b, at in zip(g.boxes, g.attributes, strict=True) if t in at]
+            for g in gts
+        ]
+        expected.append(("attribute", t, *_voc_eval(found, truth, thresh, plus_one)))
+    assert [(r.kind, r.index, r.num_gt) for r in result.rows] == [e[:2] + e[3:] for e in expected]
+    assert sum(r.num_gt > 0 for r in result.rows) >= k + a - 2  # the fixture is not degenerate
+    for r, e in zip(result.rows, expected, strict=True):
+        assert r.ap == pytest.approx(e[2], rel=1e-12, abs=1e-12, nan_ok=True), (r.kind, r.name)
+    assert 0.1 < result.object_map < 0.9 and 0.0 < result.attribute_map < 0.5
