@@ -343,14 +343,25 @@ class Client:
         out: str | os.PathLike[str],
         *,
         model_version: str | None = None,
+        ids: str = "consumer",
+        allow_padding: bool = False,
     ) -> Path:
         """Download a job's records in a store format to ``out`` (npz: a directory).
+
+        Args:
+            ids: ``consumer`` (ids as the format's consumer keys them) or ``stored``.
+            allow_padding: ``h5-dense`` of an adaptive extraction pads with zero rows instead
+                of being refused.
 
         Returns:
             ``out``. Written under a temporary name and renamed when complete.
         """
         out = Path(out)
-        params = {"format": format, **({"model_version": model_version} if model_version else {})}
+        params: dict[str, str] = {"format": format, "ids": ids}
+        if model_version:
+            params["model_version"] = model_version
+        if allow_padding:
+            params["allow_padding"] = "true"
         tmp = out.with_name(out.name + ".part")
         with self._http.stream("GET", f"/v1/jobs/{job_id}/export", params=params) as response:
             if response.status_code >= 400:

@@ -73,6 +73,18 @@ def register(subparsers: Any) -> None:
         help="file (npz: a directory), or an object URL (s3://bucket/key) the gateway writes",
     )
     export.add_argument("--model-version", default=None)
+    export.add_argument(
+        "--ids",
+        choices=("consumer", "stored"),
+        default="consumer",
+        help="consumer: ids as the format's consumer keys them (default); stored: unchanged",
+    )
+    export.add_argument(
+        "--allow-padding",
+        action="store_true",
+        help="h5-dense of an adaptive extraction: pad with zero rows (bottom-up-attention-vqa "
+        "reads them as regions; extract with --min-boxes 36 --max-boxes 36 instead)",
+    )
     export.set_defaults(handler=run_export)
 
     get = subparsers.add_parser("get", help="cached features of one image from a gateway")
@@ -230,7 +242,12 @@ def run_export(args: argparse.Namespace) -> int:
             logger.info("wrote %s (%d records, %d bytes)", w["url"], w["records"], w["bytes"])
             return 0
         out = client.export(
-            args.job_id, args.format, Path(args.out), model_version=args.model_version
+            args.job_id,
+            args.format,
+            Path(args.out),
+            model_version=args.model_version,
+            ids=args.ids,
+            allow_padding=args.allow_padding,
         )
     logger.info("wrote %s", out)
     return 0

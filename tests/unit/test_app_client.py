@@ -91,6 +91,9 @@ def test_jobs_roundtrip(client: Client, queue: FakeQueue, tmp_path: Path) -> Non
     assert final["state"] == "cancelled"
     out = client.export("j1", "tsv", tmp_path / "out.tsv")
     assert out.read_text() == "x.jpg"
+    assert queue.store.export_options == {"ids": "consumer"}
+    client.export("j1", "h5-dense", tmp_path / "d.h5", ids="stored", allow_padding=True)
+    assert queue.store.export_options == {"ids": "stored", "allow_padding": True}
 
 
 def test_archive_submit(client: Client, queue: FakeQueue) -> None:
