@@ -50,6 +50,7 @@ from workers.batcher import (
 )
 from workers.files import DEFAULT_LIMITS, ReadLimits
 from workers.isolate import Unstored, seal_isolated
+from workers.sealer import PendingSeals
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -186,8 +187,7 @@ class DeferredSink:
     def __init__(self, sink: FeatureSink, finisher: Finisher) -> None:
         self.sink = sink
         self.finisher = finisher
-        self._pending: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
+        self._pending = PendingSeals()
         self._unstored = Unstored()
 
     def take_unstored(self) -> Unstored:
@@ -196,17 +196,10 @@ class DeferredSink:
         return lost
 
     def has(self, model_version: str, sha256: str) -> bool:
-        with self._lock:
-            if (model_version, sha256) in self._pending:
-                return True
-        return self.sink.has(model_version, sha256)
+        return self._pending.has(self.sink, model_version, sha256)
 
     def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
-        with self._lock:
-            waiting = [(model_version, s) in self._pending for s in sha256s]
-        rest = [s for s, w in zip(sha256s, waiting, strict=True) if not w]
-        known = iter(stored(self.sink, model_version, rest))
-        return [w or next(known) for w in waiting]
+        return self._pending.has_many(self.sink, model_version, sha256s)
 
     def seal(
         self,
@@ -219,9 +212,7 @@ class DeferredSink:
         """Queue the seal (sealed and indexed by the finisher thread, in order)."""
         keys = [(model_version, r.content_sha256) for r in records]
         records, aliases = tuple(records), tuple(aliases)
-        with self._lock:
-            for k in keys:
-                self._pending[k] = self._pending.get(k, 0) + 1
+        self._pending.add(keys)
 
         def step() -> None:
             try:  # an unstorable record fails alone (workers.isolate); the piece's record sees it
@@ -229,11 +220,7 @@ class DeferredSink:
                 self._unstored.records.update(lost.records)
                 self._unstored.aliases.update(lost.aliases)
             finally:
-                with self._lock:
-                    for k in keys:
-                        self._pending[k] -= 1
-                        if self._pending[k] <= 0:
-                            del self._pending[k]
+                self._pending.release(keys)
 
         self.finisher.then(step)
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,47 @@ from workers.batcher import AliasTriple, FeatureSink, StoredItem, stored
 from workers.isolate import seal_isolated
 
 log = logging.getLogger(__name__)
+
+
+class PendingSeals:
+    """Records handed to a seal that has not run yet, counted per (model_version, sha256).
+
+    A sink that defers its seals (the online ``Sealer``, the pipeline's ``DeferredSink``) answers
+    ``has`` for them too, so the same bytes met again meanwhile are not computed twice.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Count ``keys`` as waiting for their seal."""
+        with self._lock:
+            for key in keys:
+                self._counts[key] = self._counts.get(key, 0) + 1
+
+    def release(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Their seal ran (stored or failed): ``keys`` no longer wait."""
+        with self._lock:
+            for key in keys:
+                self._counts[key] -= 1
+                if self._counts[key] <= 0:
+                    del self._counts[key]
+
+    def has(self, sink: FeatureSink, model_version: str, sha256: str) -> bool:
+        """Waiting here, or stored in ``sink``."""
+        with self._lock:
+            if (model_version, sha256) in self._counts:
+                return True
+        return sink.has(model_version, sha256)
+
+    def has_many(self, sink: FeatureSink, model_version: str, sha256s: Sequence[str]) -> list[bool]:
+        """``has`` of each content: ``sink`` asked once for those not waiting here."""
+        with self._lock:
+            waiting = [(model_version, s) in self._counts for s in sha256s]
+        rest = [s for s, w in zip(sha256s, waiting, strict=True) if not w]
+        known = iter(stored(sink, model_version, rest))
+        return [w or next(known) for w in waiting]
 
 
 @dataclass(frozen=True)
@@ -83,7 +124,7 @@ class Sealer:
         self._draining = 0
         self._calls: list[SealCall] = []
         self._jobs: list[_Job] = []
-        self._pending: dict[tuple[str, str], int] = {}
+        self._pending = PendingSeals()
         self._busy = False
         self._stopping = False
         self._cond = threading.Condition()
@@ -94,18 +135,11 @@ class Sealer:
 
     def has(self, model_version: str, sha256: str) -> bool:
         """True when the record is stored, or computed and waiting to be sealed here."""
-        with self._cond:
-            if (model_version, sha256) in self._pending:
-                return True
-        return self.sink.has(model_version, sha256)
+        return self._pending.has(self.sink, model_version, sha256)
 
     def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
         """``has`` of each content: the sink asked once for those not waiting here."""
-        with self._cond:
-            waiting = [(model_version, s) in self._pending for s in sha256s]
-        rest = [s for s, w in zip(sha256s, waiting, strict=True) if not w]
-        known = iter(stored(self.sink, model_version, rest))
-        return [w or next(known) for w in waiting]
+        return self._pending.has_many(self.sink, model_version, sha256s)
 
     def seal(
         self,
@@ -130,8 +164,7 @@ class Sealer:
             if not self._jobs:
                 self._oldest = time.monotonic()
             self._jobs.append(_Job(calls, tuple(finished)))
-            for key in _keys(calls):
-                self._pending[key] = self._pending.get(key, 0) + 1
+            self._pending.add(_keys(calls))
             self._cond.notify_all()
 
     def drain(self, timeout_s: float = 60.0) -> bool:
@@ -178,10 +211,7 @@ class Sealer:
                 with self._cond:
                     self._busy = False
                     for job in jobs:
-                        for key in _keys(job.calls):
-                            self._pending[key] -= 1
-                            if self._pending[key] <= 0:
-                                del self._pending[key]
+                        self._pending.release(_keys(job.calls))
                     self._cond.notify_all()
 
     def _ready(self) -> bool:
