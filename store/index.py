@@ -157,19 +157,25 @@ class FeatureIndex:
         results = pipe.execute()
         return cast(str, _text(results[1]))
 
-    def put_shard(self, entries: ShardEntries) -> None:
-        """Index every content row and alias of one shard (pipelined, first wins)."""
+    def put_shard(self, entries: ShardEntries) -> int:
+        """Index every content row and alias of one shard (pipelined, first wins).
+
+        Returns:
+            How many entries this shard added (0: every content and alias was already indexed,
+            the shard is referenced by nothing).
+        """
         loc_key = self.loc_key(entries.model_version)
         pipe = self.client.pipeline(transaction=False)
+        added = 0
         for i, (sha, row) in enumerate(entries.contents):
             pipe.hsetnx(loc_key, sha, _encode(Location(entries.name, row)))
             if i % _PIPELINE == _PIPELINE - 1:
-                pipe.execute()
+                added += sum(int(x) for x in pipe.execute())
         for i, alias in enumerate(entries.aliases):
             pipe.hsetnx(self.alias_key(alias.namespace), alias.image_id, alias.content_sha256)
             if i % _PIPELINE == _PIPELINE - 1:
-                pipe.execute()
-        pipe.execute()
+                added += sum(int(x) for x in pipe.execute())
+        return added + sum(int(x) for x in pipe.execute())
 
     def relocate(self, moves: list[Move]) -> int:
         """Point entries at their new location when they still point at the old one.

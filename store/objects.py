@@ -127,10 +127,18 @@ class BucketShards:
         self.fs, self.root = url_to_fs(self.url)
 
     def upload(self, local: Path) -> None:
-        """Upload the sealed shard ``local`` as ``<url>/<its name>``, then delete it locally."""
-        self.fs.put_file(str(local), f"{self.root}/{local.name}")
-        local.unlink()
+        """Upload the sealed shard ``local`` as ``<url>/<its name>``, then delete it locally
+        (also when the upload fails: the caller leaves its entries pending, to be recomputed)."""
+        try:
+            self.fs.put_file(str(local), f"{self.root}/{local.name}")
+        finally:
+            local.unlink()
         logger.debug("uploaded shard %s to %s", local.name, self.url)
+
+    def delete(self, name: str) -> None:
+        """Delete the shard ``name`` (one that nothing in the index references)."""
+        self.fs.rm_file(f"{self.root}/{name}")
+        logger.debug("deleted shard %s from %s", name, self.url)
 
     def names(self) -> list[str]:
         """Shard names in the bucket, sorted."""

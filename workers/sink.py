@@ -9,6 +9,8 @@ idempotent), so an indexed record is always on disk and the index can be rebuilt
 ``has`` answers from the index: a redelivered entry finds its records and computes nothing. A
 shard sealed while Redis is down is kept in memory and indexed first thing once Redis answers,
 before any lookup, so the worker re-reading its pending entries does not compute them again.
+A shard that adds nothing to the index once indexed (a worker cut off mid-batch sealed what
+another worker had reclaimed and stored meanwhile) is deleted: no row is stored twice.
 ``seal`` and ``has`` may be called from two threads (the online sealer and the main loop).
 
 Aliases are also appended to ``STORE/aliases/NAMESPACE.tsv`` (``image_id TAB sha256``), the
@@ -116,7 +118,7 @@ class StoreSink:
             if self.bucket is not None:
                 self.bucket.upload(self.shards / info.name)
             bound = [Alias(*a) for a in (*row_aliases, *extra) if a[0]]
-            contents = [(item.content_sha256, row) for row, item in enumerate(records)]
+            contents = [(item.content_sha256, row) for row, item in enumerate(fresh)]
             with self._lock:
                 self._unindexed.append(ShardEntries(info.name, model_version, 0, contents, bound))
             log.debug("%s: sealed %s (%d rows, %d aliases)", name, info.name, len(rows), len(extra))
@@ -143,8 +145,19 @@ class StoreSink:
         """Index the sealed shards not yet indexed (Redis was down when they were sealed)."""
         with self._lock:
             while self._unindexed:
-                self.index.put_shard(self._unindexed[0])
+                entries = self._unindexed[0]
+                if not self.index.put_shard(entries):
+                    self._delete(entries.name)
                 self._unindexed.pop(0)
+
+    def _delete(self, name: str) -> None:
+        """Delete a sealed shard that added nothing to the index: another worker stored all of
+        it meanwhile (this one was cut off mid-batch, its entries reclaimed and finished)."""
+        log.info("shard %s was stored meanwhile by another worker; deleted", name)
+        if self.bucket is not None:
+            self.bucket.delete(name)
+        else:
+            (self.shards / name).unlink(missing_ok=True)
 
     def _unbound(self, alias: AliasTriple) -> bool:
         namespace, image_id, sha = alias

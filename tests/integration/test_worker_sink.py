@@ -84,3 +84,42 @@ def test_a_shard_sealed_while_redis_is_down_is_indexed_once_it_is_back(
     redis_proc.start()
     assert sink.has("mv", "d" * 64)  # indexed before the lookup: a retry computes nothing
     assert FeatureIndex(r).lookup_alias("ns", "z.jpg") == "d" * 64
+
+
+def test_a_batch_stored_meanwhile_by_another_worker_leaves_no_second_copy(
+    redis_proc: RedisProcess, tmp_path: Path
+) -> None:
+    """w1 is cut off from Redis mid-batch; w2 reclaims the entry and stores it; w1 seals anyway
+    (it cannot ask the index) and, once Redis answers, finds every row stored: its shard goes."""
+    r = q.connect(redis_proc.url)
+    w1 = StoreSink(tmp_path / "w1", FeatureIndex(r), worker_id="w1", meta=META)
+    w2 = StoreSink(tmp_path / "w2", FeatureIndex(r), worker_id="w2", meta=META)
+    batch = [item("e" * 64, "p.jpg"), item("f" * 64, "q.jpg")]
+    redis_proc.stop()
+    with pytest.raises(redis.ConnectionError):
+        w1.seal("cut-off", batch, "mv", {})
+    assert len(list_shards(tmp_path / "w1" / "shards")) == 1  # sealed blind, not yet indexed
+    redis_proc.start()
+    w2.seal("reclaimed", batch, "mv", {})
+    (kept,) = list_shards(tmp_path / "w2" / "shards")
+    assert w1.has("mv", "e" * 64)  # indexes what it sealed: nothing new, so it is deleted
+    assert list_shards(tmp_path / "w1" / "shards") == []
+    assert FeatureIndex(r).lookup_content("mv", "f" * 64).shard == kept
+
+
+def test_rows_stored_meanwhile_are_left_out_and_the_rest_indexed_at_their_rows(
+    redis_url: str, tmp_path: Path
+) -> None:
+    index = FeatureIndex(q.connect(redis_url))
+    other = StoreSink(tmp_path / "other", index, worker_id="w2", meta=META)
+    sink = StoreSink(tmp_path / "mine", index, worker_id="w1", meta=META)
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    other.seal("first", [item(b, "y.jpg")], "mv", {})
+    sink.seal("batch", [item(a, "x.jpg", n=2), item(b, "y.jpg"), item(c, "z.jpg", n=5)], "mv", {})
+    (shard,) = list_shards(tmp_path / "mine" / "shards")
+    with FeatureFile(tmp_path / "mine" / "shards" / shard) as f:
+        assert f.content_sha256() == [a, c]
+        for sha, n in ((a, 2), (c, 5)):
+            where = index.lookup_content("mv", sha)
+            assert where is not None and where.shard == shard
+            assert f.content_sha256()[where.row] == sha and f.read_row(where.row).num_boxes == n
