@@ -19,11 +19,9 @@ ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 # Dependencies first (cached layer), then the source.
 COPY pyproject.toml constraints.txt README.md ./
-RUN mkdir -p butd detector store workers service heads \
- && touch butd/__init__.py detector/__init__.py store/__init__.py workers/__init__.py \
-          service/__init__.py heads/__init__.py \
- && pip install -c constraints.txt ".[s3]" \
- && pip uninstall -y butd
+RUN python3.11 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['s3']))" > /tmp/requirements.txt \
+ && pip install -c constraints.txt -r /tmp/requirements.txt
 COPY butd ./butd
 COPY detector ./detector
 COPY store ./store

@@ -39,8 +39,15 @@ lint: setup-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# mypy cannot follow setuptools' editable import hook (butd.service -> service/), so it checks
+# a tree of links laid out as the installed package: build/typecheck/butd/{cli,service,...}.
+TYPECHECK := build/typecheck
 typecheck: setup-test
-	$(VENV)/bin/mypy store workers service
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/butd
+	for f in butd/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/butd/; done
+	for d in detector store workers service heads; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/butd/$$d; done
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		-m butd -m butd.client -p butd.cli -p butd.store -p butd.workers -p butd.service
 
 unit: setup-test
 	$(PY) -m pytest tests/unit -q -m "not slow"

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import random
 
-from detector.preprocess import compute_scale, resized_shape
+from butd.detector.preprocess import compute_scale, resized_shape
 
 _COMMON = ((480, 0.35), (427, 0.20), (360, 0.05), (512, 0.03), (640, 0.03))
 _NEAR_3_2 = (424, 425, 426, 428, 429)

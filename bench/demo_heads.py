@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 
-from heads.data import read_coco_captions, read_vqa
-from heads.demo import demo_head
-from heads.inference import answer, caption, load_head
-from heads.metrics.captions import CiderD
-from heads.metrics.vqa_accuracy import vqa_accuracy
-from heads.vocab import tokenize_caption
-from store.h5 import FeatureFile
-from store.image_ids import join_ids
+from butd.heads.data import read_coco_captions, read_vqa
+from butd.heads.demo import demo_head
+from butd.heads.inference import answer, caption, load_head
+from butd.heads.metrics.captions import CiderD
+from butd.heads.metrics.vqa_accuracy import vqa_accuracy
+from butd.heads.vocab import tokenize_caption
+from butd.store.h5 import FeatureFile
+from butd.store.image_ids import join_ids
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.config import ExtractionConfig, ModelSpec
-from detector.extractor import Extractor
+from butd.detector.config import ExtractionConfig, ModelSpec
+from butd.detector.extractor import Extractor
 from tests.tiny_weights import random_detector
 
 

@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.coco_sizes import coco_like_sizes  # noqa: E402
 from bench.pipeline import PHOTOS, photo_rgb, worker_rate, write_images  # noqa: E402
-from detector.config import ModelSpec  # noqa: E402
-from detector.extractor import Extractor  # noqa: E402
+from butd.detector.config import ModelSpec  # noqa: E402
+from butd.detector.extractor import Extractor  # noqa: E402
 
 log = logging.getLogger("bench.gpu")
 
@@ -65,8 +65,8 @@ def load_model(weights: str | None, tiny: bool) -> tuple[Any, str, bool]:
 
     if tiny:
         return random_detector(seed=0), "tiny random test model (narrow, not trained)", False
-    from detector.model import Detector
-    from detector.weights import WeightsError, load, resolve
+    from butd.detector.model import Detector
+    from butd.detector.weights import WeightsError, load, resolve
 
     for name in [weights] if weights else VG_WEIGHTS:
         try:

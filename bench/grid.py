@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detector.config import ArchConfig, Conventions, ModelSpec
-from detector.model import Detector
+from butd.detector.config import ArchConfig, Conventions, ModelSpec
+from butd.detector.model import Detector
 
 H, W, PROPOSALS = 600, 800, 300
 
@@ -78,7 +78,7 @@ def demo_times(g: int, n: int, repeats: int = 7) -> tuple[float, float]:
     plain, ...) so that the shared machine's load drifts over both alike."""
     import numpy as np
 
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(n)]

@@ -1,6 +1,6 @@
 """Proof that each head learns: the synthetic benchmark of heads-reference §10 on CPU.
 
-Region features are simulated in the stored record format (``heads.synth``). Every head is
+Region features are simulated in the stored record format (``butd.heads.synth``). Every head is
 trained for a bounded number of updates and scored on held-out scenes against two controls:
 a blind model (features zeroed) and a mean-pooled model without attention; captions also
 against the unbound bag-of-attributes oracle. Writes a Markdown table (and JSON) as it goes.
@@ -8,7 +8,7 @@ against the unbound bag-of-attributes oracle. Writes a Markdown table (and JSON)
     nice python bench/heads.py --out bench/results/heads.md
     nice python bench/heads.py --grid --out bench/results/heads_grid.md   # grid-feature heads
 
-``--grid`` renders the scenes as 4 x 4 grid maps (``heads.synth.grid_scene``) and trains the
+``--grid`` renders the scenes as 4 x 4 grid maps (``butd.heads.synth.grid_scene``) and trains the
 grid heads: Up-Down, Up-Down + CBAM, SCA-CNN, SCA-CNN without channel attention, SCA + CBAM
 (captions) and Up-Down / Up-Down + CBAM (VQA), with the same controls.
 """
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from heads.benchmark import (
+from butd.heads.benchmark import (
     CAPTION_HEADS,
     GRID_CAPTION_HEADS,
     GRID_VQA_HEADS,
@@ -39,7 +39,7 @@ from heads.benchmark import (
     run_vqa,
     vqa_task,
 )
-from heads.synth import unbound_oracle
+from butd.heads.synth import unbound_oracle
 
 logger = logging.getLogger("bench.heads")
 LEGEND = """\

@@ -5,7 +5,7 @@
 Starts a local S3 server (moto, loopback), seals ``--images`` synthetic records (10..100 boxes
 x 2048 fp16, ``bench.store.synthetic``) into shards of 8 images (what a worker seals per job
 piece at BATCH_SIZE 8) and of 256 images (after ``butd store compact``), uploads them with
-``store.objects.BucketShards``, then reads random rows through ``BucketShardReaders`` (the
+``butd.store.objects.BucketShards``, then reads random rows through ``BucketShardReaders`` (the
 gateway's reader) for each block size:
 
 * ``cold``: the first read of a shard (opens it: HDF5 metadata + the image's rows);
@@ -33,9 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.store import MV, synthetic
-from store.objects import BucketShardReaders, BucketShards
-from store.records import FeatureRecord
-from store.shards import seal_shard
+from butd.store.objects import BucketShardReaders, BucketShards
+from butd.store.records import FeatureRecord
+from butd.store.shards import seal_shard
 from tests.s3_server import S3Server
 
 

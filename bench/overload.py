@@ -3,7 +3,7 @@
     nice -n 10 python bench/overload.py --out bench/results/overload.json
     nice -n 10 python bench/overload.py --code /path/to/old/checkout --out ...before.json
 
-One redis-server, uvicorn gateway and ``python -m workers.worker`` processes (the packaged
+One redis-server, uvicorn gateway and ``python -m butd.workers.worker`` processes (the packaged
 demo model on CPU, one intra-op thread, a reduced input size ``--extraction``) on 127.0.0.1.
 ``--code`` runs gateway and workers from another checkout (e.g. the code before issue 10).
 
@@ -39,9 +39,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.embedded import Child, WorkerSpec, free_port, start_redis, start_worker
-from workers import queue as q
-from workers.protocol import ONLINE_STREAM
+from butd.service.embedded import Child, WorkerSpec, free_port, start_redis, start_worker
+from butd.workers import queue as q
+from butd.workers.protocol import ONLINE_STREAM
 
 
 def png(seed: int, w: int = 64, h: int = 48) -> bytes:
@@ -74,7 +74,7 @@ class Stack:
         env = dict(os.environ, OMP_NUM_THREADS="1", BUTD_REDIS_URL=self.redis.url)
         env.update(BUTD_STORE_DIR=str(root / "store"), BUTD_REQUEST_TIMEOUT_S=str(timeout_s))
         port = free_port()
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:app_from_env"]
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "butd.service.app:app_from_env"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         argv += ["--limit-concurrency", "2000"]
         self.gateway = subprocess.Popen(argv, env=env, cwd=code)

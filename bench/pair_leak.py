@@ -1,4 +1,4 @@
-"""How much colour-shape pairing survives mean pooling in the heads simulator (heads.synth).
+"""How much colour-shape pairing survives mean pooling in the heads simulator (butd.heads.synth).
 
 Two objects (c1, s1) and (c2, s2) versus the same colours and shapes paired the other way,
 (c1, s2) and (c2, s1): the bag of attributes is identical, so a model that only sees unbound
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from heads.synth import SynthWorld
+from butd.heads.synth import SynthWorld
 
 
 def pairing_difference(dim: int, seed: int = 0) -> tuple[float, float]:

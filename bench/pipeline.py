@@ -3,7 +3,7 @@
     python bench/pipeline.py [--images 160] [--cores 1,2] [--out FILE.md]
     python bench/pipeline.py --fill-only          # the batch-fill table alone (no worker)
 
-An in-process worker (``workers.worker.Worker``) on a private redis-server drains one job of
+An in-process worker (``butd.workers.worker.Worker``) on a private redis-server drains one job of
 real photos (``skimage.data``, JPEG-encoded at COCO-like sizes, ``bench/coco_sizes.py``) and
 seals their records; the clock runs from the job's creation to its last ack. Each run is a
 child process pinned to ``cores`` CPUs (redis-server included), for two stand-ins:
@@ -103,13 +103,13 @@ def worker_rate(
     Returns:
         images, seconds, images_per_s, images_per_cpu_s (CPU of this process and of redis).
     """
-    from store.index import FeatureIndex
+    from butd.store.index import FeatureIndex
+    from butd.workers import queue as q
+    from butd.workers.protocol import JobItem
+    from butd.workers.settings import WorkerSettings
+    from butd.workers.sink import StoreSink
+    from butd.workers.worker import Worker
     from tests.redis_proc import RedisProcess
-    from workers import queue as q
-    from workers.protocol import JobItem
-    from workers.settings import WorkerSettings
-    from workers.sink import StoreSink
-    from workers.worker import Worker
 
     redis_proc = RedisProcess(appendonly=True)
     try:
@@ -160,8 +160,8 @@ def redis_cpu_s(pid: int | None) -> float:
 
 def drain_job(worker: Any, r: Any, items: list[Any], job_id: str, profile: str = "") -> float:
     """Seconds from creating the job to its last ack."""
-    from workers import queue as q
-    from workers.protocol import JOBS_STREAM
+    from butd.workers import queue as q
+    from butd.workers.protocol import JOBS_STREAM
 
     prof = None
     if profile:

@@ -24,8 +24,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.index import FeatureIndex
-from store.shards import Alias, ShardEntries, new_shard_name
+from butd.store.index import FeatureIndex
+from butd.store.shards import Alias, ShardEntries, new_shard_name
 from tests.redis_proc import RedisProcess
 
 

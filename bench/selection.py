@@ -105,7 +105,7 @@ def _run(device: str, proposals: int, classes: int, repeats: int, loop_repeats: 
     """:func:`run` with the thread count already set."""
     import torch
 
-    from detector.select import select_regions
+    from butd.detector.select import select_regions
     from tests.unit.reference_nms import reference_select
 
     boxes, probs = make_inputs(proposals, classes)

@@ -21,7 +21,7 @@ per worker, more with batching), else the figures measure queueing, not overhead
 3. Batch jobs: a directory of ``--job-images`` new images per run, images/s from the job's own
    clock (first shard taken to last item counted), with 1 and 2 workers.
 
-The gateway runs in a uvicorn subprocess, workers are ``python -m workers.worker`` processes;
+The gateway runs in a uvicorn subprocess, workers are ``python -m butd.workers.worker`` processes;
 all use one intra-op thread (OMP_NUM_THREADS=1), as does the direct baseline.
 """
 
@@ -47,7 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.embedded import (
+from butd.service.embedded import (
     Child,
     RedisServer,
     WorkerSpec,
@@ -55,7 +55,7 @@ from service.embedded import (
     start_redis,
     start_worker,
 )
-from store.images import decode_image
+from butd.store.images import decode_image
 
 BASE_IMAGES = 16
 
@@ -101,7 +101,7 @@ def direct_costs(
     """Seconds of decode + extract per base image, in this process, one thread (median of 5)."""
     import torch
 
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     torch.set_num_threads(1)
     ext = Extractor.from_weights(weights, device=device, **fast_extraction(proposals))
@@ -149,7 +149,7 @@ class Stack:
         self.workers = []
         self.set_workers(workers)
         port = free_port()
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:app_from_env"]
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "butd.service.app:app_from_env"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         self.gateway = subprocess.Popen(argv, env=self.env())
         self.url = f"http://127.0.0.1:{port}"

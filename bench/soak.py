@@ -3,7 +3,7 @@
     nice -n 10 python bench/soak.py --minutes 10 --out bench/results/soak.json
     nice -n 10 python bench/soak.py --burst-only [--full-decode] --out bench/results/burst.json
 
-One redis-server, one ``python -m workers.worker`` (the packaged demo model ``demo-synthetic``
+One redis-server, one ``python -m butd.workers.worker`` (the packaged demo model ``demo-synthetic``
 on CPU, one intra-op thread) and one uvicorn gateway, all on 127.0.0.1 in a temp dir.
 
 1. Burst: 8 concurrent uploads of distinct 7000 x 7000 PNGs (a smooth gradient: ~150 KB each,
@@ -38,8 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.embedded import Child, WorkerSpec, free_port, start_redis, start_worker
-from workers import queue as q
+from butd.service.embedded import Child, WorkerSpec, free_port, start_redis, start_worker
+from butd.workers import queue as q
 
 SIZES = [(320, 240), (640, 480), (1280, 960), (2000, 1500)]
 
@@ -85,7 +85,7 @@ class Stack:
         env.update(BUTD_STORE_DIR=str(root / "store"), BUTD_ALLOWED_ROOTS=str(root / "data"))
         env.update(gateway_env)
         port = free_port()
-        argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:app_from_env"]
+        argv = [sys.executable, "-m", "uvicorn", "--factory", "butd.service.app:app_from_env"]
         argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         self.gateway = subprocess.Popen(argv, env=env)
         self.url = f"http://127.0.0.1:{port}"

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.config import ExtractionConfig, ModelSpec
-from detector.extractor import Extractor, Staged, _Kept
-from detector.model import RegionOutputs
-from detector.preprocess import PreparedImage, compute_scale, resized_shape
+from butd.detector.config import ExtractionConfig, ModelSpec
+from butd.detector.extractor import Extractor, Staged, _Kept
+from butd.detector.model import RegionOutputs
+from butd.detector.preprocess import PreparedImage, compute_scale, resized_shape
 
 PROPOSALS = 300  # Caffe TEST.RPN_POST_NMS_TOP_N
 OBJECT_KINDS = 40  # dominant classes drawn from this many (a photo holds a few dozen kinds)

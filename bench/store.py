@@ -33,10 +33,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store.h5 import FeatureFile
-from store.index import FeatureIndex
-from store.records import FeatureRecord
-from store.shards import Location, ShardReaders, seal_shard
+from butd.store.h5 import FeatureFile
+from butd.store.index import FeatureIndex
+from butd.store.records import FeatureRecord
+from butd.store.shards import Location, ShardReaders, seal_shard
 
 MV = "bench-mv"
 D = 2048

@@ -1,7 +1,7 @@
 """``butd evaluate``: a weight file run over a Visual Genome style directory and scored.
 
-The composition of the evaluation: canonical weights -> :func:`detector.train.detect.detect`
-(scored class-specific detections) -> :mod:`detector.train.metrics` (object and attribute mAP,
+The composition of the evaluation: canonical weights -> :func:`butd.detector.train.detect.detect`
+(scored class-specific detections) -> :mod:`butd.detector.train.metrics` (object and attribute mAP,
 attribute accuracy) -> a summary and a per-class CSV table. The arrows run one way: metrics
 know nothing of the model, the detection runner imports only the metrics' ``ImageDetections``.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detector.model import Detector
-from detector.train.detect import detect
-from detector.train.metrics import EvalResult, GroundTruth, evaluate
-from detector.train.vg import Vocab, load_vg
-from detector.weights.canonical import load
-from store.images import decode_image
+from butd.detector.model import Detector
+from butd.detector.train.detect import detect
+from butd.detector.train.metrics import EvalResult, GroundTruth, evaluate
+from butd.detector.train.vg import Vocab, load_vg
+from butd.detector.weights.canonical import load
+from butd.store.images import decode_image
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.config import ExtractionConfig, ModelSpec, model_version
-from detector.model import Detector, RegionOutputs
-from detector.preprocess import (
+from butd.detector.config import ExtractionConfig, ModelSpec, model_version
+from butd.detector.model import Detector, RegionOutputs
+from butd.detector.preprocess import (
     PreparedImage,
     compute_scale,
     group_by_shape,
@@ -40,8 +40,8 @@ from detector.preprocess import (
     stack_group,
     stage_pixels,
 )
-from detector.select import select_regions
-from store.records import FeatureRecord
+from butd.detector.select import select_regions
+from butd.store.records import FeatureRecord
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Extractor:
         ``config`` defaults to the checkpoint's own extraction defaults; ``overrides`` replace
         single fields (``min_boxes=36, max_boxes=36``).
         """
-        from detector.weights import load, resolve
+        from butd.detector.weights import load, resolve
 
         loaded = load(resolve(DEFAULT_WEIGHTS if weights is None else weights))
         model = Detector(loaded.spec)
@@ -166,7 +166,8 @@ class Extractor:
         return self._to_records([kept], [prepared], [0], [image_id], self.config)[0]
 
     def stage(self, image: np.ndarray, config: ExtractionConfig | None = None) -> Staged:
-        """The host-side part of preparing one image, for a loader thread (``workers.pipeline``).
+        """The host-side part of preparing one image, for a loader thread
+        (``butd.workers.pipeline``).
 
         On a CPU device, the whole Caffe preparation (mean, exact resize) under ``config``; on
         CUDA, the uint8 pixels in pinned memory (the float64 resize runs on the device, so the

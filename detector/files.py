@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.extractor import Extractor
-from store.image_ids import IdPolicy, ImageIdError
-from store.images import ImageError, decode_image
-from store.records import FeatureRecord
+from butd.detector.extractor import Extractor
+from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.store.images import ImageError, decode_image
+from butd.store.records import FeatureRecord
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def find_images(paths: Iterable[str | Path], policy: IdPolicy | None = None) -> 
 
     A directory contributes every image below it under its path relative to that directory
     (POSIX separators); a file contributes itself under its bare file name. The policy turns
-    that relative name into the id (``store.image_ids``). Order is sorted within each argument,
+    that relative name into the id (``butd.store.image_ids``). Order is sorted within each argument,
     so runs are reproducible.
 
     Raises:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detector.config import ExtractionConfig
+from butd.detector.config import ExtractionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def prepare(
     """Caffe ``_get_image_blob`` for one image.
 
     Args:
-        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``store.images.decode_image`` returns (or
+        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``butd.store.images.decode_image`` returns (or
             ``stage_pixels`` of it).
         config: ``min_size``, ``max_size`` and ``pixel_mean`` are read.
         device: where the subtraction and resize run and the tensor lives.

@@ -14,8 +14,8 @@ the top ``min_boxes`` / ``max_boxes`` by ``max_conf`` when the count falls outsi
 
 Vectorised form, exactly equal to the loop:
   * The suppression relation (``IoU >= thresh``) is computed once for the R proposals.
-  * A class is solved as :func:`detector.boxes.greedy_keep` on its ranking, batched over classes.
-  * ``max_conf`` only grows, and a class can only raise ``max_conf[i]`` through a score
+  * A class is solved as :func:`butd.detector.boxes.greedy_keep` on its ranking, batched over
+  classes. * ``max_conf`` only grows, and a class can only raise ``max_conf[i]`` through a score
     ``cls_prob[i, c] > max_conf[i]``. So a class with no such "beneficiary" box can be skipped,
     and a class need only be solved down to the rank of its lowest beneficiary (later ranks
     cannot suppress earlier ones).
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from detector.boxes import greedy_keep, stable_descending, suppression_matrix
+from butd.detector.boxes import greedy_keep, stable_descending, suppression_matrix
 
 logger = logging.getLogger(__name__)
 

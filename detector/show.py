@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from store.records import FeatureRecord
+from butd.store.records import FeatureRecord
 
 # Distinct, readable colours, cycled over regions.
 PALETTE = (

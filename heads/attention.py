@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from heads.layers import masked_softmax
+from butd.heads.layers import masked_softmax
 
 
 class AdditiveAttention(nn.Module):

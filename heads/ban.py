@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from heads.counter import Counter
-from heads.layers import ReluFC, wn_linear
-from heads.regions import RegionBatch
-from heads.vocab import PAD
-from heads.vqa import QuestionEncoder, VQAOutput
+from butd.heads.counter import Counter
+from butd.heads.layers import ReluFC, wn_linear
+from butd.heads.regions import RegionBatch
+from butd.heads.vocab import PAD
+from butd.heads.vqa import QuestionEncoder, VQAOutput
 
 
 @dataclass(frozen=True)

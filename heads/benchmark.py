@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from heads.ban import BAN, BANConfig
-from heads.captioners import AdaptiveCore, CaptionerConfig
-from heads.data import (
+from butd.heads.ban import BAN, BANConfig
+from butd.heads.captioners import AdaptiveCore, CaptionerConfig
+from butd.heads.data import (
     CaptionExamples,
     CaptionItem,
     VQAExamples,
@@ -24,12 +24,12 @@ from heads.data import (
     caption_examples,
     vqa_examples,
 )
-from heads.decoding import Captioner
-from heads.metrics.captions import bleu, cider_d
-from heads.metrics.vqa_accuracy import vqa_accuracy
-from heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_predict
-from heads.regions import RegionBatch, collate_records
-from heads.synth import (
+from butd.heads.decoding import Captioner
+from butd.heads.metrics.captions import bleu, cider_d
+from butd.heads.metrics.vqa_accuracy import vqa_accuracy
+from butd.heads.objectives import caption_batch_loss, caption_decode, vqa_loss, vqa_predict
+from butd.heads.regions import RegionBatch, collate_records
+from butd.heads.synth import (
     COLORS,
     GRID,
     SHAPES,
@@ -42,9 +42,9 @@ from heads.synth import (
     scene_captions,
     scene_pairs,
 )
-from heads.train import TrainSettings, fit
-from heads.vocab import PAD, Vocabulary, tokenize_caption, tokenize_question
-from heads.vqa import UpDownVQA, VQAConfig
+from butd.heads.train import TrainSettings, fit
+from butd.heads.vocab import PAD, Vocabulary, tokenize_caption, tokenize_question
+from butd.heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
 VQA_HEADS = ("blind", "mean_pool", "updown", "updown_relu", "ban2", "ban2_counter")
@@ -69,7 +69,7 @@ class VQATask:
     val_scenes: list[Scene]
     vocab: Vocabulary
     answers: list[str]
-    grid_size: int = 0  # G when the features are G*G grid cells (heads.synth.grid_scene)
+    grid_size: int = 0  # G when the features are G*G grid cells (butd.heads.synth.grid_scene)
 
 
 def _regions(scenes: list[Scene], l2: bool) -> tuple[RegionBatch, dict[str, int]]:
@@ -180,7 +180,7 @@ class CaptionTask:
     val_refs: dict[str, list[str]]
     vocab: Vocabulary
     val: CaptionExamples  # the val references as teacher-forcing examples (diagnostics)
-    grid_size: int = 0  # G when the features are G*G grid cells (heads.synth.grid_scene)
+    grid_size: int = 0  # G when the features are G*G grid cells (butd.heads.synth.grid_scene)
 
 
 def caption_task(

@@ -12,7 +12,7 @@ Shape glossary:
 A core is one time step of a decoder. ``start(features, mask)`` returns the initial recurrent
 state (a tuple of (B, ·) tensors) and a per-image cache (a dict of (B, ...) tensors); ``step``
 maps the previous word to next-word logits. The single decoding loop (teacher forcing, greedy,
-sampling, beam search) lives in ``heads.decoding`` and works with every core.
+sampling, beam search) lives in ``butd.heads.decoding`` and works with every core.
 
 Implemented variant (heads-reference §11): the Up-Down core attends over the RAW D-d features
 and feeds v̂ (D-d) to the language LSTM, as Anderson's Caffe model does (not self-critical's
@@ -27,9 +27,9 @@ from typing import Protocol, cast
 import torch
 from torch import nn
 
-from heads.attention import AdditiveAttention, build_attention
-from heads.cbam import grid_cbam
-from heads.layers import masked_mean, masked_softmax
+from butd.heads.attention import AdditiveAttention, build_attention
+from butd.heads.cbam import grid_cbam
+from butd.heads.layers import masked_mean, masked_softmax
 
 State = tuple[torch.Tensor, ...]
 Cache = dict[str, torch.Tensor]
@@ -50,7 +50,7 @@ class CaptionerConfig:
     # Grid features: G > 0 means the K inputs are G*G row-major cells of a grid (docs/grids.md);
     # 0 means a region set. CBAM and SCA's grid reading need it.
     grid_size: int = 0
-    cbam: bool = False  # refine grid features with CBAM before the attention (heads.cbam)
+    cbam: bool = False  # refine grid features with CBAM before the attention (butd.heads.cbam)
     channel_attention: bool = True  # sca only; False is the spatial-only ablation
     channel_dim: int = 16  # sca only: k, the size each channel's scalar is expanded to
 
@@ -129,7 +129,7 @@ class SATCore(nn.Module):
 
     e_ti = w_attᵀ tanh(W_a a_i + W_h h_{t-1} + b); ẑ_t = β_t Σ α_ti a_i, β_t = σ(f_β(h_{t-1}));
     LSTM input [E y_{t-1}; ẑ_t]; p ∝ exp(L_o(E y_{t-1} + L_h h_t + L_z ẑ_t)).
-    h_0, c_0 = tanh(f_init(mean a)). The doubly stochastic penalty is in ``heads.objectives``.
+    h_0, c_0 = tanh(f_init(mean a)). The doubly stochastic penalty is in ``butd.heads.objectives``.
     """
 
     def __init__(self, vocab_size: int, cfg: CaptionerConfig) -> None:
@@ -245,7 +245,7 @@ CORES: dict[str, type[nn.Module]] = {"updown": UpDownCore, "sat": SATCore, "adap
 def build_core(vocab_size: int, cfg: CaptionerConfig) -> DecoderCore:
     """The decoder core named by ``cfg.kind``."""
     if cfg.kind == "sca":
-        from heads.sca import SCACore  # it imports this module
+        from butd.heads.sca import SCACore  # it imports this module
 
         return cast(DecoderCore, SCACore(vocab_size, cfg))
     if cfg.kind not in CORES:

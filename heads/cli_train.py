@@ -1,6 +1,6 @@
 """Training heads on real feature files (``butd heads train caption|vqa``).
 
-Regions are read lazily per batch from the ragged HDF5 file (``store.h5.FeatureFile``): a COCO
+Regions are read lazily per batch from the ragged HDF5 file (``butd.store.h5.FeatureFile``): a COCO
 feature file does not fit in memory.
 """
 
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import torch
 
-from heads.ban import BAN, BANConfig
-from heads.captioners import AdaptiveCore, CaptionerConfig
-from heads.data import (
+from butd.heads.ban import BAN, BANConfig
+from butd.heads.captioners import AdaptiveCore, CaptionerConfig
+from butd.heads.data import (
     CaptionItem,
     VQAItem,
     build_answer_set,
@@ -27,13 +27,13 @@ from heads.data import (
     read_vqa,
     vqa_examples,
 )
-from heads.decoding import Captioner
-from heads.metrics.captions import CiderD
-from heads.objectives import caption_batch_loss, scst_loss, vqa_loss
-from heads.regions import RegionBatch, collate_records, grid_as_regions
-from heads.train import TrainSettings, fit
-from heads.vocab import Vocabulary, tokenize_caption, tokenize_question
-from heads.vqa import UpDownVQA, VQAConfig
+from butd.heads.decoding import Captioner
+from butd.heads.metrics.captions import CiderD
+from butd.heads.objectives import caption_batch_loss, scst_loss, vqa_loss
+from butd.heads.regions import RegionBatch, collate_records, grid_as_regions
+from butd.heads.train import TrainSettings, fit
+from butd.heads.vocab import Vocabulary, tokenize_caption, tokenize_question
+from butd.heads.vqa import UpDownVQA, VQAConfig
 
 logger = logging.getLogger(__name__)
 Item = TypeVar("Item", CaptionItem, VQAItem)
@@ -50,7 +50,7 @@ class FileRegions:
         device: torch.device | str = "cpu",
         grid_size: int = 0,
     ) -> None:
-        from store.h5 import FeatureFile
+        from butd.store.h5 import FeatureFile
 
         self.file = FeatureFile(path)
         self.image_ids = list(image_ids)
@@ -69,7 +69,7 @@ class FileRegions:
 
 
 def join_items(path: Path, items: Sequence[Item]) -> tuple[list[Item], list[str]]:
-    """Annotations re-keyed to the feature file's ids (``store.image_ids.join_ids``: COCO /
+    """Annotations re-keyed to the feature file's ids (``butd.store.image_ids.join_ids``: COCO /
     VQA integers find ``COCO_..._000000000042.jpg``, synth ``"1"`` finds ``000001.jpg``).
 
     Returns:
@@ -79,8 +79,8 @@ def join_items(path: Path, items: Sequence[Item]) -> tuple[list[Item], list[str]
     Raises:
         SystemExit: no annotated image has features (the message shows an id of each side).
     """
-    from store.h5 import FeatureFile
-    from store.image_ids import join_ids
+    from butd.store.h5 import FeatureFile
+    from butd.store.image_ids import join_ids
 
     with FeatureFile(path) as ff:
         joined = join_ids((it.image_id for it in items), ff.ids(), ff.id_policy.get("rule", ""))
@@ -97,7 +97,7 @@ def join_items(path: Path, items: Sequence[Item]) -> tuple[list[Item], list[str]
 
 
 def _feature_dim(path: Path) -> int:
-    from store.h5 import FeatureFile
+    from butd.store.h5 import FeatureFile
 
     with FeatureFile(path) as ff:
         return int(ff.feature_dim)
@@ -106,7 +106,7 @@ def _feature_dim(path: Path) -> int:
 def _grid_size(args: argparse.Namespace) -> int:
     """G of the file's grids with ``--grid`` (SystemExit when it has none), else 0; ``--cbam``
     needs ``--grid``."""
-    from store.h5 import FeatureFile
+    from butd.store.h5 import FeatureFile
 
     if getattr(args, "cbam", False) and not getattr(args, "grid", False):
         raise SystemExit("--cbam refines grid features: add --grid (a --grid-size feature file)")

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from heads.metrics.vqa_accuracy import normalize_answer, soft_scores
-from heads.vocab import Vocabulary, left_pad, pad_captions, tokenize_caption, tokenize_question
+from butd.heads.metrics.vqa_accuracy import normalize_answer, soft_scores
+from butd.heads.vocab import Vocabulary, left_pad, pad_captions, tokenize_caption, tokenize_question
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Shape glossary:
     T   caption length (incl. <eos>)
     V   vocabulary size
 
-``Captioner`` wraps a decoder core (``heads.captioners``); the loop never knows which attention
+``Captioner`` wraps a decoder core (``butd.heads.captioners``); the loop never knows which attention
 module the core holds.
 """
 
@@ -20,9 +20,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from heads.captioners import Cache, CaptionerConfig, DecoderCore, State, build_core
-from heads.regions import RegionBatch
-from heads.vocab import BOS, EOS, PAD, UNK
+from butd.heads.captioners import Cache, CaptionerConfig, DecoderCore, State, build_core
+from butd.heads.regions import RegionBatch
+from butd.heads.vocab import BOS, EOS, PAD, UNK
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Trained heads as objects: build from a checkpoint, caption regions, answer questions.
 
-A checkpoint (``DIR/last.pt``, written by ``heads.train.fit``) carries in ``meta``: ``task``
+A checkpoint (``DIR/last.pt``, written by ``butd.heads.train.fit``) carries in ``meta``: ``task``
 ("caption" | "vqa"), ``head``, ``config`` (the dataclass as a dict), ``vocab`` (word list),
 ``answers`` (VQA) and ``l2_normalise``.
 
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from heads.ban import BAN, BANConfig
-from heads.captioners import CaptionerConfig
-from heads.decoding import Captioner, strip_tokens
-from heads.regions import collate_records, grid_as_regions
-from heads.vocab import ALLOWED_MULTIPLE, BOS, Vocabulary, left_pad, tokenize_question
-from heads.vqa import UpDownVQA, VQAConfig
-from store.records import FeatureRecord
+from butd.heads.ban import BAN, BANConfig
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.decoding import Captioner, strip_tokens
+from butd.heads.regions import collate_records, grid_as_regions
+from butd.heads.vocab import ALLOWED_MULTIPLE, BOS, Vocabulary, left_pad, tokenize_question
+from butd.heads.vqa import UpDownVQA, VQAConfig
+from butd.store.records import FeatureRecord
 
 
 def build_head(meta: dict[str, Any]) -> nn.Module:

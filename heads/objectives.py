@@ -12,12 +12,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from heads.data import CaptionExamples, VQAExamples
-from heads.decoding import Captioner, strip_tokens
-from heads.metrics.captions import CiderD
-from heads.regions import RegionBatch, RegionSource
-from heads.vocab import PAD, Vocabulary, pad_captions
-from heads.vqa import vqa_bce_loss
+from butd.heads.data import CaptionExamples, VQAExamples
+from butd.heads.decoding import Captioner, strip_tokens
+from butd.heads.metrics.captions import CiderD
+from butd.heads.regions import RegionBatch, RegionSource
+from butd.heads.vocab import PAD, Vocabulary, pad_captions
+from butd.heads.vqa import vqa_bce_loss
 
 
 def doubly_stochastic_penalty(

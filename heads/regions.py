@@ -5,8 +5,8 @@ Shape glossary:
     K   padded number of regions (max over the batch of N_i, 10..100 for the default rule)
     D   feature size (2048 for ResNet-101 C4)
 
-A ``RegionBatch`` is built from ``store.records.FeatureRecord`` objects (read from the ragged HDF5
-feature file, the store, or simulated). Padded rows are zero and ``mask`` is False there; heads
+A ``RegionBatch`` is built from ``butd.store.records.FeatureRecord`` objects (read from the ragged
+HDF5 feature file, the store, or simulated). Padded rows are zero and ``mask`` is False there; heads
 mask with ``mask`` only, never by testing for all-zero rows (heads-reference §11).
 """
 
@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from store.records import FeatureRecord
+from butd.store.records import FeatureRecord
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from heads.captioners import Cache, CaptionerConfig, State, StepOutput, _lstm
-from heads.cbam import grid_cbam
-from heads.layers import masked_mean, masked_softmax
+from butd.heads.captioners import Cache, CaptionerConfig, State, StepOutput, _lstm
+from butd.heads.cbam import grid_cbam
+from butd.heads.layers import masked_mean, masked_softmax
 
 
 class SCACore(nn.Module):

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heads.cbam import grid_cbam
-from heads.layers import Activation, masked_softmax, nonlinear_fc, wn_linear
-from heads.regions import RegionBatch
-from heads.vocab import PAD
+from butd.heads.cbam import grid_cbam
+from butd.heads.layers import Activation, masked_softmax, nonlinear_fc, wn_linear
+from butd.heads.regions import RegionBatch
+from butd.heads.vocab import PAD
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class VQAConfig:
     dropout: float = 0.2  # attention dropout (hengyuan variant only)
     classifier_dropout: float = 0.5  # hengyuan variant only
     grid_size: int = 0  # G > 0: the K inputs are G*G grid cells (docs/grids.md); 0: regions
-    cbam: bool = False  # refine grid features with CBAM before the attention (heads.cbam)
+    cbam: bool = False  # refine grid features with CBAM before the attention (butd.heads.cbam)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The real ``Queue`` over ``workers.queue`` (Redis Streams) for the gateway.
+"""The real ``Queue`` over ``butd.workers.queue`` (Redis Streams) for the gateway.
 
 Two redis-py clients (thread-safe connection pools) are shared across request threads: one for
 quick commands, with a short read timeout so a hung Redis surfaces as a 503 within seconds, and
@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from service.backend import RequestClaim
-from workers import heads_protocol as hq
-from workers import queue as q
-from workers.protocol import (
+from butd.service.backend import RequestClaim
+from butd.workers import heads_protocol as hq
+from butd.workers import queue as q
+from butd.workers.protocol import (
     GROUP,
     ONLINE_STREAM,
     ExtractOptions,
@@ -30,13 +30,13 @@ from workers.protocol import (
     model_key,
     text,
 )
-from workers.wire import ModelMeta
+from butd.workers.wire import ModelMeta
 
 if TYPE_CHECKING:
     Client = redis.Redis
 
 # How long an Idempotency-Key stays bound to its first request once answered, seconds (as long
-# as a finished job's keys live: ``workers.jobs.create_job``'s ttl_s) ...
+# as a finished job's keys live: ``butd.workers.jobs.create_job``'s ttl_s) ...
 CLAIM_TTL_S = 7 * 24 * 3600
 # ... and while that request is still being processed (a gateway that dies mid-request frees
 # the key after this long; unpacking the largest archive takes minutes), seconds.
@@ -67,7 +67,7 @@ def connect(url: str, *, max_connections: int, socket_timeout: float = 5.0) -> C
 
 
 class RedisQueue:
-    """``service.backend.Queue`` on a Redis server.
+    """``butd.service.backend.Queue`` on a Redis server.
 
     Args:
         client: a bytes-reply redis-py client for quick commands.
@@ -106,7 +106,7 @@ class RedisQueue:
         """Online entries not yet delivered (the group's lag) + delivered and not acked.
 
         One round trip (XINFO GROUPS + XPENDING + XLEN pipelined) on the admission path;
-        the same numbers as ``workers.queue.queue_depth`` / ``pending_count`` for the stream.
+        the same numbers as ``butd.workers.queue.queue_depth`` / ``pending_count`` for the stream.
         """
         pipe = self.client.pipeline(transaction=False)
         pipe.xinfo_groups(ONLINE_STREAM)

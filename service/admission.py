@@ -7,7 +7,7 @@ finished by the live workers within its deadline, by the throughput the workers 
     limit = min(max_queue_depth, max(1, floor(rate * request_timeout_s * margin)))
 
 The queue depth is compared with ``limit`` atomically with the enqueue (the Lua script of
-``workers.queue.enqueue_online_if_room``); over it the answer is an immediate 503 with a
+``butd.workers.queue.enqueue_online_if_room``); over it the answer is an immediate 503 with a
 ``Retry-After`` of the time the queue needs to drain below the limit. ``margin`` (< 1) leaves
 room for the reply, the batch the worker is in and the estimate's error. Until a worker has
 timed a batch (``seconds_per_image`` 0) only ``max_queue_depth`` applies.
@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from workers.protocol import Heartbeat
+from butd.workers.protocol import Heartbeat
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Reads like the request path: settings -> (lifespan) Redis queue + feature store 
 and metrics middleware -> one router per resource -> one error mapping. Never imports torch
 (nor ``detector`` / ``heads``): ``tests/unit/test_app_imports.py`` checks it.
 
-Run it with ``butd serve`` or ``uvicorn --factory service.app:app_from_env``.
+Run it with ``butd serve`` or ``uvicorn --factory butd.service.app:app_from_env``.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.backend import FeatureStore, Queue
-from service.errors import install_error_handlers
-from service.heads_online import HeadsService
-from service.job_uploads import UploadArea
-from service.limits import BodyDeadline
-from service.metrics import Metrics
-from service.online import ModelVersions, OnlineService, new_request_id
-from service.openapi import install_openapi
-from service.routes import exports, features, heads, health, jobs
-from service.settings import Settings, get_settings
+from butd.service.backend import FeatureStore, Queue
+from butd.service.errors import install_error_handlers
+from butd.service.heads_online import HeadsService
+from butd.service.job_uploads import UploadArea
+from butd.service.limits import BodyDeadline
+from butd.service.metrics import Metrics
+from butd.service.online import ModelVersions, OnlineService, new_request_id
+from butd.service.openapi import install_openapi
+from butd.service.routes import exports, features, heads, health, jobs
+from butd.service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ def _echo_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
 
 def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
     """The real queue (Redis) and store (sealed shards + index) named by ``settings``."""
-    from service.adapters import RedisQueue, connect
-    from service.shard_store import IndexedStore
-    from store.index import FeatureIndex
+    from butd.service.adapters import RedisQueue, connect
+    from butd.service.shard_store import IndexedStore
+    from butd.store.index import FeatureIndex
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (butd serve starts an embedded Redis)")
@@ -209,5 +209,5 @@ def create_app(
 
 
 def app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory service.app:app_from_env``."""
+    """Factory for ``uvicorn --factory butd.service.app:app_from_env``."""
     return create_app(get_settings())

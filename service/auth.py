@@ -10,7 +10,7 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import UnauthorizedError
+from butd.service.errors import UnauthorizedError
 
 
 def _matches(candidate: str, keys: list[str]) -> bool:

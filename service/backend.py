@@ -1,7 +1,8 @@
 """What the gateway needs from the queue and the store, as two small protocols.
 
-Routes talk only to ``Queue`` and ``FeatureStore``; ``service.adapters`` implements them over
-``workers.queue`` (Redis Streams) and ``store.index`` / ``store.shards`` (sealed HDF5 shards),
+Routes talk only to ``Queue`` and ``FeatureStore``; ``butd.service.adapters`` implements them over
+``butd.workers.queue`` (Redis Streams) and ``butd.store.index`` / ``butd.store.shards`` (sealed
+HDF5 shards),
 and unit tests substitute in-memory fakes. Every method is synchronous (redis-py, h5py); routes
 call the slow ones from a worker thread.
 
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from store.records import FeatureRecord
-from workers.heads_protocol import HeadsRequest, HeadsResult
-from workers.protocol import (
+from butd.store.records import FeatureRecord
+from butd.workers.heads_protocol import HeadsRequest, HeadsResult
+from butd.workers.protocol import (
     ExtractOptions,
     Heartbeat,
     JobItem,
@@ -25,7 +26,7 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
 )
-from workers.wire import ModelMeta
+from butd.workers.wire import ModelMeta
 
 
 @dataclass(frozen=True)

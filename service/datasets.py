@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from service.errors import InvalidRequestError, PathNotAllowedError
-from store import ids
-from store.image_ids import IdPolicy, ImageIdError
-from workers.protocol import JobItem
+from butd.service.errors import InvalidRequestError, PathNotAllowedError
+from butd.store import ids
+from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.workers.protocol import JobItem
 
 _COPY_CHUNK = 1 << 20
 # The two ways past a refused server path, named in every refusal.
@@ -155,7 +155,7 @@ def expand(
     paths: list[str], roots: list[Path], suffixes: list[str], policy: IdPolicy | None = None
 ) -> Expansion:
     """Job items of ``paths``: a file as itself (its name), a directory recursively (the path
-    relative to that directory, with ``/``), named by ``policy`` (``store.image_ids``; default
+    relative to that directory, with ``/``), named by ``policy`` (``butd.store.image_ids``; default
     the ``path`` rule; a name the rule refuses is skipped with the reason); sorted, ids unique.
 
     Raises:

@@ -133,7 +133,7 @@ def start_worker(redis_url: str, spec: WorkerSpec, index: int) -> Child:
         BUTD_WORKER_ID=f"{socket.gethostname()}-embedded-{index}",
         **spec.extra_env,
     )
-    argv = [sys.executable, "-m", "workers.worker"]  # the same loop as ``butd worker``
+    argv = [sys.executable, "-m", "butd.workers.worker"]  # the same loop as ``butd worker``
     log = spec.store_dir / "logs" / f"worker-{index}.log"
     return Child(f"worker-{index}", argv, env=env, log=log)
 

@@ -4,7 +4,7 @@
 live worker serving the head? (503 with the reason, else) -> room in ``butd:heads``? (503 +
 Retry-After) -> enqueue -> wait up to ``request_timeout_s`` (504) -> the worker's answer
 (``unavailable`` -> 503, ``error`` -> 422). The stored record the head reads is found by the
-route first (``service.routes.heads``): by id, by hash, or extracted from an upload.
+route first (``butd.service.routes.heads``): by id, by hash, or extracted from an upload.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import logging
 import time
 from typing import Any
 
-from service.backend import Queue
-from service.errors import OverloadedError, ResultTimeoutError, ServiceError, WorkerError
-from service.online import ModelVersions
-from service.settings import Settings
-from workers.heads_protocol import HeadsRequest, HeadsResult, HeadTask
+from butd.service.backend import Queue
+from butd.service.errors import OverloadedError, ResultTimeoutError, ServiceError, WorkerError
+from butd.service.online import ModelVersions
+from butd.service.settings import Settings
+from butd.workers.heads_protocol import HeadsRequest, HeadsResult, HeadTask
 
 logger = logging.getLogger(__name__)
 

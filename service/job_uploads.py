@@ -30,8 +30,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from service.errors import ServiceError
-from workers.protocol import TERMINAL_STATES
+from butd.service.errors import ServiceError
+from butd.workers.protocol import TERMINAL_STATES
 
 logger = logging.getLogger(__name__)
 

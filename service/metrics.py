@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service.backend import Queue
-from workers.protocol import Heartbeat
+from butd.service.backend import Queue
+from butd.workers.protocol import Heartbeat
 
 logger = logging.getLogger(__name__)
 

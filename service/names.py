@@ -1,8 +1,8 @@
-"""Client-chosen names at the HTTP edge: one rule (``store.ids``) for every route.
+"""Client-chosen names at the HTTP edge: one rule (``butd.store.ids``) for every route.
 
 The query parameters below document the bounds in the OpenAPI document; the value itself is
-checked by ``store.ids`` (``InvalidNameError``, mapped once to a 422 ``invalid_name`` that states
-the rule), the same whether it came in the query string, a form field or a job body.
+checked by ``butd.store.ids`` (``InvalidNameError``, mapped once to a 422 ``invalid_name`` that
+states the rule), the same whether it came in the query string, a form field or a job body.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Annotated
 
 from fastapi import Path, Query
 
-from store import ids
+from butd.store import ids
 
 DEFAULT_NAMESPACE = "default"
 SHA256_PATTERN = r"^[0-9a-fA-F]{64}$"

@@ -23,21 +23,21 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
 
-from service.admission import Admission, admission
-from service.backend import FeatureStore, Queue, StoredRecord
-from service.budget import BudgetTimeoutError, PixelBudget
-from service.errors import (
+from butd.service.admission import Admission, admission
+from butd.service.backend import FeatureStore, Queue, StoredRecord
+from butd.service.budget import BudgetTimeoutError, PixelBudget
+from butd.service.errors import (
     ConflictError,
     OverloadedError,
     ResultTimeoutError,
     ServiceError,
     WorkerError,
 )
-from service.metrics import LATENCY_BUCKETS, Metrics
-from service.settings import Settings
-from store.images import decode_image, probe_image
-from workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
-from workers.wire import ModelMeta
+from butd.service.metrics import LATENCY_BUCKETS, Metrics
+from butd.service.settings import Settings
+from butd.store.images import decode_image, probe_image
+from butd.workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
+from butd.workers.wire import ModelMeta
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class OnlineService:
             ) from None
 
     def admit(self) -> Admission:
-        """The queue depth under which a request is admitted (``service.admission``), from the
+        """The queue depth under which a request is admitted (``butd.service.admission``), from the
         live, non-stuck workers' measured throughput; 503 + Retry-After when none is live.
         Heartbeats are those of ``ModelVersions`` (read at most once a second). The depth is
         checked with the enqueue (``round_trip``)."""

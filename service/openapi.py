@@ -4,7 +4,7 @@ error body.
 FastAPI documents only the models its routes declare. ``POST /v1/jobs`` reads its body itself
 (JSON or a multipart archive), so its ``JobRequest`` schema is added here; and FastAPI's own 422
 schema (``HTTPValidationError``) is replaced by ``ErrorBody``, which is what
-``service.errors`` answers for every validation error.
+``butd.service.errors`` answers for every validation error.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
-from service.schemas import ErrorBody, JobRequest
+from butd.service.schemas import ErrorBody, JobRequest
 
 _REF = "#/components/schemas/{model}"
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from store import ids
+from butd.store import ids
 
 # Paths one JSON job may name (each a file or a directory).
 MAX_JOB_PATHS = 10_000

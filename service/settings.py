@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from store.images import DEFAULT_MAX_PIXELS
+from butd.store.images import DEFAULT_MAX_PIXELS
 
 FeatureDtype = Literal["float16", "float32"]
 
@@ -28,7 +28,7 @@ def _split_list(value: object) -> list[str]:
 
 
 class Settings(BaseSettings):
-    """Configuration of the HTTP gateway (``service.app.create_app``)."""
+    """Configuration of the HTTP gateway (``butd.service.app.create_app``)."""
 
     model_config = SettingsConfigDict(
         env_prefix="BUTD_",
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     store_dir: Path = Path("butd-store")
     # fsspec URL of the sealed shards when they live in object storage (s3://bucket/prefix;
     # the workers' BUTD_STORE_URL); unset = STORE_DIR/shards. GETs then read only the blocks
-    # holding the image's rows (ranged reads; store.objects).
+    # holding the image's rows (ranged reads; butd.store.objects).
     store_url: str | None = None
     # URL prefixes batch jobs may read from (comma-separated, e.g. s3://datasets/coco/);
     # empty = URL sources refused. Credentials come from the store's standard environment.
@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=256, gt=0)
     # Share of the request timeout the online queue may fill: a request is admitted only when
     # the requests ahead of it finish within timeout x this at the workers' measured throughput
-    # (service.admission); otherwise an immediate 503 + Retry-After instead of a late 504.
+    # (butd.service.admission); otherwise an immediate 503 + Retry-After instead of a late 504.
     admission_margin: float = Field(default=0.7, gt=0, le=1)
     # Smallest Retry-After on 503 (queue full, no worker), seconds; a full queue answers the
     # time it needs to drain when that is longer.
@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     image_suffixes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
     )
-    # Slow clients (service.limits). The request head must arrive within header_timeout_s of
+    # Slow clients (butd.service.limits). The request head must arrive within header_timeout_s of
     # the connection opening (or of the previous response), else 408 and close (``butd serve``
     # only: uvicorn reads the head before the app); the whole body within body_timeout_s of
     # the head (20 MiB in 60 s needs ~350 KB/s), else 408. Seconds.

@@ -1,7 +1,7 @@
 """The gateway's side of the feature store: the Redis index and the sealed shard files.
 
-Lookups go through ``store.index.FeatureIndex`` (``(model_version, sha256) -> (shard, row)``,
-``(namespace, image_id) -> sha256``) and reads through ``store.shards.ShardReaders`` (a bounded
+Lookups go through ``butd.store.index.FeatureIndex`` (``(model_version, sha256) -> (shard, row)``,
+``(namespace, image_id) -> sha256``) and reads through ``butd.store.shards.ShardReaders`` (a bounded
 LRU of read-only HDF5 handles under ``STORE/shards``). A shard compacted away between lookup and
 read (``ShardMissingError``) is looked up once more.
 
@@ -27,16 +27,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from service.backend import StoredRecord
-from service.errors import InvalidRequestError, NotFoundError
-from store.exporters import EXPORTERS, PaddingError
-from store.h5 import FeatureFile
-from store.h5_writer import write_feature_file
-from store.image_ids import ImageIdError
-from store.index import FeatureIndex
-from store.objects import BucketShards, open_readers
-from store.records import FeatureRecord
-from store.shards import (
+from butd.service.backend import StoredRecord
+from butd.service.errors import InvalidRequestError, NotFoundError
+from butd.store.exporters import EXPORTERS, PaddingError
+from butd.store.h5 import FeatureFile
+from butd.store.h5_writer import write_feature_file
+from butd.store.image_ids import ImageIdError
+from butd.store.index import FeatureIndex
+from butd.store.objects import BucketShards, open_readers
+from butd.store.records import FeatureRecord
+from butd.store.shards import (
     Alias,
     Location,
     ShardEntries,
@@ -79,14 +79,14 @@ def _meta_of(f: FeatureFile) -> _VersionMeta:
 
 
 class IndexedStore:
-    """``service.backend.FeatureStore`` over the Redis index and ``STORE/shards``.
+    """``butd.service.backend.FeatureStore`` over the Redis index and ``STORE/shards``.
 
     Args:
         root: the store directory shared with the workers.
         index: the feature index (its Redis client is the gateway's).
         max_open: most shard files kept open at once.
         cache_bytes: budget of the in-memory record LRU (array bytes); 0 disables it.
-        store_url: the bucket prefix of the sealed shards (``store.objects``), or None for
+        store_url: the bucket prefix of the sealed shards (``butd.store.objects``), or None for
             ``root/shards``. Alias-only shards the gateway seals are uploaded there too.
     """
 

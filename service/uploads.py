@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
-from service.errors import BodyTooLargeError, InvalidRequestError, UnsupportedMediaError
+from butd.service.errors import BodyTooLargeError, InvalidRequestError, UnsupportedMediaError
 
 _CHUNK = 1 << 20
 # Content types accepted as a raw image body (besides image/*).

@@ -4,7 +4,7 @@ URL rule: a URL is accepted only under one of ``BUTD_ALLOWED_URLS`` (prefixes co
 normalising: scheme lower-cased, no ``.``/``..`` segments, no empty segment), the way a server
 path must lie under ``BUTD_ALLOWED_ROOTS``. The objects under the prefix are listed once, at
 submission; each becomes a job item whose ``ref`` is the object's URL (the worker reads it with
-``store.objects.read_url``) and whose id is the key relative to the prefix (``a/b.jpg``).
+``butd.store.objects.read_url``) and whose id is the key relative to the prefix (``a/b.jpg``).
 Credentials come from the store's standard environment (``AWS_ENDPOINT_URL``, ...).
 """
 
@@ -14,12 +14,12 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from service import datasets
-from service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
-from store import ids
-from store.image_ids import IdPolicy
-from store.objects import is_url, list_files
-from workers.protocol import JobItem
+from butd.service import datasets
+from butd.service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
+from butd.store import ids
+from butd.store.image_ids import IdPolicy
+from butd.store.objects import is_url, list_files
+from butd.workers.protocol import JobItem
 
 
 def normalised(url: str) -> str:

@@ -1,6 +1,6 @@
 """Compaction of a shard directory: merge small shards into large ones while readers work.
 
-The merged shard is sealed first (``store.shards.seal_shard``: temp name, rename), then the
+The merged shard is sealed first (``butd.store.shards.seal_shard``: temp name, rename), then the
 index entries that still point at the old places are moved (``relocate``), then the old files
 are removed, or renamed ``*.retired`` and purged after a grace period. A reader holding an old
 file keeps reading it (POSIX keeps an unlinked file alive while it is open); one that opens an
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from store.h5 import FeatureFile
-from store.records import FeatureRecord
-from store.shards import (
+from butd.store.h5 import FeatureFile
+from butd.store.records import FeatureRecord
+from butd.store.shards import (
     RETIRED_SUFFIX,
     SUFFIX,
     Alias,
@@ -159,7 +159,7 @@ def compact(
         directory: the store directory.
         min_rows: shards with fewer images are merged.
         max_rows: most images per merged shard.
-        relocate: callback given every moved record (``store.index.FeatureIndex.relocate``).
+        relocate: callback given every moved record (``butd.store.index.FeatureIndex.relocate``).
         grace_s: seconds a retired shard stays on disk for readers that looked it up earlier.
         worker_id: name prefix of the merged shards.
     """

@@ -1,5 +1,5 @@
 """What every exporter shares: atomic output, progress callbacks, and the ids each consumer
-looks images up by (``store.image_ids``)."""
+looks images up by (``butd.store.image_ids``)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from store.h5 import FeatureFile
-from store.image_ids import consumer_keys
+from butd.store.h5 import FeatureFile
+from butd.store.image_ids import consumer_keys
 
 Progress = Callable[[int], None]
 
@@ -23,7 +23,7 @@ CONSUMERS: dict[str, tuple[str, str]] = {
     "npz-mcan": ("int", "MCAN / OpenVQA parse int ids from file names"),
     "h5-grid": ("int", "grid-feature caption code reads f'{coco_id}_grids'"),
 }
-"""format -> (key style of ``store.image_ids``, who reads the ids that way)."""
+"""format -> (key style of ``butd.store.image_ids``, who reads the ids that way)."""
 
 
 @contextlib.contextmanager

@@ -23,10 +23,10 @@ from urllib.parse import quote
 
 import numpy as np
 
-from store.export_common import Progress, atomic, export_keys
-from store.h5 import FeatureFile
-from store.image_ids import coco_parts
-from store.records import FeatureRecord
+from butd.store.export_common import Progress, atomic, export_keys
+from butd.store.h5 import FeatureFile
+from butd.store.image_ids import coco_parts
+from butd.store.records import FeatureRecord
 
 
 def npz_name(key: str) -> str:

@@ -21,12 +21,12 @@ Formats (reference heads §1, butd §1.7, §3.2):
 * ``lxmert-tsv``: ``img_id, img_h, img_w, objects_id, objects_conf, attrs_id, attrs_conf,
   num_boxes, boxes, features`` (base64; ids int64, the rest float32; h before w).
 * ``npz`` / ``npz-mcan``: one file per image, ``x`` as (N, D) (MILVLG's writer) or (D, N) (what
-  MCAN / OpenVQA load); see ``store.export_npz``.
-* ``h5-grid`` (``store.grid_export``): the grid features of a ``--grid-size`` extraction,
+  MCAN / OpenVQA load); see ``butd.store.export_npz``.
+* ``h5-grid`` (``butd.store.grid_export``): the grid features of a ``--grid-size`` extraction,
   ``<image_id>_grids (G*G, D)`` per image, as grid-feature captioning / VQA code reads them.
 
-Ids are written the way each consumer looks them up (``store.export_common.CONSUMERS``,
-``store.image_ids``): integers for the generate_tsv readers and the ``*_imgid2idx.pkl`` (pickle
+Ids are written the way each consumer looks them up (``butd.store.export_common.CONSUMERS``,
+``butd.store.image_ids``): integers for the generate_tsv readers and the ``*_imgid2idx.pkl`` (pickle
 protocol 2, readable by Python 2.7), the file stem for LXMERT and MILVLG; ``ids="stored"`` keeps
 the stored ids. The ``image_ids`` dataset of the HDF5 exports keeps the stored ids, in row
 order. Features leave as float32 (fp16 widens exactly).
@@ -49,11 +49,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-from store.export_common import Progress, atomic, export_keys
-from store.export_npz import export_npz, export_npz_mcan
-from store.grid_export import export_h5_grid
-from store.h5 import FeatureFile
-from store.records import FeatureRecord
+from butd.store.export_common import Progress, atomic, export_keys
+from butd.store.export_npz import export_npz, export_npz_mcan
+from butd.store.grid_export import export_h5_grid
+from butd.store.h5 import FeatureFile
+from butd.store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def imgid2idx_path(out: str | os.PathLike[str]) -> Path:
 
 
 def imgid2idx(keys: Sequence[Any]) -> dict[Any, int]:
-    """consumer key (``store.image_ids.consumer_keys``) -> row."""
+    """consumer key (``butd.store.image_ids.consumer_keys``) -> row."""
     return {key: row for row, key in enumerate(keys)}
 
 

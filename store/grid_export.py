@@ -10,7 +10,7 @@ dataset per image)::
                                           i.e. a (D, G, G) map permuted to (G, G, D) and flattened
     root attributes: grid_size, feature_dim, model_version, butd_format = "grid-1"
 
-``key`` is the integer COCO id the consumers look up (``store.export_common``; ``ids="stored"``
+``key`` is the integer COCO id the consumers look up (``butd.store.export_common``; ``ids="stored"``
 keeps the stored id). A consumer reads ``h5py.File(path)[f"{key}_grids"][()]`` and gets
 ``(G*G, D)``. An id with a
 "/" becomes an HDF5 group path, which reading by the same key resolves the same way.
@@ -24,8 +24,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.export_common import Progress, atomic, export_keys
-from store.h5 import FeatureFile, FeatureFileError
+from butd.store.export_common import Progress, atomic, export_keys
+from butd.store.h5 import FeatureFile, FeatureFileError
 
 GRID_FORMAT = "grid-1"
 

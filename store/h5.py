@@ -1,7 +1,7 @@
 """Ragged (CSR) HDF5 feature files: the layout, and ``FeatureFile``, which reads them.
 
-The writer (``FeatureFileWriter``, ``write_feature_file``) is in ``store.h5_writer``; both build
-on the dataset tables defined here, so this module is the one definition of the format.
+The writer (``FeatureFileWriter``, ``write_feature_file``) is in ``butd.store.h5_writer``; both
+build on the dataset tables defined here, so this module is the one definition of the format.
 
 Shape glossary:
     N   images in the file
@@ -24,7 +24,7 @@ Layout (format "1")::
                      (present only in files of a grid_size > 0 extraction; rows follow image_ids)
     root attributes: butd_format, model_version, config (JSON), objects_vocab and
     attributes_vocab (JSON lists), feature_dtype, feature_dim, grid_size (0 when no grids),
-    image_id_policy (JSON: the rule that made the ids, ``store.image_ids``; absent in files
+    image_id_policy (JSON: the rule that made the ids, ``butd.store.image_ids``; absent in files
     written before it existed)
 
 Every dataset is chunked and resizable with no compression filter (fp16 without a filter reads
@@ -49,7 +49,7 @@ from typing import Any, BinaryIO, Self
 import h5py
 import numpy as np
 
-from store.records import FeatureRecord
+from butd.store.records import FeatureRecord
 
 FORMAT = "1"
 STR_DTYPE = h5py.string_dtype("utf-8")
@@ -108,7 +108,7 @@ class FeatureFile(FileHandle):
     Args:
         path: an existing feature file (with ``fileobj``: only its name, for messages).
         fileobj: a seekable binary file object to read instead of ``path`` (an object in a
-            bucket: ``store.objects``); it stays the caller's to close.
+            bucket: ``butd.store.objects``); it stays the caller's to close.
     """
 
     def __init__(
@@ -134,7 +134,8 @@ class FeatureFile(FileHandle):
         vocabs = [json.loads(attr_str(f.attrs.get(k, "[]"))) for k in _VOCABS]
         self.objects_vocab: list[str] = vocabs[0]
         self.attributes_vocab: list[str] = vocabs[1]
-        # How the ids were made (store.image_ids); files written before it was recorded: unknown.
+        # How the ids were made (butd.store.image_ids); files written before it was recorded:
+        # unknown.
         self.id_policy: dict[str, Any] = json.loads(
             attr_str(f.attrs.get("image_id_policy", '{"rule": "unrecorded"}'))
         )

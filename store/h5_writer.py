@@ -1,7 +1,7 @@
 """Writing ragged feature files: ``FeatureFileWriter`` (create or resume) and the atomic
-``write_feature_file``. The layout they write is defined in ``store.h5``.
+``write_feature_file``. The layout they write is defined in ``butd.store.h5``.
 
-Shape glossary: N images, R regions summed over images, D feature size (as in ``store.h5``).
+Shape glossary: N images, R regions summed over images, D feature size (as in ``butd.store.h5``).
 
 Chunking: a feature chunk holds about 256 KiB; a file written in one go (a shard, ``size_hint``)
 caps its chunks at its own size, so a small file stays small.
@@ -9,7 +9,7 @@ caps its chunks at its own size, so a small file stays small.
 Crash behaviour: ``append`` writes the rows first, then the per-image datasets, then
 ``offsets``, and flushes, so a crash loses at most the last ``append``: on reopen the datasets
 are trimmed to ``offsets[-1]``. HDF5 is not crash-safe while a file is open, which is why the
-service writes sealed shards instead (``store.shards``: a temp name, then ``os.replace``).
+service writes sealed shards instead (``butd.store.shards``: a temp name, then ``os.replace``).
 
 One writer per file: HDF5 refuses a second writer in another process but not in a forked child
 (reference serving §0.8), so open a writer after fork.
@@ -27,7 +27,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from store.h5 import (
+from butd.store.h5 import (
     FORMAT,
     IMAGE_SETS,
     ROW_SETS,
@@ -36,8 +36,8 @@ from store.h5 import (
     FileHandle,
     attr_str,
 )
-from store.image_ids import POLICY_ATTR, ImageIdError, merge_metadata
-from store.records import FeatureRecord
+from butd.store.image_ids import POLICY_ATTR, ImageIdError, merge_metadata
+from butd.store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class FeatureFileWriter(FileHandle):
             that size so a small file stays small. None for files that grow.
         grid_size: G > 0 adds the ``grids`` dataset (N, G, G, D); every record must then carry
             a (G, G, D) grid, and with 0 none may.
-        id_policy: how the ids were made (``store.image_ids.IdPolicy.metadata``), recorded as
+        id_policy: how the ids were made (``butd.store.image_ids.IdPolicy.metadata``), recorded as
             the root attribute ``image_id_policy``; merged into an existing file's record.
 
     Raises:

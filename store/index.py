@@ -30,7 +30,7 @@ from typing import Any, cast
 
 import redis
 
-from store.shards import Location, Move, ShardEntries, list_shards, scan_shard
+from butd.store.shards import Location, Move, ShardEntries, list_shards, scan_shard
 
 logger = logging.getLogger(__name__)
 

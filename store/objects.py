@@ -6,7 +6,7 @@ store (for S3: ``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_
 ``AWS_DEFAULT_REGION``, profiles, instance roles): nothing butd-specific.
 
 Shards in a bucket (``BucketShards``): a worker seals a shard under a temp name in its local
-staging directory exactly as before (``store.shards.seal_shard``), uploads it as
+staging directory exactly as before (``butd.store.shards.seal_shard``), uploads it as
 ``<url>/<name>`` (one PUT: an object is either absent or complete, never half-written), deletes
 the local copy, and only then indexes it. Objects are never rewritten: a shard name is unique
 (``<worker>-<seq>-<uuid>.h5``). ``BucketShardReaders`` opens each shard lazily as a read-only
@@ -29,8 +29,8 @@ import fsspec
 from fsspec.caching import BlockCache
 from fsspec.core import url_to_fs
 
-from store.h5 import FeatureFile
-from store.shards import ShardMissingError, ShardReaders
+from butd.store.h5 import FeatureFile
+from butd.store.shards import ShardMissingError, ShardReaders
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Readers for the exported formats (``store.exporters``), for round trips and for imports.
+"""Readers for the exported formats (``butd.store.exporters``), for round trips and for imports.
 
 Each reader decodes exactly what the format holds: FeatureRecords where it has labels (dense
 and ragged HDF5, LXMERT TSV, npz), plain dicts where it has none (the generate_tsv.py TSV).
@@ -21,8 +21,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from store.exporters import LXMERT_FIELDS, TSV_FIELDS
-from store.records import FeatureRecord
+from butd.store.exporters import LXMERT_FIELDS, TSV_FIELDS
+from butd.store.records import FeatureRecord
 
 _LABEL_NAMES = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
 

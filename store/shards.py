@@ -1,11 +1,11 @@
 """A directory of sealed shard files: write once under a temp name, rename, read by position.
 
-A shard is a ragged feature file (``store.h5`` layout) whose rows all carry
+A shard is a ragged feature file (``butd.store.h5`` layout) whose rows all carry
 ``content_sha256`` (sha256 of the image bytes) and, when the image came with a user id, the
 alias ``(namespace, image_id)``. A shard may also hold an alias table
 (``alias_namespace``, ``alias_image_id``, ``alias_sha256``) for ids whose content is stored in
 another row: a resubmission under a new id, or a duplicate dropped by ``compact``. With the root
-attributes ``model_version`` and ``sealed_at`` (ns) this is everything ``store.index.reindex``
+attributes ``model_version`` and ``sealed_at`` (ns) this is everything ``butd.store.index.reindex``
 needs: the index can always be rebuilt from the files alone.
 
 Crash safety: a shard is written as ``.tmp-<name>`` and ``os.replace``-d to ``<name>`` when
@@ -35,9 +35,9 @@ from typing import Any, TypeVar
 import h5py
 import numpy as np
 
-from store.h5 import FeatureFile
-from store.h5_writer import FeatureFileWriter
-from store.records import FeatureRecord
+from butd.store.h5 import FeatureFile
+from butd.store.h5_writer import FeatureFileWriter
+from butd.store.records import FeatureRecord
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +290,7 @@ class ShardReaders:
         return ff
 
     def _open(self, shard: str) -> FeatureFile:
-        """Open one shard (``store.objects.BucketShardReaders`` opens it from a bucket)."""
+        """Open one shard (``butd.store.objects.BucketShardReaders`` opens it from a bucket)."""
         try:
             return FeatureFile(self.directory / shard)
         except FileNotFoundError as err:

@@ -1,10 +1,10 @@
 """Untrained caption / VQA head checkpoints with sharp random weights, for inference tests.
 
-``write_head`` saves ``DIR/last.pt`` in the layout ``heads.train.fit`` writes (``model`` state
-dict and ``meta``), so ``heads.inference.load_head(DIR)`` reads it. Weights are redrawn from
+``write_head`` saves ``DIR/last.pt`` in the layout ``butd.heads.train.fit`` writes (``model`` state
+dict and ``meta``), so ``butd.heads.inference.load_head(DIR)`` reads it. Weights are redrawn from
 N(0, ``std``) with a fixed seed: far from the near-uniform Caffe init, so beam choices and
 answer scores are separated by much more than float32 rounding, and CPU and CUDA runs agree
-on the words. ``scene_record`` gives one simulated image's regions (``heads.synth``).
+on the words. ``scene_record`` gives one simulated image's regions (``butd.heads.synth``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from heads.ban import BANConfig
-from heads.captioners import CaptionerConfig
-from heads.inference import build_head
-from heads.synth import SynthWorld, make_scenes
-from heads.vocab import Vocabulary
-from heads.vqa import VQAConfig
-from store.records import FeatureRecord
+from butd.heads.ban import BANConfig
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.inference import build_head
+from butd.heads.synth import SynthWorld, make_scenes
+from butd.heads.vocab import Vocabulary
+from butd.heads.vqa import VQAConfig
+from butd.store.records import FeatureRecord
 
 DIM = 32  # D, region feature size of the simulated records
 WORDS = ["a", "red", "blue", "green", "circle", "square", "and", "of", "on", "small", "big"]

@@ -1,8 +1,8 @@
 """A tiny caption / VQA dataset on simulated region features, in the formats users bring.
 
-Writes a ragged feature file (``store.h5`` layout), a Karpathy-split caption file and VQA v2
-questions / annotations for ``n`` simulated scenes (``heads.synth``), for the tests of the heads
-command line and of the HTTP heads endpoints, and runs that command line in-process.
+Writes a ragged feature file (``butd.store.h5`` layout), a Karpathy-split caption file and VQA v2
+questions / annotations for ``n`` simulated scenes (``butd.heads.synth``), for the tests of the
+heads command line and of the HTTP heads endpoints, and runs that command line in-process.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import json
 import random
 from pathlib import Path
 
-from heads.synth import GRID, SynthWorld, make_questions, make_scenes, scene_captions
-from store.h5_writer import write_feature_file
+from butd.heads.synth import GRID, SynthWorld, make_questions, make_scenes, scene_captions
+from butd.store.h5_writer import write_feature_file
 
 
 def write_heads_dataset(
@@ -52,7 +52,7 @@ def write_heads_dataset(
 def run_heads_cli(argv: list[str]) -> int:
     """Run ``butd`` heads commands (``heads train``, ``caption``, ``answer``) in this process;
     their exit status."""
-    from service.cli import heads as cli
+    from butd.cli import heads as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command"))

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from detector.anchors import caffe_cell_anchors
-from detector.config import Conventions, ModelSpec, tiny_arch
-from detector.model import Detector
+from butd.detector.anchors import caffe_cell_anchors
+from butd.detector.config import Conventions, ModelSpec, tiny_arch
+from butd.detector.model import Detector
 
 # Small input scale so one image costs milliseconds on CPU.
 TINY_EXTRACTION = {"min_size": 96, "max_size": 160, "min_boxes": 4, "max_boxes": 12}
@@ -55,7 +55,7 @@ def random_detector(spec: ModelSpec | None = None, seed: int = 0) -> Detector:
 
 def make_tiny_weights(path: Path, seed: int = 0) -> Path:
     """Write a canonical weights file of the tiny random model; returns ``path``."""
-    from detector.weights import save_canonical
+    from butd.detector.weights import save_canonical
 
     model = random_detector(seed=seed)
     save_canonical(

@@ -26,15 +26,15 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from detector.config import ExtractionConfig
-from store import ids
-from store.images import ImageError, decode_image
-from store.objects import is_url, read_url
-from store.records import FeatureRecord
-from workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
-from workers.isolate import seal_isolated
-from workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
-from workers.queue import Entry
+from butd.detector.config import ExtractionConfig
+from butd.store import ids
+from butd.store.images import ImageError, decode_image
+from butd.store.objects import is_url, read_url
+from butd.store.records import FeatureRecord
+from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
+from butd.workers.isolate import seal_isolated
+from butd.workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
+from butd.workers.queue import Entry
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Loaded:
     image: BGRImage | None = None
     reason: str = ""
     # The extractor's host-side preparation of ``image`` (``Extractor.stage``, done by a
-    # loader thread of ``workers.pipeline``), extracted in its place; None: not staged.
+    # loader thread of ``butd.workers.pipeline``), extracted in its place; None: not staged.
     staged: Any = None
 
     @property
@@ -162,7 +162,7 @@ def read_source(source: str, fetch: FetchFn, limits: ReadLimits = DEFAULT_LIMITS
     """Bytes of a task's source: ``redis:KEY`` through ``fetch``, an fsspec URL
     (``s3://bucket/key``), a file, or an archive member.
 
-    Files and members are read only when regular, within ``limits`` (``workers.files``).
+    Files and members are read only when regular, within ``limits`` (``butd.workers.files``).
 
     Raises:
         FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
@@ -172,7 +172,7 @@ def read_source(source: str, fetch: FetchFn, limits: ReadLimits = DEFAULT_LIMITS
         if data is None:
             raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
         return data
-    if is_url(source):  # s3://bucket/key or any fsspec URL (store.objects)
+    if is_url(source):  # s3://bucket/key or any fsspec URL (butd.store.objects)
         return read_url(source)
     if ARCHIVE_SEPARATOR in source:
         archive, member = source.split(ARCHIVE_SEPARATOR, 1)
@@ -234,7 +234,7 @@ def chunks(n: int, size: int) -> list[range]:
 
 
 class ExtractorLike(Protocol):
-    """What the worker needs of ``detector.extractor.Extractor``."""
+    """What the worker needs of ``butd.detector.extractor.Extractor``."""
 
     config: ExtractionConfig
 
@@ -349,7 +349,7 @@ class Processor:
         return result
 
     def load(self, tasks: Sequence[Task]) -> list[Loaded]:
-        """Read, hash and decode each task, one after another (``workers.pipeline`` overrides
+        """Read, hash and decode each task, one after another (``butd.workers.pipeline`` overrides
         it with a thread pool that has started on them ahead)."""
         return [
             load_task(t, self.fetch, max_pixels=self.max_pixels, limits=self.limits) for t in tasks

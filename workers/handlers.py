@@ -1,13 +1,13 @@
 """What a worker does with one unit of work: an online batch, a job shard, a dead letter.
 
-The loop that reads the streams and decides what to handle when is ``workers.worker``; each
+The loop that reads the streams and decides what to handle when is ``butd.workers.worker``; each
 handler here takes the entries it is given to the end:
 
 * ``OnlineHandler``: one online batch. Malformed entries are answered "error" and
   dead-lettered; fresh ones past their deadline are answered "expired" without computing; the
-  rest are loaded / skipped if cached / extracted (``workers.batcher.Processor``), each record
-  is answered first (``workers.replies``), then the batch goes to the sealer thread, which
-  seals, indexes and acks it (``workers.sealer``).
+  rest are loaded / skipped if cached / extracted (``butd.workers.batcher.Processor``), each record
+  is answered first (``butd.workers.replies``), then the batch goes to the sealer thread, which
+  seals, indexes and acks it (``butd.workers.sealer``).
 * ``ShardHandler``: one job shard, ``batch_size`` images a piece. Progress is recorded after
   each sealed piece and the entry acked after the last; between pieces it serves waiting online
   entries (a callback into the loop), refreshes its claim on the shard, skips the rest of a
@@ -29,12 +29,25 @@ from typing import TYPE_CHECKING, ClassVar
 
 import redis
 
-from workers import queue as q
-from workers.batcher import Outcome, Processor, Task, chunks, tasks_from_online, tasks_from_shard
-from workers.pipeline import Finisher, InlineSteps
-from workers.protocol import ONLINE_STREAM, JobShard, OnlineRequest, OnlineResult, ProtocolError
-from workers.replies import Replies, online_result
-from workers.sealer import Sealer
+from butd.workers import queue as q
+from butd.workers.batcher import (
+    Outcome,
+    Processor,
+    Task,
+    chunks,
+    tasks_from_online,
+    tasks_from_shard,
+)
+from butd.workers.pipeline import Finisher, InlineSteps
+from butd.workers.protocol import (
+    ONLINE_STREAM,
+    JobShard,
+    OnlineRequest,
+    OnlineResult,
+    ProtocolError,
+)
+from butd.workers.replies import Replies, online_result
+from butd.workers.sealer import Sealer
 
 if TYPE_CHECKING:
     Client = redis.Redis
@@ -113,9 +126,9 @@ class OnlineHandler:
     def __call__(self, entries: Sequence[q.Entry], *, redelivered: bool = False) -> None:
         """Compute one batch, answer each request with its record, then have it sealed and acked.
 
-        Reply before seal (``workers.replies``): the records are pushed to the waiting
+        Reply before seal (``butd.workers.replies``): the records are pushed to the waiting
         gateways as soon as they are computed; the sealer thread then seals and indexes them,
-        and only then acks the entries (``workers.sealer``). A crash in between leaves them
+        and only then acks the entries (``butd.workers.sealer``). A crash in between leaves them
         pending: redelivered, they are computed again and sealed (at-least-once caching). A
         fresh entry past its deadline is answered "expired" without computing; a redelivered
         one is computed and sealed without an answer (nobody waits for it any more).
@@ -183,7 +196,7 @@ class ShardHandler:
             entries waiting then).
         finisher: runs what follows a piece's computation (its seal, through the processor's
             sink, the progress record, the final ack) in order: on the pipeline's thread
-            (``workers.pipeline.Finisher``) or at once (default).
+            (``butd.workers.pipeline.Finisher``) or at once (default).
     """
 
     def __init__(

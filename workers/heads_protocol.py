@@ -4,7 +4,7 @@ Stream ``butd:heads``, consumer group ``workers``: one entry = one question to a
 about one stored record (``HeadsRequest.to_fields``): ``request_id``, ``task`` (caption | vqa),
 ``model_version`` and ``content_sha256`` (the stored record's key), ``question`` (vqa),
 ``beam_size``, ``max_len``, ``top``, ``deadline_ms`` (epoch ms, 0 = none). Only workers started
-with ``CAPTION_MODEL`` or ``VQA_MODEL`` read it (``workers.heads_task``), in a thread of their
+with ``CAPTION_MODEL`` or ``VQA_MODEL`` read it (``butd.workers.heads_task``), in a thread of their
 own beside the extraction loop, so a long extraction batch does not hold a caption back.
 
 The answer is one JSON ``HeadsResult`` LPUSHed onto ``butd:heads:result:{request_id}`` with an
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 
-from workers.protocol import GROUP, ProtocolError, decode_fields, stream_fields, text
+from butd.workers.protocol import GROUP, ProtocolError, decode_fields, stream_fields, text
 
 if TYPE_CHECKING:
     Client = redis.Redis

@@ -1,16 +1,17 @@
 """Caption and VQA heads inside a worker: a thread answering ``butd:heads`` requests.
 
 A worker started with ``CAPTION_MODEL`` and/or ``VQA_MODEL`` (directories written by ``butd
-heads train``) loads them once (``heads.inference.load_head``) and starts a ``HeadsServer``:
+heads train``) loads them once (``butd.heads.inference.load_head``) and starts a ``HeadsServer``:
 
-read one request (``workers.heads_protocol``) -> read its stored record (feature index ->
+read one request (``butd.workers.heads_protocol``) -> read its stored record (feature index ->
 sealed shard row, polled for up to ``record_wait_s``: an online answer precedes its seal) ->
 run the head under ``torch.inference_mode`` -> push the answer -> ack.
 
 The heads run on the worker's torch device (the extractor's: ``cuda:0`` on a GPU worker,
-``cpu`` otherwise): ``load_heads`` moves them there and ``heads.inference`` builds each request's
+``cpu`` otherwise): ``load_heads`` moves them there and ``butd.heads.inference`` builds each
+request's
 inputs on the head's device; answers come back as Python numbers. Torch is imported by name
-(``importlib``), so this module stays out of mypy's torch import graph, as ``workers.worker``
+(``importlib``), so this module stays out of mypy's torch import graph, as ``butd.workers.worker``
 does.
 """
 
@@ -26,19 +27,19 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from store.index import FeatureIndex
-from store.objects import open_readers
-from store.records import FeatureRecord
-from workers import queue as q
-from workers.heads_protocol import (
+from butd.store.index import FeatureIndex
+from butd.store.objects import open_readers
+from butd.store.records import FeatureRecord
+from butd.workers import queue as q
+from butd.workers.heads_protocol import (
     HEADS_STREAM,
     HeadsRequest,
     HeadsResult,
     ensure_heads_group,
     post_heads_result,
 )
-from workers.protocol import ProtocolError
-from workers.settings import WorkerSettings
+from butd.workers.protocol import ProtocolError
+from butd.workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
     Client = redis.Redis
@@ -73,7 +74,7 @@ def load_heads(paths: dict[str, Path | None], device: str = "cpu") -> dict[str, 
     for task, path in paths.items():
         if path is None:
             continue
-        inference: Any = importlib.import_module("heads.inference")
+        inference: Any = importlib.import_module("butd.heads.inference")
         model, meta = inference.load_head(path, device=device)
         if meta.get("task") != task:
             raise ValueError(f"{path} holds a {meta.get('task')!r} head, not a {task!r} head")
@@ -85,7 +86,7 @@ def load_heads(paths: dict[str, Path | None], device: str = "cpu") -> dict[str, 
 def run_head(head: LoadedHead, request: HeadsRequest, record: FeatureRecord) -> HeadsResult:
     """Caption or answer ``record`` with ``head`` (torch.inference_mode, on the head's device)."""
     torch: Any = importlib.import_module("torch")
-    inference: Any = importlib.import_module("heads.inference")
+    inference: Any = importlib.import_module("butd.heads.inference")
     common = {
         "request_id": request.request_id,
         "status": "ok",
@@ -121,7 +122,7 @@ class HeadsServer(threading.Thread):
     Args:
         redis_url: Redis holding the stream, the results and the feature index.
         store_dir: the store directory (sealed shards under ``store_dir/shards``).
-        store_url: the bucket prefix of the sealed shards instead (``store.objects``), or None.
+        store_url: the bucket prefix of the sealed shards instead (``butd.store.objects``), or None.
         heads: loaded heads by task ("caption", "vqa").
         consumer: the consumer name in the group (the worker's id).
         record_wait_s: how long to poll the index for a record not sealed yet, seconds.

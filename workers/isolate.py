@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from workers.batcher import AliasTriple, FeatureSink, Outcome, StoredItem
+    from butd.workers.batcher import AliasTriple, FeatureSink, Outcome, StoredItem
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from workers.protocol import (
+from butd.workers.protocol import (
     GROUP,
     JOBS_STREAM,
     ONLINE_STREAM,
@@ -43,7 +43,7 @@ from workers.protocol import (
     text,
     worker_key,
 )
-from workers.queue import Entry, ack, connect, dead_letter, trim_acked, write_heartbeat
+from butd.workers.queue import Entry, ack, connect, dead_letter, trim_acked, write_heartbeat
 
 if TYPE_CHECKING:
     Client = redis.Redis

@@ -1,6 +1,6 @@
 """Batch-job bookkeeping in Redis: the job hash, its errors and idempotent counters (torch-free).
 
-Part of the queue protocol described in ``workers.queue`` (which re-exports these functions):
+Part of the queue protocol described in ``butd.workers.queue`` (which re-exports these functions):
 hash ``butd:job:{id}``, hash ``butd:job:{id}:errors``, set ``butd:job:{id}:seen``. State changes
 and counting run as Lua scripts, so concurrent workers and redelivered shards never race or count
 an item twice.
@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from workers.protocol import (
+from butd.workers.protocol import (
     JOBS_STREAM,
     ExtractOptions,
     JobItem,

@@ -13,7 +13,7 @@ Three stages, each on its own threads, so the model (the GPU) never waits for th
 3. **Seal** (``Finisher``, one thread, in order): a job piece's shard is sealed and indexed,
    then its items recorded, and the shard's entry acked after its last piece; the loop goes on
    to the next piece meanwhile (at most ``seal_ahead`` pieces behind). Online batches already
-   have their own sealer thread (``workers.sealer``).
+   have their own sealer thread (``butd.workers.sealer``).
 
 Nothing changes in what is computed: a staged image is exactly what ``extract`` would have made
 of the decoded one (``tests/integration/test_pipeline.py`` compares the stored records of both
@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from workers.batcher import (
+from butd.workers.batcher import (
     AliasTriple,
     ExtractorLike,
     FeatureSink,
@@ -48,10 +48,10 @@ from workers.batcher import (
     load_task,
     stored,
 )
-from workers.files import DEFAULT_LIMITS, ReadLimits
-from workers.isolate import Unstored, seal_isolated
-from workers.sealer import PendingSeals
-from workers.settings import WorkerSettings
+from butd.workers.files import DEFAULT_LIMITS, ReadLimits
+from butd.workers.isolate import Unstored, seal_isolated
+from butd.workers.sealer import PendingSeals
+from butd.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class DeferredSink:
         self._pending.add(keys)
 
         def step() -> None:
-            try:  # an unstorable record fails alone (workers.isolate); the piece's record sees it
+            # An unstorable record fails alone (butd.workers.isolate); the piece's record sees it.
+            try:
                 lost = seal_isolated(self.sink, name, records, model_version, config, aliases)
                 self._unstored.records.update(lost.records)
                 self._unstored.aliases.update(lost.aliases)

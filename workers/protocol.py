@@ -1,7 +1,7 @@
 """Messages of the Redis Streams protocol between the gateway and the workers (torch-free).
 
 Pure data: key names, the dataclasses carried by stream entries and result lists, and their
-encoding to Redis field maps / JSON. The Redis operations themselves live in ``workers.queue``;
+encoding to Redis field maps / JSON. The Redis operations themselves live in ``butd.workers.queue``;
 see its module docstring for the protocol as a whole.
 
 Every encoder has a decoder that accepts the field map as Redis returns it (``bytes`` or ``str``
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-from store.records import FeatureRecord
+from butd.store.records import FeatureRecord
 
 if TYPE_CHECKING:
     from redis.typing import EncodableT, FieldT
@@ -32,7 +32,7 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ResultStatus = Literal["ok", "error", "expired"]
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
 
-# Largest grid side a request may ask for (detector.config.MAX_GRID_SIZE; torch-free copy).
+# Largest grid side a request may ask for (butd.detector.config.MAX_GRID_SIZE; torch-free copy).
 MAX_GRID_SIZE = 32
 
 
@@ -304,7 +304,7 @@ class OnlineResult:
             request was formed), ``t_extracted`` (its records were computed), ``t_replied``
             (this result was pushed). Empty for results sent without computing.
         record: the computed record in its stored form (features in the store's dtype), sent
-            before the worker seals it (``workers.wire``); None when the record is only in the
+            before the worker seals it (``butd.workers.wire``); None when the record is only in the
             store (``cached``) or nothing was computed. Not part of the JSON form.
     """
 

@@ -1,6 +1,6 @@
 """The Redis Streams queue between the gateway and the workers (torch-free).
 
-Protocol (message types in ``workers.protocol``):
+Protocol (message types in ``butd.workers.protocol``):
 
 Streams, one consumer group ``workers`` on each (created by ``ensure_groups``):
 
@@ -29,7 +29,7 @@ Redis < 8.2). All writes are idempotent, so a redelivered entry is harmless.
 Online results: the worker LPUSHes one ``OnlineResult`` (status ``ok`` | ``error`` |
 ``expired``, ``model_version``, ``content_sha256``, ``reason``, ``num_boxes``, ``cached``,
 ``timings``) onto ``butd:result:{request_id}`` with an EXPIRE; the gateway BLPOPs it
-(``wait_result``). A freshly computed record travels with the result (``workers.wire``: JSON
+(``wait_result``). A freshly computed record travels with the result (``butd.workers.wire``: JSON
 header + raw arrays) and is pushed *before* the worker seals it, then the entry is acked; a
 result without a record (``cached``) is read from the store's index by (model_version,
 content_sha256). ``butd:model:{version}`` holds the vocabularies the gateway renders with.
@@ -59,14 +59,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from workers.jobs import (
+from butd.workers.jobs import (
     cancel_job,
     create_job,
     job_status,
     mark_job_started,
     record_items,
 )
-from workers.protocol import (
+from butd.workers.protocol import (
     DLQ_STREAM,
     GROUP,
     JOBS_STREAM,
@@ -85,7 +85,7 @@ from workers.protocol import (
     text,
     worker_key,
 )
-from workers.wire import decode_result, encode_result
+from butd.workers.wire import decode_result, encode_result
 
 if TYPE_CHECKING:
     from redis.typing import EncodableT

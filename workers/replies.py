@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from workers import queue as q
-from workers.batcher import Outcome
-from workers.protocol import OnlineResult, model_key, result_key
-from workers.wire import ModelMeta, encode_result, stored_form
+from butd.workers import queue as q
+from butd.workers.batcher import Outcome
+from butd.workers.protocol import OnlineResult, model_key, result_key
+from butd.workers.wire import ModelMeta, encode_result, stored_form
 
 if TYPE_CHECKING:
     Client = redis.Redis

@@ -1,6 +1,6 @@
 """Sealing answered online batches on a thread of their own, then acking them (group commit).
 
-The online path answers first (``workers.replies``); what is left, sealing the new records
+The online path answers first (``butd.workers.replies``); what is left, sealing the new records
 into a shard, indexing it and acking the entries, costs more than the tiny model's extraction
 (an HDF5 shard takes ~20 ms to write on a busy CPU). ``Sealer`` does it beside the main loop:
 the loop hands over each batch (``submit``) and goes on reading; the sealer thread lets the
@@ -11,7 +11,7 @@ One shard holds many batches: the cost of a seal is shared, and the seals take l
 
 Durability is unchanged: an entry is acked only after its records are sealed and indexed. A
 record the store can never hold (a NUL in its id) is sealed apart and dropped, so it never
-takes the good records sharing its shard with it (``workers.isolate``). A seal that fails
+takes the good records sharing its shard with it (``butd.workers.isolate``). A seal that fails
 otherwise leaves its entries pending (they are reclaimed, recomputed and sealed); a
 crash loses only unacked work, which is redelivered. While a record waits to be sealed,
 ``has`` says it is stored, so the same bytes arriving meanwhile are not computed twice (their
@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from workers.batcher import AliasTriple, FeatureSink, StoredItem, stored
-from workers.isolate import seal_isolated
+from butd.workers.batcher import AliasTriple, FeatureSink, StoredItem, stored
+from butd.workers.isolate import seal_isolated
 
 log = logging.getLogger(__name__)
 

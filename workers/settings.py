@@ -15,8 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from heads.demo import DEMO_DETECTOR, demo_head
-from store.images import DEFAULT_MAX_PIXELS
+from butd.heads.demo import DEMO_DETECTOR, demo_head
+from butd.store.images import DEFAULT_MAX_PIXELS
 
 
 def _env(name: str, default: Any, **constraints: Any) -> Any:
@@ -94,8 +94,8 @@ class WorkerSettings(BaseSettings):
     # worker), and of at most this many bytes (the file size is checked before reading).
     read_timeout_s: float = _env("read_timeout_s", 10.0, gt=0)
     max_file_bytes: int = _env("max_file_bytes", 64 * 1024 * 1024, ge=1)
-    # Return freed heap to the OS after each batch (glibc malloc_trim; workers.memory): keeps the
-    # RSS of a long-running worker flat instead of at the high mark of its largest batch.
+    # Return freed heap to the OS after each batch (glibc malloc_trim; butd.workers.memory): keeps
+    # the RSS of a long-running worker flat instead of at the high mark of its largest batch.
     malloc_trim: bool = _env("malloc_trim", True)
     # How long an online result waits in Redis for the gateway, seconds.
     result_ttl_s: int = _env("result_ttl_s", 600, ge=1)
@@ -103,7 +103,7 @@ class WorkerSettings(BaseSettings):
     # The same variable and default as the gateway's BUTD_MAX_PIXELS (one limit everywhere).
     max_pixels: int = _env("max_pixels", DEFAULT_MAX_PIXELS, ge=1)
     # Threads that read, hash, decode and stage the images of the next piece while the model
-    # runs the current one (workers.pipeline); -1 = one per CPU core, at most 16 (decoding a
+    # runs the current one (butd.workers.pipeline); -1 = one per CPU core, at most 16 (decoding a
     # 640x480 JPEG takes ~4 ms of one core); 0 = load on the main loop, one image after another,
     # and seal job pieces there too (the sequential path).
     load_threads: int = _env("load_threads", -1, ge=-1, le=256)
@@ -113,7 +113,7 @@ class WorkerSettings(BaseSettings):
     # Longest pause between reconnection attempts while Redis is unreachable, seconds.
     reconnect_max_s: float = _env("reconnect_max_s", 5.0, gt=0)
     # Trained caption / VQA heads (directories written by `butd heads train`), loaded at start
-    # and served from butd:heads (workers.heads_task); unset = this worker serves no such head.
+    # and served from butd:heads (butd.workers.heads_task); unset = this worker serves no such head.
     caption_model: Path | None = _env("caption_model", None)
     vqa_model: Path | None = _env("vqa_model", None)
     # With the packaged demo detector (WEIGHTS=demo-synthetic), an unset CAPTION_MODEL /

@@ -1,5 +1,5 @@
-"""The worker's side of the feature store: seal shards, then index them (``store.shards``,
-``store.index``).
+"""The worker's side of the feature store: seal shards, then index them (``butd.store.shards``,
+``butd.store.index``).
 
 ``StoreSink.seal`` writes one batch's new records as a sealed shard under ``STORE/shards``
 (temp name, atomic rename; each row carries its content sha256 and the (namespace, image_id)
@@ -14,7 +14,7 @@ another worker had reclaimed and stored meanwhile) is deleted: no row is stored 
 ``seal`` and ``has`` may be called from two threads (the online sealer and the main loop).
 
 Aliases are also appended to ``STORE/aliases/NAMESPACE.tsv`` (``image_id TAB sha256``), the
-layout ``service.shard_store`` reads today.
+layout ``butd.service.shard_store`` reads today.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from typing import Any
 
 import redis
 
-from store.index import FeatureIndex
-from store.objects import BucketShards
-from store.records import FeatureRecord
-from store.shards import Alias, ShardEntries, seal_shard
-from workers.batcher import AliasTriple, StoredItem
+from butd.store.index import FeatureIndex
+from butd.store.objects import BucketShards
+from butd.store.records import FeatureRecord
+from butd.store.shards import Alias, ShardEntries, seal_shard
+from butd.workers.batcher import AliasTriple, StoredItem
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from store.records import FeatureRecord
-from workers.protocol import OnlineResult, ProtocolError
+from butd.store.records import FeatureRecord
+from butd.workers.protocol import OnlineResult, ProtocolError
 
 MAGIC = b"\x00BUTD-R1"
 _LEN = struct.Struct("<I")

@@ -2,15 +2,15 @@
 
 This module holds the loop (``Worker``: when to read, recover, run the janitor, serve online
 entries before job shards, stop) and its construction (``build_worker``, ``main``: the
-``python -m workers.worker`` entry point). What is done with one online batch, one job shard
-or one dead letter is ``workers.handlers``.
+``python -m butd.workers.worker`` entry point). What is done with one online batch, one job shard
+or one dead letter is ``butd.workers.handlers``.
 
 Main loop (``Worker.step``), reading like the data flow:
 
 1. After a start or a Redis outage: re-create the group if Redis lost it, re-read this
    consumer's own pending entries (id 0) and process them (dead-lettering over-delivered ones).
 2. Every ``janitor_interval_s``: reclaim entries idle past ``claim_idle_ms``, dead-letter
-   poison ones, trim acknowledged ones (``workers.janitor``).
+   poison ones, trim acknowledged ones (``butd.workers.janitor``).
 3. Block up to ``idle_block_ms`` for one online entry and one job shard at once.
 4. Online entries first: top the batch up with entries already queued (and, during a burst, up
    to ``batch_size`` within ``batch_wait_ms``), then handle it ``batch_size`` at a time
@@ -41,22 +41,22 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from store.index import FeatureIndex
-from store.objects import BucketShards
-from workers import queue as q
-from workers.batcher import ExtractorLike, FeatureSink, chunks, fill_batch
-from workers.files import ReadLimits
-from workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
-from workers.heads_task import start_heads
-from workers.janitor import HeartbeatThread, Janitor
-from workers.memory import trim_heap
-from workers.pipeline import Pipeline
-from workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
-from workers.replies import Replies
-from workers.sealer import Sealer
-from workers.settings import WorkerSettings
-from workers.sink import StoreSink
-from workers.wire import ModelMeta
+from butd.store.index import FeatureIndex
+from butd.store.objects import BucketShards
+from butd.workers import queue as q
+from butd.workers.batcher import ExtractorLike, FeatureSink, chunks, fill_batch
+from butd.workers.files import ReadLimits
+from butd.workers.handlers import Counters, OnlineHandler, ShardHandler, fail_dead
+from butd.workers.heads_task import start_heads
+from butd.workers.janitor import HeartbeatThread, Janitor
+from butd.workers.memory import trim_heap
+from butd.workers.pipeline import Pipeline
+from butd.workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
+from butd.workers.replies import Replies
+from butd.workers.sealer import Sealer
+from butd.workers.settings import WorkerSettings
+from butd.workers.sink import StoreSink
+from butd.workers.wire import ModelMeta
 
 if TYPE_CHECKING:
     Client = redis.Redis
@@ -70,11 +70,11 @@ class Worker:
     """Drains ``butd:online`` and ``butd:jobs`` with one loaded model.
 
     The loop decides what to handle when; ``handle_online`` and ``handle_shard``
-    (``workers.handlers``) do the work, sharing ``counters`` for the heartbeat.
+    (``butd.workers.handlers``) do the work, sharing ``counters`` for the heartbeat.
 
     Args:
         settings: worker settings.
-        extractor: the loaded model (``detector.extractor.Extractor`` or a fake).
+        extractor: the loaded model (``butd.detector.extractor.Extractor`` or a fake).
         sink: the feature store.
         device: device description for the heartbeat.
         model: model description for the heartbeat.
@@ -82,7 +82,7 @@ class Worker:
         model_meta: vocabularies and description, published under ``model_key(version)`` for
             the gateway to render answered records with (None: not published).
         feature_dtype: the store's feature dtype; answered records are cast to it.
-        heads: tasks served by this process's heads thread (``workers.heads_task``).
+        heads: tasks served by this process's heads thread (``butd.workers.heads_task``).
     """
 
     def __init__(
@@ -249,7 +249,7 @@ class Worker:
         """Run a handler; an unexpected error leaves its entries pending for the janitor.
 
         The loop's progress marks (``Counters.tick``) bracket it, and the heap is trimmed after
-        it (``workers.memory``)."""
+        it (``butd.workers.memory``)."""
         self.counters.tick(_describe(arg))
         try:
             handler(arg)
@@ -316,7 +316,7 @@ def _describe(arg: Any) -> str:
 def build_worker(settings: WorkerSettings) -> Worker:
     """Load the model and open the store named by ``settings`` (imports torch)."""
     # Imported by name: torch stays out of this module's import graph (and out of mypy's).
-    extractor_cls: Any = importlib.import_module("detector.extractor").Extractor
+    extractor_cls: Any = importlib.import_module("butd.detector.extractor").Extractor
 
     device = settings.torch_device()
     start = time.perf_counter()
@@ -358,7 +358,7 @@ def build_worker(settings: WorkerSettings) -> Worker:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m workers.worker``: settings from the environment only."""
+    """``python -m butd.workers.worker``: settings from the environment only."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -1,5 +1,5 @@
 """The network: backbone, RPN and RoI head composed into ``Detector``."""
 
-from detector.model.detector import Detector, RegionOutputs
+from butd.detector.model.detector import Detector, RegionOutputs
 
 __all__ = ["Detector", "RegionOutputs"]

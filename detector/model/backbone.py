@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import FrozenBatchNorm2d
 
-from detector.config import ArchConfig
+from butd.detector.config import ArchConfig
 
 BN_EPS = 1e-5  # Caffe BatchNorm default
 

@@ -10,7 +10,8 @@ Shape glossary:
     G   grid side of the optional grid features (cells G x G)
 
 The network takes a tensor batch and returns raw tensors; selection of the 10–100 regions and
-conversion to original-image pixels live in ``detector.select`` and ``detector.extractor``.
+conversion to original-image pixels live in ``butd.detector.select`` and
+``butd.detector.extractor``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detector.config import ExtractionConfig, ModelSpec
-from detector.model.backbone import Backbone
-from detector.model.roi_heads import RoIHeads
-from detector.model.rpn import RPN
+from butd.detector.config import ExtractionConfig, ModelSpec
+from butd.detector.model.backbone import Backbone
+from butd.detector.model.roi_heads import RoIHeads
+from butd.detector.model.rpn import RPN
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import roi_pool
 
-from detector.config import ArchConfig
-from detector.model.backbone import make_res5
+from butd.detector.config import ArchConfig
+from butd.detector.model.backbone import make_res5
 
 
 class AttributeHead(nn.Module):

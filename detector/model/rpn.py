@@ -10,7 +10,7 @@ Shape glossary:
 The conventions that differ between weight files (anchor set, +1 box rule, NMS flavour, score
 layout, clip/top-k order, minimum size) come from ``Conventions``, stored with the weights.
 :func:`propose` is the one proposal layer: inference runs it with ``ProposalSettings`` built from
-those conventions, training (``detector.train.step``) with its own.
+those conventions, training (``butd.detector.train.step``) with its own.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from detector.anchors import grid_anchors
-from detector.boxes import clip_boxes, decode_boxes, keep_min_size, nms
-from detector.config import ArchConfig, Conventions, ExtractionConfig
+from butd.detector.anchors import grid_anchors
+from butd.detector.boxes import clip_boxes, decode_boxes, keep_min_size, nms
+from butd.detector.config import ArchConfig, Conventions, ExtractionConfig
 
 
 class RPN(nn.Module):
@@ -106,7 +106,7 @@ class ProposalSettings:
     """The proposal layer's knobs: how one image's scored anchors become proposals.
 
     Inference reads them from the weights' ``Conventions`` and the ``ExtractionConfig``
-    (:meth:`for_inference`); training states its own (``detector.train.step``).
+    (:meth:`for_inference`); training states its own (``butd.detector.train.step``).
     """
 
     # Candidates kept by score before NMS, proposals kept after it, and the NMS IoU.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from detector.synth.scenes import COLOURS, SHAPES, SceneObject
+from butd.detector.synth.scenes import COLOURS, SHAPES, SceneObject
 
 CAPTIONS_PER_IMAGE = 5
 ANSWERS_PER_QUESTION = 10

@@ -12,7 +12,7 @@ Output directory::
     vqa_questions.json               VQA v2 questions
     vqa_annotations.json             VQA v2 annotations (10 answers each)
 
-Boxes follow the Visual Genome convention the reader (``detector.train.vg``) inverts:
+Boxes follow the Visual Genome convention the reader (``butd.detector.train.vg``) inverts:
 ``x2 = x + w`` with inclusive pixel bounds.
 
 Image ``i`` (1-based id) is drawn from ``numpy.random.default_rng([seed, i])``, so a set of
@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from detector.synth.language import captions, questions
-from detector.synth.scenes import ATTRIBUTES, SHAPES, SceneObject, SceneParams, render_scene
-from detector.synth.scenes import sample_scene as _sample
+from butd.detector.synth.language import captions, questions
+from butd.detector.synth.scenes import ATTRIBUTES, SHAPES, SceneObject, SceneParams, render_scene
+from butd.detector.synth.scenes import sample_scene as _sample
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ JPEG_QUALITY = 95
 INFO = {
     "description": "butd synthetic scenes: coloured shapes on textured backgrounds",
     "version": "1",
-    "contributor": "butd detector.synth",
+    "contributor": "butd butd.detector.synth",
 }
 
 

@@ -1,7 +1,7 @@
 """Training checkpoints: a canonical weight file plus the state needed to resume.
 
 ``OUT/checkpoints/iter_0000500.safetensors``  canonical weights (``save_canonical``): loads
-                                              with ``detector.weights.load`` and runs in the
+                                              with ``butd.detector.weights.load`` and runs in the
                                               Extractor as is.
 ``OUT/checkpoints/iter_0000500.state.pt``     iteration, optimiser state (momentum buffers),
                                               the box predictor in its training
@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from detector.config import ModelSpec
-from detector.train.init import BBOX_PRED_KEYS, to_canonical
-from detector.weights.canonical import save_canonical
+from butd.detector.config import ModelSpec
+from butd.detector.train.init import BBOX_PRED_KEYS, to_canonical
+from butd.detector.weights.canonical import save_canonical
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from detector.config import ArchConfig, Conventions, tiny_arch
+from butd.detector.config import ArchConfig, Conventions, tiny_arch
 
 AttrSampling = Literal["first", "random"]
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from detector.config import ExtractionConfig
-from detector.preprocess import prepare
-from detector.train.vg import VGImage
-from store.images import decode_image
+from butd.detector.config import ExtractionConfig
+from butd.detector.preprocess import prepare
+from butd.detector.train.vg import VGImage
+from butd.store.images import decode_image
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from detector.boxes import clip_boxes, decode_boxes, nms
-from detector.config import ExtractionConfig
-from detector.model import Detector
-from detector.preprocess import prepare
-from detector.train.metrics import ImageDetections
+from butd.detector.boxes import clip_boxes, decode_boxes, nms
+from butd.detector.config import ExtractionConfig
+from butd.detector.model import Detector
+from butd.detector.preprocess import prepare
+from butd.detector.train.metrics import ImageDetections
 
 
 def _attr_probs(attr_logits: torch.Tensor, mode: str) -> torch.Tensor:

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from detector.anchors import caffe_cell_anchors
-from detector.config import ModelSpec
-from detector.model import Detector
-from detector.train.configs import TrainConfig
+from butd.detector.anchors import caffe_cell_anchors
+from butd.detector.config import ModelSpec
+from butd.detector.model import Detector
+from butd.detector.train.configs import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ import math
 
 import torch
 
-from detector.anchors import grid_anchors
-from detector.model import Detector
-from detector.model.rpn import ProposalSettings, propose
-from detector.train.configs import TrainConfig
-from detector.train.dataset import TrainSample
-from detector.train.losses import attribute_loss, fast_rcnn_losses, rpn_losses
-from detector.train.targets import anchor_targets, attribute_labels, sample_rois
+from butd.detector.anchors import grid_anchors
+from butd.detector.model import Detector
+from butd.detector.model.rpn import ProposalSettings, propose
+from butd.detector.train.configs import TrainConfig
+from butd.detector.train.dataset import TrainSample
+from butd.detector.train.losses import attribute_loss, fast_rcnn_losses, rpn_losses
+from butd.detector.train.targets import anchor_targets, attribute_labels, sample_rois
 
 LOSS_NAMES = ("rpn_cls", "rpn_box", "cls", "box", "attr")
 # Clamp on dw/dh while decoding training proposals, so an untrained RPN cannot overflow exp().
@@ -121,7 +121,7 @@ def training_losses(
 
     Args:
         model: the detector in training parameterisation (box predictor on normalised
-            targets, see ``detector.train.init``).
+            targets, see ``butd.detector.train.init``).
         sample: one prepared image with ground truth.
         config: targets, sampling and loss settings.
         generator: random source of the anchor / RoI / attribute sampling.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from detector.boxes import box_iou, encode_boxes
+from butd.detector.boxes import box_iou, encode_boxes
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from detector.config import ExtractionConfig
-from detector.model import Detector
-from detector.train.checkpoint import latest_checkpoint, save_checkpoint
-from detector.train.configs import TrainConfig
-from detector.train.dataset import TrainSample, draws_for_iteration, load_sample
-from detector.train.init import (
+from butd.detector.config import ExtractionConfig
+from butd.detector.model import Detector
+from butd.detector.train.checkpoint import latest_checkpoint, save_checkpoint
+from butd.detector.train.configs import TrainConfig
+from butd.detector.train.dataset import TrainSample, draws_for_iteration, load_sample
+from butd.detector.train.init import (
     BBOX_PRED_KEYS,
     build_spec,
     calibrate_frozen_bn,
@@ -36,9 +36,9 @@ from detector.train.init import (
     from_canonical,
     init_weights,
 )
-from detector.train.step import LOSS_NAMES, training_losses
-from detector.train.vg import VGImage
-from detector.weights.canonical import load as load_canonical
+from butd.detector.train.step import LOSS_NAMES, training_losses
+from butd.detector.train.vg import VGImage
+from butd.detector.weights.canonical import load as load_canonical
 
 logger = logging.getLogger(__name__)
 

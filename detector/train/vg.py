@@ -1,6 +1,6 @@
 """Visual Genome reader: ``image_data.json`` + ``objects.json`` + ``attributes.json`` to boxes.
 
-Reads the VG v1.2 / v1.4 release layout (and the synthetic scene sets ``detector.synth`` writes
+Reads the VG v1.2 / v1.4 release layout (and the synthetic scene sets ``butd.detector.synth`` writes
 in the same layout) and maps object and attribute names onto a fixed vocabulary, the way the
 original bottom-up-attention preprocessing (``data/genome/setup_vg.py`` + ``lib/datasets/vg.py``)
 did:

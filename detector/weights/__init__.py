@@ -2,15 +2,15 @@
 
 Typical use::
 
-    from detector import weights
+    from butd.detector import weights
     path = weights.resolve("airsplay-attr-36")      # or a path to a .safetensors file
     loaded = weights.load(path)                      # keys and shapes checked against the spec
     detector.load_state_dict(loaded.state_dict)
 
-``fetch`` (httpx) is imported from ``detector.weights.fetch`` on demand.
+``fetch`` (httpx) is imported from ``butd.detector.weights.fetch`` on demand.
 """
 
-from detector.weights.canonical import (
+from butd.detector.weights.canonical import (
     LoadedWeights,
     WeightsError,
     canonical_shapes,
@@ -21,7 +21,7 @@ from detector.weights.canonical import (
     read_metadata,
     save_canonical,
 )
-from detector.weights.formats import (
+from butd.detector.weights.formats import (
     CONVERTIBLE_FORMATS,
     Converted,
     convert,
@@ -30,9 +30,9 @@ from detector.weights.formats import (
     convert_hf,
     convert_milvlg,
 )
-from detector.weights.formats_caffe import read_caffemodel
-from detector.weights.formats_read import detect_format, read_source
-from detector.weights.registry import (
+from butd.detector.weights.formats_caffe import read_caffemodel
+from butd.detector.weights.formats_read import detect_format, read_source
+from butd.detector.weights.registry import (
     REGISTRY,
     RegistryEntry,
     default_weights_dir,

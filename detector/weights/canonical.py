@@ -1,4 +1,4 @@
-"""The canonical weight file: the state dict of ``detector.model.Detector`` in safetensors.
+"""The canonical weight file: the state dict of ``butd.detector.model.Detector`` in safetensors.
 
 Every published checkpoint is converted once into this layout (``formats.py``); the extractor
 and the trainer only ever read canonical files. The expected keys and shapes are a pure
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from detector.config import ArchConfig, Conventions, ModelSpec
+from butd.detector.config import ArchConfig, Conventions, ModelSpec
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from detector.weights.canonical import WeightsError, file_sha256, is_canonical_file
-from detector.weights.registry import RegistryEntry, canonical_path, load_vocab
+from butd.detector.weights.canonical import WeightsError, file_sha256, is_canonical_file
+from butd.detector.weights.registry import RegistryEntry, canonical_path, load_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def fetch(
         WeightsError: unsupported format, every URL failed, sha256 mismatch, or a file
             that does not fit the expected keys and shapes.
     """
-    from detector.weights.formats import convert
+    from butd.detector.weights.formats import convert
 
     out = canonical_path(entry, dest_dir)
     if entry.kind == "packaged" or is_canonical_file(out):

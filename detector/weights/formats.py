@@ -35,23 +35,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.anchors import detectron2_cell_anchors
-from detector.config import DETECTRON2_DELTA_CLAMP, ArchConfig, Conventions, ModelSpec
-from detector.weights import formats_d2 as d2
-from detector.weights.canonical import (
+from butd.detector.anchors import detectron2_cell_anchors
+from butd.detector.config import DETECTRON2_DELTA_CLAMP, ArchConfig, Conventions, ModelSpec
+from butd.detector.weights import formats_d2 as d2
+from butd.detector.weights.canonical import (
     WeightsError,
     canonical_shapes,
     check_shapes,
     file_sha256,
     save_canonical,
 )
-from detector.weights.formats_caffe import (
+from butd.detector.weights.formats_caffe import (
     CAFFE_CONVENTIONS,
     CaffeLayers,
     caffe_state_dict,
     read_caffemodel,
 )
-from detector.weights.formats_read import detect_format, read_source, source_state_dict
+from butd.detector.weights.formats_read import detect_format, read_source, source_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ CONVERTERS: dict[str, Callable[..., Converted]] = {
 
 def _default_vocab(arch: ArchConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Visual Genome vocabularies when the sizes match, else numbered placeholders."""
-    from detector.weights.registry import VG_ATTRIBUTES_VOCAB, VG_OBJECTS_VOCAB, load_vocab
+    from butd.detector.weights.registry import VG_ATTRIBUTES_VOCAB, VG_OBJECTS_VOCAB, load_vocab
 
     if (arch.num_classes, arch.num_attributes) == (1600, 400):
         return load_vocab(VG_OBJECTS_VOCAB), load_vocab(VG_ATTRIBUTES_VOCAB)

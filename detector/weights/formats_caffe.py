@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.anchors import caffe_cell_anchors
-from detector.config import ArchConfig, Conventions
-from detector.weights.canonical import WeightsError, canonical_shapes, check_shapes
+from butd.detector.anchors import caffe_cell_anchors
+from butd.detector.config import ArchConfig, Conventions
+from butd.detector.weights.canonical import WeightsError, canonical_shapes, check_shapes
 
 logger = logging.getLogger(__name__)
 

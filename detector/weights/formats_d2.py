@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import torch
 
-from detector.weights.canonical import WeightsError
+from butd.detector.weights.canonical import WeightsError
 
 # Canonical module -> detectron2 module, for the modules outside the ResNet blocks.
 D2_COMMON_MODULES: dict[str, str] = {

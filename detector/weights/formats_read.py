@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.weights import formats_d2 as d2
-from detector.weights.canonical import WeightsError, is_canonical_file
-from detector.weights.formats_caffe import CaffeLayers, read_caffemodel
+from butd.detector.weights import formats_d2 as d2
+from butd.detector.weights.canonical import WeightsError, is_canonical_file
+from butd.detector.weights.formats_caffe import CaffeLayers, read_caffemodel
 
 logger = logging.getLogger(__name__)
 

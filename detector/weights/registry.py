@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from detector.config import ArchConfig
-from detector.weights.canonical import WeightsError, is_canonical_file
+from butd.detector.config import ArchConfig
+from butd.detector.weights.canonical import WeightsError, is_canonical_file
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 VG_OBJECTS_VOCAB = PACKAGE_DIR / "vocab" / "objects_vocab.txt"

@@ -12,8 +12,8 @@ import shutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from heads.metrics.captions import bleu, cider_d, rouge_l
-from heads.vocab import tokenize_caption
+from butd.heads.metrics.captions import bleu, cider_d, rouge_l
+from butd.heads.vocab import tokenize_caption
 
 logger = logging.getLogger(__name__)
 

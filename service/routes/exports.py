@@ -10,12 +10,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from service import datasets, url_sources
-from service.auth import require_api_key
-from service.errors import NotFoundError, ObjectStoreError
-from service.routes.jobs import ExportFormat, _checked_job_id, _settings
-from service.schemas import ErrorBody
-from store.objects import put_file
+from butd.service import datasets, url_sources
+from butd.service.auth import require_api_key
+from butd.service.errors import NotFoundError, ObjectStoreError
+from butd.service.routes.jobs import ExportFormat, _checked_job_id, _settings
+from butd.service.schemas import ErrorBody
+from butd.store.objects import put_file
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service import encoding
-from service.auth import require_api_key
-from service.backend import StoredRecord
-from service.errors import InvalidRequestError, NotFoundError
-from service.names import (
+from butd.service import encoding
+from butd.service.auth import require_api_key
+from butd.service.backend import StoredRecord
+from butd.service.errors import InvalidRequestError, NotFoundError
+from butd.service.names import (
     ImageIdPath,
     ImageIdQuery,
     NamespaceQuery,
@@ -23,12 +23,12 @@ from service.names import (
     given_id,
     namespace_of,
 )
-from service.online import OnlineService, Upload
-from service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
-from service.uploads import read_image_body
-from store import ids
-from store.image_ids import IdPolicy, ImageIdError
-from workers.protocol import ExtractOptions as QueueOptions
+from butd.service.online import OnlineService, Upload
+from butd.service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
+from butd.service.uploads import read_image_body
+from butd.store import ids
+from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.workers.protocol import ExtractOptions as QueueOptions
 
 router = APIRouter(
     prefix="/v1/features", tags=["features"], dependencies=[Depends(require_api_key)]

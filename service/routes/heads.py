@@ -15,17 +15,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from service.auth import require_api_key
-from service.backend import StoredRecord
-from service.errors import InvalidRequestError, NotFoundError, WorkerError
-from service.heads_online import HeadsService
-from service.names import ImageIdQuery, NamespaceQuery, Sha256Query, given_id, namespace_of
-from service.online import OnlineService, Upload
-from service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQAResponse
-from service.uploads import read_image_body
-from store import ids
-from workers.heads_protocol import HeadsResult, HeadTask
-from workers.protocol import ExtractOptions
+from butd.service.auth import require_api_key
+from butd.service.backend import StoredRecord
+from butd.service.errors import InvalidRequestError, NotFoundError, WorkerError
+from butd.service.heads_online import HeadsService
+from butd.service.names import ImageIdQuery, NamespaceQuery, Sha256Query, given_id, namespace_of
+from butd.service.online import OnlineService, Upload
+from butd.service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQAResponse
+from butd.service.uploads import read_image_body
+from butd.store import ids
+from butd.workers.heads_protocol import HeadsResult, HeadTask
+from butd.workers.protocol import ExtractOptions
 
 router = APIRouter(prefix="/v1", tags=["heads"], dependencies=[Depends(require_api_key)])
 

@@ -11,10 +11,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.backend import Queue
-from service.schemas import ReadyResponse, WorkerInfo
-from workers.heads_protocol import TASKS
-from workers.protocol import Heartbeat
+from butd.service.backend import Queue
+from butd.service.schemas import ReadyResponse, WorkerInfo
+from butd.workers.heads_protocol import TASKS
+from butd.workers.protocol import Heartbeat
 
 router = APIRouter(tags=["health"])
 

@@ -18,18 +18,18 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
-from service import datasets, url_sources
-from service.auth import require_api_key
-from service.backend import Queue, RequestClaim
-from service.errors import (
+from butd.service import datasets, url_sources
+from butd.service.auth import require_api_key
+from butd.service.backend import Queue, RequestClaim
+from butd.service.errors import (
     IdempotencyKeyInProgressError,
     IdempotencyKeyReusedError,
     InvalidRequestError,
     NotFoundError,
     UnsupportedMediaError,
 )
-from service.job_uploads import UploadArea, UploadsFullError
-from service.schemas import (
+from butd.service.job_uploads import UploadArea, UploadsFullError
+from butd.service.schemas import (
     ErrorBody,
     ExtractOptions,
     JobCreated,
@@ -37,19 +37,19 @@ from service.schemas import (
     JobRequest,
     JobStatus,
 )
-from service.settings import Settings
-from service.uploads import check_length, read_raw, save_multipart
-from store import ids
-from store.image_ids import IdPolicy, ImageIdError
-from workers.protocol import TERMINAL_STATES
-from workers.protocol import ExtractOptions as QueueOptions
-from workers.protocol import JobStatus as QueueJobStatus
+from butd.service.settings import Settings
+from butd.service.uploads import check_length, read_raw, save_multipart
+from butd.store import ids
+from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.workers.protocol import TERMINAL_STATES
+from butd.workers.protocol import ExtractOptions as QueueOptions
+from butd.workers.protocol import JobStatus as QueueJobStatus
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 
-# Export formats of store.exporters and the file suffix of each.
+# Export formats of butd.store.exporters and the file suffix of each.
 EXPORT_SUFFIXES = {
     "h5-dense": ".h5",
     "h5-ragged": ".h5",
@@ -81,7 +81,7 @@ def _job_id(idempotency_key: str | None) -> str:
     """The Idempotency-Key when it is a safe file name, its hash when not, else a fresh uuid.
 
     Raises:
-        InvalidNameError: a key that breaks ``store.ids.JOB_ID_RULE`` (422).
+        InvalidNameError: a key that breaks ``butd.store.ids.JOB_ID_RULE`` (422).
     """
     if idempotency_key is None:
         return uuid.uuid4().hex

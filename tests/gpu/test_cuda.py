@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage import data
 
-from detector.extractor import Extractor
+from butd.detector.extractor import Extractor
 from tests.tiny_weights import random_detector
 
 pytestmark = pytest.mark.gpu

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from heads.benchmark import caption_task, run_caption, run_vqa, vqa_task
+from butd.heads.benchmark import caption_task, run_caption, run_vqa, vqa_task
 
 pytestmark = pytest.mark.gpu
 DEVICE = "cuda"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from heads.inference import answer, caption, head_device, load_head
+from butd.heads.inference import answer, caption, head_device, load_head
 from tests.head_checkpoints import ANSWERS, scene_record, write_head
 
 pytestmark = pytest.mark.gpu

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from heads.inference import answer, caption, load_head
-from store.h5 import FeatureFile
+from butd.heads.inference import answer, caption, load_head
+from butd.store.h5 import FeatureFile
 from tests.heads_data import run_heads_cli, write_heads_dataset
 
 pytestmark = pytest.mark.gpu

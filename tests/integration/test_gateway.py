@@ -31,13 +31,13 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.encoding import decode_features
-from service.settings import Settings
-from store.images import decode_image
-from store.readers import read_lxmert_tsv
+from butd.service.app import create_app
+from butd.service.encoding import decode_features
+from butd.service.settings import Settings
+from butd.store.images import decode_image
+from butd.store.readers import read_lxmert_tsv
+from butd.workers.protocol import ONLINE_STREAM
 from tests.redis_proc import RedisProcess, free_port
-from workers.protocol import ONLINE_STREAM
 
 FP16_RTOL = 2.0**-11
 FP16_ATOL = 2.0**-24
@@ -52,7 +52,7 @@ def image_bytes(seed: int, w: int = 120, h: int = 90, fmt: str = "PNG") -> bytes
 
 
 class WorkerProc:
-    """``python -m workers.worker`` on the test Redis and store."""
+    """``python -m butd.workers.worker`` on the test Redis and store."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
         self.env, self.log = env, log
@@ -61,7 +61,7 @@ class WorkerProc:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "workers.worker"],
+                [sys.executable, "-m", "butd.workers.worker"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -153,7 +153,7 @@ def online_len(stack: dict[str, Any]) -> int:
 
 
 def test_upload_equals_direct_extractor_and_repeats_hit_cache(stack: dict[str, Any]) -> None:
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     data = image_bytes(1)
     with gateway(stack) as client:
@@ -313,7 +313,7 @@ def test_cache_answers_with_the_worker_stopped(stack: dict[str, Any]) -> None:
 def test_butd_serve_embedded(stack: dict[str, Any], tmp_path: Path) -> None:
     port = free_port()
     launcher = (
-        "import argparse, sys; from service.cli import serve; "
+        "import argparse, sys; from butd.cli import serve; "
         "p = argparse.ArgumentParser(); serve.register(p.add_subparsers()); "
         "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))"
     )

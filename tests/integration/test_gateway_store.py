@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import redis
 
-from service.errors import InvalidRequestError, NotFoundError
-from service.shard_store import IndexedStore, _nbytes
-from store.index import FeatureIndex, reindex
-from store.readers import read_lxmert_tsv
-from store.shards import scan_shard, seal_shard
+from butd.service.errors import InvalidRequestError, NotFoundError
+from butd.service.shard_store import IndexedStore, _nbytes
+from butd.store.index import FeatureIndex, reindex
+from butd.store.readers import read_lxmert_tsv
+from butd.store.shards import scan_shard, seal_shard
 from tests.unit.app_fakes import ATTRIBUTES, MODEL_VERSION, OBJECTS, make_record
 
 
@@ -24,7 +24,7 @@ def _sha(i: int) -> str:
 
 
 def _seal(root: Path, index: FeatureIndex, ids: list[int], namespace: str = "ds") -> None:
-    """Seal and index one shard as ``workers.sink.StoreSink`` does."""
+    """Seal and index one shard as ``butd.workers.sink.StoreSink`` does."""
     recs = [
         replace(
             make_record(f"{i}.jpg", seed=i),

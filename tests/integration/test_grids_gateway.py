@@ -12,7 +12,8 @@ import h5py
 import numpy as np
 import redis
 
-from service.encoding import decode_features
+from butd.service.encoding import decode_features
+from butd.workers.protocol import ONLINE_STREAM
 from tests.integration.test_gateway import (  # noqa: F401 (stack is a fixture)
     _wait_job,
     gateway,
@@ -21,7 +22,6 @@ from tests.integration.test_gateway import (  # noqa: F401 (stack is a fixture)
     stack,
     wait_ready,
 )
-from workers.protocol import ONLINE_STREAM
 
 G = 3
 REGION_KEYS = ("boxes", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "features")

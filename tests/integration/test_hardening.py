@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import redis
 
-from store.index import FeatureIndex
-from store.records import FeatureRecord
+from butd.store.index import FeatureIndex
+from butd.store.records import FeatureRecord
+from butd.workers import queue as q
+from butd.workers.batcher import StoredItem
+from butd.workers.protocol import JobItem
+from butd.workers.sealer import Sealer
+from butd.workers.sink import StoreSink
 from tests.integration.test_gateway import gateway, image_bytes, stack, wait_ready
 from tests.redis_proc import free_port
-from workers import queue as q
-from workers.batcher import StoredItem
-from workers.protocol import JobItem
-from workers.sealer import Sealer
-from workers.sink import StoreSink
 
 __all__ = ["stack"]  # the module-scoped fixture: Redis, store, one worker
 
@@ -172,7 +172,12 @@ def test_a_reused_key_leaves_the_running_job_whole(stack: dict[str, Any]) -> Non
 
 
 def test_request_claims_in_redis(redis_url: str) -> None:
-    from service.adapters import CLAIM_PENDING_TTL_S, CLAIM_TTL_S, RedisQueue, request_claim_key
+    from butd.service.adapters import (
+        CLAIM_PENDING_TTL_S,
+        CLAIM_TTL_S,
+        RedisQueue,
+        request_claim_key,
+    )
 
     r = q.connect(redis_url)
     queue = RedisQueue(r, r, heartbeat_max_age_s=5, job_shard_size=8, image_ttl_s=60)
@@ -209,7 +214,7 @@ def test_a_second_butd_serve_on_a_store_stops_at_once(
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
 
     def serve(port: int) -> list[str]:
-        argv = [sys.executable, "-m", "service.cli.main", "serve", "--port", str(port)]
+        argv = [sys.executable, "-m", "butd.cli.main", "serve", "--port", str(port)]
         return [*argv, "--store-dir", str(store), "--weights", str(stack["weights"])]
 
     first = subprocess.Popen(serve(port), env=env, stdout=subprocess.DEVNULL,

@@ -3,7 +3,7 @@
 Two tiny heads (hidden 16, 3 steps) are trained with ``butd heads train`` on 8 synthetic
 scenes whose features have the tiny detector's size (D = 256), then a worker loads them
 (``CAPTION_MODEL`` / ``VQA_MODEL``). An image is POSTed to /v1/features, then captioned and
-questioned by id: the answers must equal ``heads.inference`` run in the test on the record read
+questioned by id: the answers must equal ``butd.heads.inference`` run in the test on the record read
 back from the store (same CPU kernels, same fp16 features: words and answers exactly, scores
 and weights to 1e-5), each attention row must sum to 1 over the image's regions, and the boxes
 must be the stored ones.
@@ -22,11 +22,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
-from store.index import FeatureIndex
-from store.records import FeatureRecord
-from store.shards import ShardReaders
+from butd.service.app import create_app
+from butd.service.settings import Settings
+from butd.store.index import FeatureIndex
+from butd.store.records import FeatureRecord
+from butd.store.shards import ShardReaders
 from tests.heads_data import write_heads_dataset
 from tests.integration.test_gateway import WorkerProc, image_bytes, wait_ready
 from tests.redis_proc import RedisProcess
@@ -36,7 +36,7 @@ D = 256  # tests.tiny_weights: tiny_arch().feature_dim
 
 def _train_heads(root: Path) -> tuple[Path, Path]:
     """Synthetic features and annotations, then one tiny caption and one tiny VQA head."""
-    from service.cli.main import main
+    from butd.cli.main import main
 
     data = write_heads_dataset(root, dim=D, scenes=8)
     feats = data["features"]
@@ -136,7 +136,7 @@ def _check_regions(body: dict[str, Any], record: FeatureRecord) -> None:
 
 
 def test_caption_by_id_equals_inference_on_the_stored_record(stack: dict[str, Any]) -> None:
-    from heads.inference import caption, load_head
+    from butd.heads.inference import caption, load_head
 
     record, features = _uploaded(stack)
     resp = stack["client"].post("/v1/caption", params={"image_id": "pic", "namespace": "t"})
@@ -153,7 +153,7 @@ def test_caption_by_id_equals_inference_on_the_stored_record(stack: dict[str, An
 
 
 def test_vqa_by_id_equals_inference_on_the_stored_record(stack: dict[str, Any]) -> None:
-    from heads.inference import answer, load_head
+    from butd.heads.inference import answer, load_head
 
     record, _ = _uploaded(stack)
     question = "what color is the ball?"
@@ -188,8 +188,8 @@ def test_upload_is_extracted_then_captioned(stack: dict[str, Any]) -> None:
 def test_heads_server_answers_unavailable_and_missing_record(
     redis_url: str, tmp_path: Path
 ) -> None:
-    from workers.heads_protocol import HeadsRequest
-    from workers.heads_task import HeadsServer, LoadedHead
+    from butd.workers.heads_protocol import HeadsRequest
+    from butd.workers.heads_task import HeadsServer, LoadedHead
 
     fake = LoadedHead(model=None, meta={"task": "caption", "head": "updown"})
     server = HeadsServer(redis_url, tmp_path, {"caption": fake}, consumer="w1", record_wait_s=0.1)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import redis
 
-from store.compact import compact
-from store.index import FeatureIndex, reindex
-from store.records import FeatureRecord
-from store.shards import (
+from butd.store.compact import compact
+from butd.store.index import FeatureIndex, reindex
+from butd.store.records import FeatureRecord
+from butd.store.shards import (
     Alias,
     Location,
     ShardInfo,
@@ -198,7 +198,7 @@ def test_cli_store_reindex_compact_stats(
     import argparse
     import json
 
-    from service.cli import store as store_cli
+    from butd.cli import store as store_cli
 
     recs = [r for seed in range(3) for r in make_records(3, seed=seed, with_sha=True)]
     for start in range(0, len(recs), 3):

@@ -118,7 +118,7 @@ class Cluster:
             "BUTD_HEARTBEAT_TTL_S": "3",
             "BUTD_RECONNECT_MAX_S": "0.5",
         }
-        self.start(name, name, [sys.executable, "-m", "workers.worker"], **env)
+        self.start(name, name, [sys.executable, "-m", "butd.workers.worker"], **env)
 
     def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -140,7 +140,7 @@ class Cluster:
             "gateway",
             """
             import json
-            from workers import queue as q
+            from butd.workers import queue as q
             r = q.connect(__import__("os").environ["REDIS_URL"], socket_timeout=3)
             print(json.dumps(sorted(b.worker_id for b in q.live_workers(r) if b.loaded)))
             """,
@@ -194,7 +194,7 @@ SETUP = """
 import io, json
 import numpy as np
 import s3fs
-from detector.synth.scenes import SceneParams, render_scene, sample_scene
+from butd.detector.synth.scenes import SceneParams, render_scene, sample_scene
 fs = s3fs.S3FileSystem()
 for bucket in ("data", "feats"):
     if not fs.exists(bucket):
@@ -211,8 +211,8 @@ print(json.dumps(len(fs.find("data/{prefix}"))))
 COUNTS = """
 import collections, json, os
 import h5py, s3fs
-from store.index import FeatureIndex
-from workers import queue as q
+from butd.store.index import FeatureIndex
+from butd.workers import queue as q
 r = q.connect(os.environ["REDIS_URL"], socket_timeout=5)
 index = FeatureIndex(r)
 ids = [f"{{i:03d}}.jpg" for i in range({n})]
@@ -251,7 +251,7 @@ def _start(cluster: Cluster, weights: Path) -> None:
         "BUTD_ALLOWED_URLS": "s3://data",
         "BUTD_JOB_SHARD_SIZE": "10",
     }
-    serve = [sys.executable, "-m", "service.cli.main", "serve"]
+    serve = [sys.executable, "-m", "butd.cli.main", "serve"]
     cluster.start("gateway", "gateway", serve, **gateway_env)
     cluster.start_worker("w1", weights)
     cluster.start_worker("w2", weights)
@@ -262,8 +262,8 @@ def _pending_of(cluster: Cluster, consumer: str) -> int:
         "gateway",
         f"""
         import json, os
-        from workers import queue as q
-        from workers.protocol import GROUP, JOBS_STREAM
+        from butd.workers import queue as q
+        from butd.workers.protocol import GROUP, JOBS_STREAM
         r = q.connect(os.environ["REDIS_URL"], socket_timeout=3)
         mine = [c for c in r.xinfo_consumers(JOBS_STREAM, GROUP) if c["name"] == b"{consumer}"]
         print(json.dumps(mine[0]["pending"] if mine else 0))

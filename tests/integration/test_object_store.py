@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.encoding import decode_features
-from service.settings import Settings
-from store.readers import read_h5_ragged
+from butd.service.app import create_app
+from butd.service.encoding import decode_features
+from butd.service.settings import Settings
+from butd.store.readers import read_h5_ragged
+from butd.workers import queue as q
+from butd.workers.protocol import GROUP, JOBS_STREAM
 from tests.integration.test_worker_e2e import image_bytes, start_worker, tiny_weights
 from tests.redis_proc import free_port
 from tests.s3_server import S3Server, moto_available
-from workers import queue as q
-from workers.protocol import GROUP, JOBS_STREAM
 
 __all__ = ["start_worker", "tiny_weights"]  # fixtures used here
 
@@ -160,7 +160,7 @@ def test_job_over_s3_prefix_exports_to_bucket_and_second_gateway_reads_bucket_st
 
 
 def test_read_source_reads_an_object_url(s3_env: S3Server) -> None:
-    from workers.batcher import read_source
+    from butd.workers.batcher import read_source
 
     s3_env.make_bucket("src")
     _fs().pipe("src/a/b.png", image_bytes(3))
@@ -174,8 +174,8 @@ def test_an_unreachable_store_is_not_the_items_fault(monkeypatch: pytest.MonkeyP
     turn into an item failure (the entry stays pending and is retried), unlike a missing key."""
     import s3fs
 
-    from store.objects import ObjectStoreUnavailableError
-    from workers.batcher import read_source
+    from butd.store.objects import ObjectStoreUnavailableError
+    from butd.workers.batcher import read_source
 
     for key, value in {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nobody listens

@@ -1,4 +1,4 @@
-"""The pipelined worker (``workers.pipeline``) stores exactly what the sequential one stores.
+"""The pipelined worker (``butd.workers.pipeline``) stores exactly what the sequential one stores.
 
 An in-process worker (tiny random model, CPU, private redis-server) runs one job of real photos
 (``skimage.data``, JPEG-encoded at several sizes, so the batches mix resized shapes; with a
@@ -20,16 +20,16 @@ import redis
 from PIL import Image
 from skimage import data
 
-from store.h5 import FeatureFile
-from store.index import FeatureIndex
-from store.records import FeatureRecord
+from butd.store.h5 import FeatureFile
+from butd.store.index import FeatureIndex
+from butd.store.records import FeatureRecord
+from butd.workers import queue as q
+from butd.workers.pipeline import PipelinedProcessor
+from butd.workers.protocol import JOBS_STREAM, JobItem
+from butd.workers.settings import WorkerSettings
+from butd.workers.sink import StoreSink
+from butd.workers.worker import Worker
 from tests.integration.test_worker_e2e import client, tiny_weights  # noqa: F401
-from workers import queue as q
-from workers.pipeline import PipelinedProcessor
-from workers.protocol import JOBS_STREAM, JobItem
-from workers.settings import WorkerSettings
-from workers.sink import StoreSink
-from workers.worker import Worker
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "motorcycle")
 # The tiny model's scale (short side 96): real photos of these sizes resize to 5 shapes.
@@ -62,7 +62,7 @@ def write_job(directory: Path) -> list[JobItem]:
 
 @pytest.fixture(scope="module")
 def extractor(tiny_weights: Path) -> Any:  # noqa: F811
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     return Extractor.from_weights(tiny_weights, device="cpu", batch_size=3)
 

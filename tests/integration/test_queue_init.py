@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.cli.main import main
-from workers.protocol import GROUP, STREAMS
+from butd.cli.main import main
+from butd.workers.protocol import GROUP, STREAMS
 
 
 def test_queue_init_creates_the_groups_idempotently(redis_proc: Any) -> None:

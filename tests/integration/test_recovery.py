@@ -16,7 +16,9 @@ from pathlib import Path
 
 import redis
 
-from store.index import FeatureIndex
+from butd.store.index import FeatureIndex
+from butd.workers import queue as q
+from butd.workers.protocol import JOBS_STREAM, JobItem, JobShard
 from tests.integration.test_worker_e2e import (  # noqa: F401  (fixtures used by name)
     WorkerProc,
     client,
@@ -28,8 +30,6 @@ from tests.integration.test_worker_e2e import (  # noqa: F401  (fixtures used by
     wait_for,
 )
 from tests.redis_proc import RedisProcess
-from workers import queue as q
-from workers.protocol import JOBS_STREAM, JobItem, JobShard
 
 
 def assert_each_stored_once(

@@ -1,6 +1,6 @@
 """Slow clients are cut off: a trickled request head, a trickled body, too many connections.
 
-A real uvicorn server (``service.limits.uvicorn_limits``, as ``butd serve`` runs it) on a free
+A real uvicorn server (``butd.service.limits.uvicorn_limits``, as ``butd serve`` runs it) on a free
 port, the gateway on the test's private redis-server; no worker is needed (nothing here gets
 past reading the request). Waits are event-driven with generous bounds: each test only needs
 the server to act at some point, never within a tight time.
@@ -18,9 +18,9 @@ import httpx
 import pytest
 import uvicorn
 
-from service.app import create_app
-from service.limits import uvicorn_limits
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.limits import uvicorn_limits
+from butd.service.settings import Settings
 from tests.redis_proc import free_port
 
 GENEROUS_S = 60.0

@@ -24,12 +24,12 @@ import pytest
 import redis
 from PIL import Image
 
-from store.h5 import FeatureFile
-from store.index import FeatureIndex
-from store.records import FeatureRecord
-from store.shards import ShardReaders
-from workers import queue as q
-from workers.protocol import DLQ_STREAM, JOBS_STREAM, JobItem, OnlineRequest
+from butd.store.h5 import FeatureFile
+from butd.store.index import FeatureIndex
+from butd.store.records import FeatureRecord
+from butd.store.shards import ShardReaders
+from butd.workers import queue as q
+from butd.workers.protocol import DLQ_STREAM, JOBS_STREAM, JobItem, OnlineRequest
 
 REPO = Path(__file__).resolve().parents[2]
 # A smaller input and proposal budget than the tiny model's defaults: ~0.1 s per image on a
@@ -46,14 +46,14 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class WorkerProc:
-    """``python -m workers.worker`` as a child process, logging to a file."""
+    """``python -m butd.workers.worker`` as a child process, logging to a file."""
 
     def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (closed in wait/kill)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.worker"],
+            [sys.executable, "-m", "butd.workers.worker"],
             cwd=REPO,
             env=env,
             stdout=self._log,

@@ -18,8 +18,17 @@ from pathlib import Path
 import redis
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.settings import Settings
+from butd.workers import queue as q
+from butd.workers.protocol import (
+    DLQ_STREAM,
+    JOBS_STREAM,
+    ONLINE_STREAM,
+    Heartbeat,
+    JobItem,
+    OnlineRequest,
+)
 from tests.integration.test_worker_e2e import (  # noqa: F401  (fixtures used by name)
     WorkerProc,
     client,
@@ -28,15 +37,6 @@ from tests.integration.test_worker_e2e import (  # noqa: F401  (fixtures used by
     start_worker,
     tiny_weights,
     wait_for,
-)
-from workers import queue as q
-from workers.protocol import (
-    DLQ_STREAM,
-    JOBS_STREAM,
-    ONLINE_STREAM,
-    Heartbeat,
-    JobItem,
-    OnlineRequest,
 )
 
 NEVER_BY_IDLE = {"claim_idle_ms": 600_000}  # the idle-time reclaim cannot fire in a test

@@ -6,9 +6,9 @@ import time
 
 import redis
 
-from workers import queue as q
-from workers.janitor import Janitor
-from workers.protocol import (
+from butd.workers import queue as q
+from butd.workers.janitor import Janitor
+from butd.workers.protocol import (
     DLQ_STREAM,
     JOBS_STREAM,
     ONLINE_STREAM,

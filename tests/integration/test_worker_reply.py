@@ -17,8 +17,14 @@ from typing import Any
 import pytest
 import redis
 
-from store.index import FeatureIndex
-from store.shards import ShardReaders
+from butd.store.index import FeatureIndex
+from butd.store.shards import ShardReaders
+from butd.workers import queue as q
+from butd.workers.protocol import ONLINE_STREAM, OnlineRequest
+from butd.workers.settings import WorkerSettings
+from butd.workers.sink import StoreSink
+from butd.workers.wire import ModelMeta
+from butd.workers.worker import Worker
 from tests.integration.test_worker_e2e import (  # noqa: F401  (fixture used by name)
     FAST_EXTRACTION,
     assert_same_record,
@@ -27,12 +33,6 @@ from tests.integration.test_worker_e2e import (  # noqa: F401  (fixture used by 
     stored_rows,
     tiny_weights,
 )
-from workers import queue as q
-from workers.protocol import ONLINE_STREAM, OnlineRequest
-from workers.settings import WorkerSettings
-from workers.sink import StoreSink
-from workers.wire import ModelMeta
-from workers.worker import Worker
 
 
 class Killed(BaseException):
@@ -45,7 +45,7 @@ def kill() -> None:
 
 @pytest.fixture(scope="module")
 def extractor(tiny_weights: Path) -> Any:  # noqa: F811
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     return Extractor.from_weights(tiny_weights, device="cpu", **FAST_EXTRACTION)
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import redis
 
-from store.h5 import FeatureFile
-from store.index import FeatureIndex, reindex
-from store.records import FeatureRecord
-from store.shards import list_shards, read_aliases
+from butd.store.h5 import FeatureFile
+from butd.store.index import FeatureIndex, reindex
+from butd.store.records import FeatureRecord
+from butd.store.shards import list_shards, read_aliases
+from butd.workers import queue as q
+from butd.workers.batcher import StoredItem
+from butd.workers.sink import StoreSink
 from tests.redis_proc import RedisProcess
-from workers import queue as q
-from workers.batcher import StoredItem
-from workers.sink import StoreSink
 
 META = {"objects_vocab": ["a"], "attributes_vocab": ["b"], "feature_dim": 4}
 

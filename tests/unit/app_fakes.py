@@ -1,4 +1,4 @@
-"""In-memory stand-ins for the gateway's Queue and FeatureStore (service.backend protocols).
+"""In-memory stand-ins for the gateway's Queue and FeatureStore (butd.service.backend protocols).
 
 ``FakeQueue`` answers an online request by calling ``worker(request, data)``, which plays the
 worker: it may store a record in the ``FakeStore`` and return an ``OnlineResult`` (or None to
@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from service.backend import RequestClaim, StoredRecord
-from store.records import FeatureRecord
-from workers.heads_protocol import HeadsRequest, HeadsResult
-from workers.protocol import (
+from butd.service.backend import RequestClaim, StoredRecord
+from butd.store.records import FeatureRecord
+from butd.workers.heads_protocol import HeadsRequest, HeadsResult
+from butd.workers.protocol import (
     ExtractOptions,
     Heartbeat,
     JobItem,
@@ -27,7 +27,7 @@ from workers.protocol import (
     OnlineRequest,
     OnlineResult,
 )
-from workers.wire import ModelMeta
+from butd.workers.wire import ModelMeta
 
 MODEL_VERSION = "mv0000000000test"
 OBJECTS = ("cat", "dog", "tree", "sky")

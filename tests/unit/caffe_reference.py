@@ -52,7 +52,7 @@ def caffe_proposals(
 ) -> np.ndarray:
     """NumPy port of Caffe's proposal_layer.py for one image.
 
-    Test mode by default. The project's training recipe (``detector.train.step``) is the same
+    Test mode by default. The project's training recipe (``butd.detector.train.step``) is the same
     layer with ``clamp`` on dw/dh (log(1000/16)) and ``nms_flavour="torchvision"`` (no +1
     areas, suppression only at IoU > thresh).
     """

@@ -3,7 +3,7 @@
 Builders for the three published PyTorch formats (seeded random values), a canonical random
 state dict for any ArchConfig, and ``expected_canonical``: what a correct converter must
 produce from a source checkpoint. Everything here is written from the reference tables, not
-from ``detector.weights`` code, so the converter tests compare against an independent
+from ``butd.detector.weights`` code, so the converter tests compare against an independent
 computation (index lists built from the anchor (size, ratio) pairs, explicit row moves).
 
 Sizes: the default ArchConfig gives the full ResNet-101 (about 65.6M floats, 262 MB float32).
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.config import ArchConfig, Conventions
+from butd.detector.config import ArchConfig, Conventions
 
 AIRSPLAY_SIZES = (64.0, 128.0, 256.0, 512.0)
 MILVLG_SIZES = (4.0, 8.0, 16.0, 32.0)
@@ -151,7 +151,7 @@ def milvlg_checkpoint(arch: ArchConfig | None = None, seed: int = 2) -> dict[str
 
 
 # ---------------------------------------------------------------------------------------------
-# What a correct conversion produces (independent of detector.weights)
+# What a correct conversion produces (independent of butd.detector.weights)
 
 
 def canonical_resnet_name(src: str) -> str:
@@ -254,7 +254,7 @@ def random_canonical_state_dict(
     Returns:
         ``{canonical key: float32 tensor}``; ``rpn.cell_anchors`` are Caffe's (A must be 12).
     """
-    from detector.weights import canonical_shapes
+    from butd.detector.weights import canonical_shapes
 
     gen = torch.Generator().manual_seed(seed)
     out = {}

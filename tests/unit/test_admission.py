@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.admission import admission
-from service.app import create_app
-from service.budget import BudgetTimeoutError, PixelBudget
-from service.settings import Settings
+from butd.service.admission import admission
+from butd.service.app import create_app
+from butd.service.budget import BudgetTimeoutError, PixelBudget
+from butd.service.settings import Settings
+from butd.workers.batcher import Outcome, Task
+from butd.workers.protocol import ExtractOptions, Heartbeat
+from butd.workers.queue import Entry
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
-from workers.batcher import Outcome, Task
-from workers.protocol import ExtractOptions, Heartbeat
-from workers.queue import Entry
 
 
 def beat(spi: float, **changes: object) -> Heartbeat:
@@ -134,8 +134,8 @@ def test_a_stuck_worker_is_not_ready_and_not_admitted(
 
 
 def test_the_worker_measures_seconds_per_image_and_its_loop_progress() -> None:
-    from workers.handlers import Counters
-    from workers.protocol import Heartbeat as Beat
+    from butd.workers.handlers import Counters
+    from butd.workers.protocol import Heartbeat as Beat
 
     counters = Counters()
     before = counters.progress_at

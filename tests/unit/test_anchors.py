@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.anchors import (
+from butd.detector.anchors import (
     caffe_cell_anchors,
     detectron2_cell_anchors,
     grid_anchors,

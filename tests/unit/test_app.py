@@ -17,9 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.numpy import load as safetensors_load
 
-from service.app import create_app
-from service.encoding import decode_features
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.encoding import decode_features
+from butd.service.settings import Settings
+from butd.workers.protocol import OnlineRequest, OnlineResult
 from tests.unit.app_fakes import (
     MODEL_VERSION,
     OBJECTS,
@@ -28,7 +29,6 @@ from tests.unit.app_fakes import (
     make_record,
     png_bytes,
 )
-from workers.protocol import OnlineRequest, OnlineResult
 
 
 @pytest.fixture

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from butd.cli import jobs as jobs_cli
+from butd.cli import summaries
+from butd.cli.main import main as cli_main
 from butd.client import ButdError, Client, to_record
-from service.app import create_app
-from service.cli import jobs as jobs_cli
-from service.cli import summaries
-from service.cli.main import main as cli_main
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.settings import Settings
 from tests.unit.app_fakes import FakeQueue, FakeStore, make_record, png_bytes
 
 

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
-from store import ids
+from butd.service.app import create_app
+from butd.service.settings import Settings
+from butd.store import ids
+from butd.workers.protocol import JobStatus
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
-from workers.protocol import JobStatus
 
 
 @pytest.fixture

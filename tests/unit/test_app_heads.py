@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.settings import Settings
+from butd.workers.heads_protocol import HeadsRequest, HeadsResult
 from tests.unit.app_fakes import MODEL_VERSION, FakeQueue, FakeStore, make_record, png_bytes
-from workers.heads_protocol import HeadsRequest, HeadsResult
 
 SHA = "ab" * 32
 
@@ -162,7 +162,7 @@ def test_worker_answers_are_mapped(
 def test_client_caption_and_answer_by_id_hash_and_upload(
     client: TestClient, queue: FakeQueue
 ) -> None:
-    from service.client import ButdError, Client
+    from butd.client import ButdError, Client
 
     with Client("http://testserver", transport=client._transport) as c:
         cap = c.caption("img1", beam_size=2)
@@ -188,9 +188,9 @@ def test_cli_caption_and_answer_ask_the_gateway(
 ) -> None:
     import json
 
-    from service.cli import heads as cli
-    from service.cli.main import main
-    from service.client import Client
+    from butd.cli import heads as cli
+    from butd.cli.main import main
+    from butd.client import Client
 
     def gateway(args: object) -> Client:
         return Client("http://testserver", transport=client._transport)
@@ -209,8 +209,8 @@ def test_cli_caption_and_answer_ask_the_gateway(
 
 
 def test_heads_protocol_round_trips_and_rejects_malformed_entries() -> None:
-    from workers.heads_protocol import HeadsRequest, HeadsResult
-    from workers.protocol import Heartbeat, ProtocolError
+    from butd.workers.heads_protocol import HeadsRequest, HeadsResult
+    from butd.workers.protocol import Heartbeat, ProtocolError
 
     req = HeadsRequest("r1", "vqa", "mv", SHA, question="why?", top=3, deadline_ms=5)
     fields = {k.encode(): v.encode() for k, v in req.to_fields().items()}

@@ -10,13 +10,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = (
-    "service.app",
-    "service.adapters",
-    "service.client",
+    "butd.service.app",
+    "butd.service.adapters",
     "butd.client",
-    "service.cli.serve",
-    "service.cli.jobs",
-    "service.embedded",
+    "butd.client",
+    "butd.cli.serve",
+    "butd.cli.jobs",
+    "butd.service.embedded",
 )
 
 
@@ -36,7 +36,8 @@ def test_module_does_not_import_torch(module: str) -> None:
 
 def test_create_app_does_not_import_torch(tmp_path: Path) -> None:
     code = (
-        "import sys; from service.app import create_app; from service.settings import Settings; "
+        "import sys; from butd.service.app import create_app; "
+        "from butd.service.settings import Settings; "
         f"create_app(Settings(store_dir={str(tmp_path)!r}, redis_url='redis://x')); "
         "print('torch' in sys.modules)"
     )

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from service import datasets
-from service.app import create_app
-from service.errors import PathNotAllowedError
-from service.settings import Settings
+from butd.service import datasets
+from butd.service.app import create_app
+from butd.service.errors import PathNotAllowedError
+from butd.service.settings import Settings
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.config import ExtractionConfig
-from store.records import FeatureRecord
-from workers.batcher import (
+from butd.detector.config import ExtractionConfig
+from butd.store.records import FeatureRecord
+from butd.workers.batcher import (
     Processor,
     StoredItem,
     Task,
@@ -26,9 +26,9 @@ from workers.batcher import (
     tasks_from_online,
     tasks_from_shard,
 )
-from workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
-from workers.queue import Entry
-from workers.sealer import Sealer
+from butd.workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
+from butd.workers.queue import Entry
+from butd.workers.sealer import Sealer
 
 
 def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
@@ -40,7 +40,7 @@ def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
 
 
 class FakeExtractor:
-    """Same interface as detector.extractor.Extractor; records every call."""
+    """Same interface as butd.detector.extractor.Extractor; records every call."""
 
     def __init__(self, fail_ids: Sequence[str] = ()) -> None:
         self.config = ExtractionConfig()

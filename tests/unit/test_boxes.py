@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from detector.boxes import (
+from butd.detector.boxes import (
     box_area,
     box_iou,
     clip_boxes,

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from service.cli.main import main
-from store.h5 import FeatureFile
+from butd.cli.main import main
+from butd.store.h5 import FeatureFile
 from tests.tiny_weights import make_tiny_weights
 
 

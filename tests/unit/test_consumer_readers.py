@@ -39,10 +39,10 @@ import h5py
 import numpy as np
 import pytest
 
-from store.exporters import EXPORTERS
-from store.h5 import FeatureFile
-from store.h5_writer import write_feature_file
-from store.records import FeatureRecord
+from butd.store.exporters import EXPORTERS
+from butd.store.h5 import FeatureFile
+from butd.store.h5_writer import write_feature_file
+from butd.store.records import FeatureRecord
 from tests.unit.test_h5 import make_records, meta
 
 COCO_IDS = (42, 73, 9, 581929, 1000000)

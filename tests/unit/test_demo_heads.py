@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heads.demo import DEMO_NOTE, demo_head
-from heads.inference import answer, caption, load_head
-from heads.synth import COLORS
+from butd.heads.demo import DEMO_NOTE, demo_head
+from butd.heads.inference import answer, caption, load_head
+from butd.heads.synth import COLORS
 
 torch.set_num_threads(1)
 
@@ -20,9 +20,9 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, object]]:
     """A held-out scene (seed 99, not the training seed 3) and the demo detector's record."""
-    from detector.extractor import Extractor
-    from detector.synth import write_synthetic_set
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.detector.synth import write_synthetic_set
+    from butd.store.images import decode_image
 
     root = tmp_path_factory.mktemp("scene")
     write_synthetic_set(root, 1, seed=99)
@@ -56,7 +56,7 @@ def test_demo_caption_and_answer_on_an_unseen_scene(scene) -> None:
 
 
 def test_show_attention_uses_the_demo_captioner_by_default(scene, tmp_path: Path, capsys) -> None:
-    from service.cli.main import main
+    from butd.cli.main import main
 
     _, _, image = scene
     out = tmp_path / "attention.png"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.evaluate import write_csv
-from detector.train.metrics import (
+from butd.detector.evaluate import write_csv
+from butd.detector.train.metrics import (
     GroundTruth,
     ImageDetections,
     average_precision,
@@ -121,8 +121,8 @@ def test_packaged_demo_model_detects_fresh_scenes(
 
     import torch
 
-    from detector.synth import write_synthetic_set
-    from service.cli import train as cli
+    from butd.cli import train as cli
+    from butd.detector.synth import write_synthetic_set
 
     weights = Path(__file__).parents[2] / "detector/weights/demo/butd-demo.safetensors"
     data = write_synthetic_set(tmp_path / "scenes", 12, 99).out

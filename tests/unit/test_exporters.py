@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import pytest
 
-from store.export_npz import npz_name
-from store.exporters import (
+from butd.store.export_npz import npz_name
+from butd.store.exporters import (
     EXPORTERS,
     export_h5_dense,
     export_h5_ragged,
@@ -22,9 +22,9 @@ from store.exporters import (
     export_tsv,
     imgid2idx_path,
 )
-from store.h5 import FeatureFile
-from store.h5_writer import write_feature_file
-from store.readers import (
+from butd.store.h5 import FeatureFile
+from butd.store.h5_writer import write_feature_file
+from butd.store.readers import (
     read_h5_dense,
     read_h5_ragged,
     read_imgid2idx,
@@ -32,7 +32,7 @@ from store.readers import (
     read_npz_dir,
     read_tsv,
 )
-from store.records import FeatureRecord
+from butd.store.records import FeatureRecord
 from tests.unit.test_h5 import MV, make_records, meta
 
 LABELS = ("objects_id", "objects_conf", "attrs_id", "attrs_conf")
@@ -217,7 +217,7 @@ def test_integer_ids_give_int_keys(tmp_path: Path) -> None:
 
 
 def test_int_keys_refuse_ids_without_an_integer_and_collisions(tmp_path: Path) -> None:
-    from store.image_ids import ImageIdError
+    from butd.store.image_ids import ImageIdError
 
     for ids, bad in ((["1", "a.jpg"], "'a.jpg'"), (["42", "042"], "'042'")):
         recs = [replace(r, image_id=i) for r, i in zip(make_records(2), ids, strict=True)]
@@ -234,7 +234,7 @@ def test_int_keys_refuse_ids_without_an_integer_and_collisions(tmp_path: Path) -
 
 
 def test_h5_dense_refuses_adaptive_files_unless_allowed(tmp_path: Path, source, caplog) -> None:
-    from store.exporters import PaddingError
+    from butd.store.exporters import PaddingError
 
     path, recs = source
     out = tmp_path / "d.h5"
@@ -259,7 +259,7 @@ def test_registry_names() -> None:
 def test_cli_export_every_format(tmp_path: Path, source) -> None:
     import argparse
 
-    from service.cli import export
+    from butd.cli import export
 
     path, recs = source
     parser = argparse.ArgumentParser()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from skimage import data
 
-from detector.extractor import Extractor
+from butd.detector.extractor import Extractor
 from tests.tiny_weights import random_detector
 from tests.unit.caffe_reference import caffe_proposals
 from tests.unit.reference_nms import reference_select
@@ -184,7 +184,7 @@ def test_extract_with_boxes_uses_the_given_boxes(extractor) -> None:
     given = np.array([[10, 12, 90, 100], [0, 0, 239, 159], [120.5, 30.25, 200, 150]], np.float32)
     record = extractor.extract_with_boxes(image, given, "gt")
     np.testing.assert_array_equal(record.boxes, given)
-    from detector.preprocess import prepare
+    from butd.detector.preprocess import prepare
 
     prepared = prepare(image, extractor.config)
     rois = torch.cat([torch.zeros(3, 1), torch.from_numpy(given) * prepared.scale], dim=1)

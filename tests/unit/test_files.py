@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from workers.batcher import Task, load_task
-from workers.files import (
+from butd.workers.batcher import Task, load_task
+from butd.workers.files import (
     FileTooLargeError,
     NotRegularFileError,
     ReadLimits,
@@ -22,8 +22,8 @@ from workers.files import (
     read_file,
     read_member,
 )
-from workers.protocol import ExtractOptions
-from workers.queue import Entry
+from butd.workers.protocol import ExtractOptions
+from butd.workers.queue import Entry
 
 LIMITS = ReadLimits(timeout_s=5.0, max_bytes=1000)
 

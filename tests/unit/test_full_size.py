@@ -13,8 +13,8 @@ import pytest
 import torch
 from skimage import data
 
-from detector.config import ExtractionConfig, ModelSpec
-from detector.extractor import Extractor
+from butd.detector.config import ExtractionConfig, ModelSpec
+from butd.detector.extractor import Extractor
 from tests.tiny_weights import random_detector
 
 pytestmark = pytest.mark.slow

@@ -17,16 +17,16 @@ import numpy as np
 import pytest
 import torch
 
-from detector.config import ExtractionConfig, model_version
-from detector.extractor import Extractor
-from store.exporters import EXPORTERS
-from store.grid_export import export_h5_grid, grid_key
-from store.h5 import FeatureFile, FeatureFileError
-from store.h5_writer import FeatureFileWriter, write_feature_file
-from store.records import FeatureRecord, RecordError
+from butd.detector.config import ExtractionConfig, model_version
+from butd.detector.extractor import Extractor
+from butd.store.exporters import EXPORTERS
+from butd.store.grid_export import export_h5_grid, grid_key
+from butd.store.h5 import FeatureFile, FeatureFileError
+from butd.store.h5_writer import FeatureFileWriter, write_feature_file
+from butd.store.records import FeatureRecord, RecordError
+from butd.workers.protocol import OnlineResult
+from butd.workers.wire import decode_result, encode_result, stored_form
 from tests.tiny_weights import random_detector
-from workers.protocol import OnlineResult
-from workers.wire import decode_result, encode_result, stored_form
 
 torch.set_num_threads(2)
 G = 3
@@ -63,7 +63,7 @@ def test_grid_equals_res5_over_res4_pooled_by_hand(model: torch.nn.Module) -> No
     ext = extractor(model, G)
     image = images()[2]
     (rec,) = ext.extract([image], ["c"])
-    from detector.preprocess import prepare
+    from butd.detector.preprocess import prepare
 
     prepared = prepare(image, ext.config)
     with torch.no_grad():

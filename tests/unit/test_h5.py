@@ -9,9 +9,9 @@ import h5py
 import numpy as np
 import pytest
 
-from store.h5 import FeatureFile, FeatureFileError
-from store.h5_writer import FeatureFileWriter, write_feature_file
-from store.records import FeatureRecord
+from butd.store.h5 import FeatureFile, FeatureFileError
+from butd.store.h5_writer import FeatureFileWriter, write_feature_file
+from butd.store.records import FeatureRecord
 
 MV = "mv-test-1"
 VOCAB_O = [f"obj{i}" for i in range(16)]

@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from heads.data import build_answer_set, read_coco_captions, read_karpathy, read_vqa, vqa_examples
-from heads.visualise import attention_panels
-from heads.vocab import EOS, PAD, Vocabulary, left_pad, pad_captions, tokenize_question
+from butd.heads.data import (
+    build_answer_set,
+    read_coco_captions,
+    read_karpathy,
+    read_vqa,
+    vqa_examples,
+)
+from butd.heads.visualise import attention_panels
+from butd.heads.vocab import EOS, PAD, Vocabulary, left_pad, pad_captions, tokenize_question
 from tests.heads_data import run_heads_cli, write_heads_dataset
 
 torch.set_num_threads(1)
@@ -138,8 +144,8 @@ def test_caption_training_phases_and_penalty(
 ) -> None:
     """--sentinel-warmup splits an adaptive run into (until, sentinel on) phases; --ds-lambda
     reaches SAT's loss; the checkpoint meta records both."""
-    from heads import cli_train
-    from heads.captioners import AdaptiveCore
+    from butd.heads import cli_train
+    from butd.heads.captioners import AdaptiveCore
 
     seen: list[tuple[int, bool, float]] = []
 
@@ -174,7 +180,7 @@ def test_train_device_reaches_model_examples_and_regions(
 ) -> None:
     """--device moves the head and the examples and makes FileRegions pad batches there
     (PyTorch's shape-only ``meta`` device stands in for a GPU here; tests/gpu trains on CUDA)."""
-    from heads import cli_train
+    from butd.heads import cli_train
 
     seen: dict[str, str] = {}
     real_regions = cli_train.FileRegions

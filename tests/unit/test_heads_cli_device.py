@@ -1,4 +1,5 @@
-"""``butd caption`` / ``butd answer --device``: the option reaches ``heads.inference.load_head``.
+"""``butd caption`` / ``butd answer --device``: the option reaches
+``butd.heads.inference.load_head``.
 
 A spy stands in for ``load_head``: it records the device it was asked for, then loads the
 checkpoint on the CPU (no GPU needed), so the command still prints a real caption / answers.
@@ -13,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-import heads.inference
-from store.h5_writer import write_feature_file
+import butd.heads.inference as inference
+from butd.store.h5_writer import write_feature_file
 from tests.head_checkpoints import DIM, scene_record, write_head
 from tests.heads_data import run_heads_cli
 
@@ -24,14 +25,14 @@ torch.set_num_threads(1)
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Devices ``load_head`` was called with, in order."""
-    real = heads.inference.load_head
+    real = inference.load_head
     devices: list[Any] = []
 
     def load_head(path: str | Path, device: Any = "cpu") -> Any:
         devices.append(device)
         return real(path, device="cpu")
 
-    monkeypatch.setattr(heads.inference, "load_head", load_head)
+    monkeypatch.setattr(inference, "load_head", load_head)
     return devices
 
 

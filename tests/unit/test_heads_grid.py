@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from heads.captioners import CaptionerConfig
-from heads.cbam import CBAM, GridCBAM, grid_cbam
-from heads.decoding import Captioner
-from heads.regions import RegionBatch
-from heads.vqa import UpDownVQA, VQAConfig
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.cbam import CBAM, GridCBAM, grid_cbam
+from butd.heads.decoding import Captioner
+from butd.heads.regions import RegionBatch
+from butd.heads.vqa import UpDownVQA, VQAConfig
 
 torch.set_num_threads(1)
 

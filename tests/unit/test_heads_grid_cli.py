@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from heads.inference import caption, load_head
-from heads.regions import grid_as_regions
-from heads.synth import GRID, SynthWorld, grid_scene
+from butd.heads.inference import caption, load_head
+from butd.heads.regions import grid_as_regions
+from butd.heads.synth import GRID, SynthWorld, grid_scene
 from tests.heads_data import run_heads_cli, write_heads_dataset
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""heads.inference on an explicit device: the head is moved there and its inputs built there.
+"""butd.heads.inference on an explicit device: the head is moved there and its inputs built there.
 
 Without a GPU, "on the head's device" is checked two ways: an explicit CPU device gives
 exactly the default path's and an independent re-computation's outputs, and a stand-in head
@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from heads.decoding import Decoded
-from heads.inference import answer, caption, head_device, load_head
-from heads.regions import RegionBatch, collate_records
-from heads.vocab import EOS, Vocabulary, left_pad, tokenize_question
+from butd.heads.decoding import Decoded
+from butd.heads.inference import answer, caption, head_device, load_head
+from butd.heads.regions import RegionBatch, collate_records
+from butd.heads.vocab import EOS, Vocabulary, left_pad, tokenize_question
+from butd.workers.heads_task import load_heads
 from tests.head_checkpoints import ANSWERS, WORDS, scene_record, write_head
-from workers.heads_task import load_heads
 
 torch.set_num_threads(1)
 QUESTION = "what color is the circle?"

@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 import torch
 
-from heads.benchmark import (
+from butd.heads.benchmark import (
     caption_diagnostics,
     caption_model,
     caption_task,
@@ -21,12 +21,12 @@ from heads.benchmark import (
     vqa_model,
     vqa_task,
 )
-from heads.captioners import AdaptiveCore, CaptionerConfig
-from heads.decoding import Captioner
-from heads.objectives import caption_batch_loss, caption_xe_loss, vqa_loss
-from heads.regions import RegionBatch
-from heads.synth import COLORS, SHAPES
-from heads.train import TrainSettings, fit
+from butd.heads.captioners import AdaptiveCore, CaptionerConfig
+from butd.heads.decoding import Captioner
+from butd.heads.objectives import caption_batch_loss, caption_xe_loss, vqa_loss
+from butd.heads.regions import RegionBatch
+from butd.heads.synth import COLORS, SHAPES
+from butd.heads.train import TrainSettings, fit
 
 torch.set_num_threads(1)
 

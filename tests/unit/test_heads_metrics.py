@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from heads.metrics import evaluate as caption_eval
-from heads.metrics.captions import CiderD, bleu, cider_d, rouge_l
-from heads.metrics.vqa_accuracy import (
+from butd.heads.metrics import evaluate as caption_eval
+from butd.heads.metrics.captions import CiderD, bleu, cider_d, rouge_l
+from butd.heads.metrics.vqa_accuracy import (
     evaluate_vqa,
     normalize_answer,
     soft_score,

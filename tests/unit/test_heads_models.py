@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.ban import BAN, BANConfig
-from heads.captioners import CaptionerConfig
-from heads.decoding import Captioner
-from heads.layers import GatedTanh
-from heads.regions import RegionBatch
-from heads.vocab import EOS, PAD
-from heads.vqa import UpDownVQA, VQAConfig
+from butd.heads.ban import BAN, BANConfig
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.decoding import Captioner
+from butd.heads.layers import GatedTanh
+from butd.heads.regions import RegionBatch
+from butd.heads.vocab import EOS, PAD
+from butd.heads.vqa import UpDownVQA, VQAConfig
 
 torch.set_num_threads(1)
 D, V = 24, 30

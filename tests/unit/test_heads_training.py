@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from heads.captioners import CaptionerConfig
-from heads.counter import Counter
-from heads.decoding import Captioner
-from heads.metrics.captions import CiderD
-from heads.objectives import caption_xe_loss, doubly_stochastic_penalty, scst_loss
-from heads.regions import RegionBatch
-from heads.train import TrainSettings, fit, lr_factor
-from heads.vocab import PAD, Vocabulary
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.counter import Counter
+from butd.heads.decoding import Captioner
+from butd.heads.metrics.captions import CiderD
+from butd.heads.objectives import caption_xe_loss, doubly_stochastic_penalty, scst_loss
+from butd.heads.regions import RegionBatch
+from butd.heads.train import TrainSettings, fit, lr_factor
+from butd.heads.vocab import PAD, Vocabulary
 
 torch.set_num_threads(1)
 

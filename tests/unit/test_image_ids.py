@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.cli.main import main
-from store.h5 import FeatureFile
-from store.h5_writer import write_feature_file
-from store.image_ids import IdPolicy, ImageIdError, coco_parts, consumer_keys, join_ids
-from store.readers import read_lxmert_tsv, read_tsv
+from butd.cli.main import main
+from butd.store.h5 import FeatureFile
+from butd.store.h5_writer import write_feature_file
+from butd.store.image_ids import IdPolicy, ImageIdError, coco_parts, consumer_keys, join_ids
+from butd.store.readers import read_lxmert_tsv, read_tsv
 from tests.heads_data import run_heads_cli
 from tests.tiny_weights import make_tiny_weights
 from tests.unit.test_h5 import make_records, meta
@@ -117,7 +117,7 @@ def test_export_refusal_names_rule_id_and_fix(tmp_path: Path, capsys) -> None:
 
 def _heads_files(root: Path, ids: list[str], annotation_ids: list[int]) -> Path:
     """A feature file under ``ids`` and COCO captions / VQA files keyed by the integers."""
-    from heads.synth import SynthWorld, make_scenes, scene_captions
+    from butd.heads.synth import SynthWorld, make_scenes, scene_captions
 
     scenes = make_scenes(SynthWorld(16, seed=0), len(ids), seed=1, max_objects=2)
     recs = [replace(s.record, image_id=i, extra={}) for s, i in zip(scenes, ids, strict=True)]
@@ -166,7 +166,7 @@ def test_heads_train_without_any_match_stops_with_a_message(tmp_path: Path) -> N
 
 
 def test_batch_job_items_follow_the_rule(tmp_path: Path) -> None:
-    from service.datasets import expand
+    from butd.service.datasets import expand
 
     root = tmp_path / "val2014"
     root.mkdir()

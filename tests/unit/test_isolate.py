@@ -7,8 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from butd.workers.batcher import Processor, StoredItem, load_task
 from tests.unit.test_batcher import FakeExtractor, FakeSink, png_bytes, task
-from workers.batcher import Processor, StoredItem, load_task
 
 
 class PickySink(FakeSink):

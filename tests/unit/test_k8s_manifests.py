@@ -5,8 +5,8 @@ objects are validated against the Kubernetes schemas shipped by ``kubernetes-val
 (strict: unknown fields fail), the ScaledObject against KEDA's own CRD schema (v2.20.2, the
 version the manifests are written for, vendored in tests/data/keda; unknown fields fail too).
 The wiring checks take their expectations from the code: stream and group names from
-``workers.protocol``, probe paths from the gateway's routes, env names from the settings classes,
-commands from the ``butd`` parser.
+``butd.workers.protocol``, probe paths from the gateway's routes, env names from the settings
+classes, commands from the ``butd`` parser.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic_settings import BaseSettings
 
-from service.app import create_app
-from service.cli.main import build_parser
-from service.settings import Settings
+from butd.cli.main import build_parser
+from butd.service.app import create_app
+from butd.service.settings import Settings
+from butd.workers.protocol import GROUP, JOBS_STREAM, STREAMS
+from butd.workers.settings import WorkerSettings
 from tests.unit.app_fakes import FakeQueue, FakeStore
-from workers.protocol import GROUP, JOBS_STREAM, STREAMS
-from workers.settings import WorkerSettings
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
@@ -189,7 +189,7 @@ def test_queue_init_job_creates_the_groups() -> None:
     job = find(render("gpu"), "Job", "butd-queue-init")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     args = build_parser().parse_args(container["command"][1:])
-    assert args.handler.__module__ == "service.cli.queue"
+    assert args.handler.__module__ == "butd.cli.queue"
 
 
 # --- wiring: probes, env, commands, volumes ------------------------------------------------------

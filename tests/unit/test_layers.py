@@ -23,29 +23,51 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("butd", "detector", "heads", "service", "store", "workers")
+# Import name -> repository folder (pyproject.toml [tool.setuptools] package-dir).
+FOLDERS = {
+    "butd": "butd",
+    "butd.detector": "detector",
+    "butd.heads": "heads",
+    "butd.service": "service",
+    "butd.store": "store",
+    "butd.workers": "workers",
+}
 TORCH = {"torch", "torchvision"}
-# Layer -> top-level names it must never import. The command line (``service.cli``) is the
-# composition root and may import every layer; the rest of ``service`` is the gateway.
+# The pre-rename top-level names: nothing may import them (they are not installed).
+OLD_NAMES = {"detector", "heads", "service", "store", "workers"}
+# Layer -> packages it must never import. The command line (``butd.cli``) is the composition
+# root and may import every layer; ``butd.service`` is the gateway; ``butd.client`` is the
+# HTTP client (the wire format from the gateway, records from the store).
+_ABOVE_STORE = {"butd.detector", "butd.workers", "butd.service", "butd.heads", "butd.cli"}
 FORBIDDEN = {
-    "store": TORCH | {"detector", "workers", "service", "heads", "butd"},
-    "detector": {"workers", "service", "heads", "butd"},
-    "heads": {"service", "workers", "detector", "butd"},
-    "workers": {"service", "butd"},
-    "gateway": TORCH | {"detector", "heads"},
+    "store": TORCH | _ABOVE_STORE | {"butd.client"},
+    "detector": {"butd.workers", "butd.service", "butd.heads", "butd.cli", "butd.client"},
+    "heads": {"butd.service", "butd.workers", "butd.detector", "butd.cli", "butd.client"},
+    "workers": {"butd.service", "butd.cli", "butd.client"},
+    "gateway": TORCH | {"butd.detector", "butd.heads", "butd.cli", "butd.client"},
+    "client": TORCH | {"butd.detector", "butd.heads", "butd.workers", "butd.cli"},
 }
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+    """The import name of a repository file (``service/app.py`` -> ``butd.service.app``)."""
+    rel = path.relative_to(root)
+    package = next(n for n, folder in FOLDERS.items() if rel.parts[0] == folder)
+    parts = [*package.split("."), *rel.with_suffix("").parts[1:]]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def layer_of(module: str) -> str:
-    top = module.split(".")[0]
-    if top == "service" and not module.startswith("service.cli"):
-        return "gateway"
-    return top
+    """``butd.store.h5`` -> ``store``; ``butd.service.*`` -> ``gateway``; ``butd`` -> ``butd``."""
+    parts = module.split(".")
+    if parts[0] != "butd":
+        return parts[0]
+    second = parts[1] if len(parts) > 1 else "butd"
+    return {"service": "gateway"}.get(second, second)
+
+
+def _banned(name: str, banned: set[str]) -> bool:
+    return any(name == b or name.startswith(f"{b}.") for b in banned)
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -105,8 +127,8 @@ def imported_names(
 def repository_modules(root: Path = ROOT) -> dict[str, Path]:
     return {
         module_name(path, root): path
-        for package in PACKAGES
-        for path in sorted((root / package).rglob("*.py"))
+        for folder in FOLDERS.values()
+        for path in sorted((root / folder).rglob("*.py"))
     }
 
 
@@ -127,8 +149,8 @@ def import_graph(*, typing: bool, lazy: bool = True, root: Path = ROOT) -> dict[
 def forbidden_arrows(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for module, names in sorted(graph.items()):
-        banned = FORBIDDEN.get(layer_of(module), set())
-        bad.extend(f"{module} -> {n}" for n in sorted(names) if n.split(".")[0] in banned)
+        banned = FORBIDDEN.get(layer_of(module), set()) | OLD_NAMES
+        bad.extend(f"{module} -> {n}" for n in sorted(names) if _banned(n, banned))
     return bad
 
 
@@ -159,30 +181,45 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_module_names_follow_the_package_dir_mapping() -> None:
+    assert module_name(ROOT / "service" / "app.py") == "butd.service.app"
+    assert module_name(ROOT / "butd" / "cli" / "__init__.py") == "butd.cli"
+    assert module_name(ROOT / "detector" / "model" / "rpn.py") == "butd.detector.model.rpn"
+    assert [layer_of(m) for m in ("butd.service.app", "butd.cli.main", "butd", "butd.store")] == [
+        "gateway",
+        "cli",
+        "butd",
+        "store",
+    ]
+
+
 def test_the_scanner_sees_every_kind_of_import() -> None:
     source = (
         "from __future__ import annotations\nimport importlib\nfrom typing import TYPE_CHECKING\n"
         "from . import sibling\nfrom ..up import thing\n"
-        "if TYPE_CHECKING:\n    import heads.vqa\n"
-        "def f():\n    import torch.nn\n    importlib.import_module('service.app')\n"
-        "    return importlib.import_module(f'workers.{1}')\n"
+        "if TYPE_CHECKING:\n    import butd.heads.vqa\n"
+        "def f():\n    import torch.nn\n    importlib.import_module('butd.service.app')\n"
+        "    return importlib.import_module(f'butd.workers.{1}')\n"
+        "import workers.queue\n"
     )
-    found = imported_names(source, "store.sub.mod", is_package=False)
-    assert {"store.sub.sibling", "store.up.thing", "heads.vqa", "torch.nn"} <= found
-    assert {"service.app", "workers"} <= found
-    runtime = imported_names(source, "store.sub.mod", is_package=False, typing=False)
-    assert "heads.vqa" not in runtime and "torch.nn" in runtime
-    at_import = imported_names(source, "store.sub.mod", is_package=False, lazy=False)
-    assert "heads.vqa" in at_import and not {"torch.nn", "service.app"} & at_import
-    graph = {"store.sub.mod": found}
-    assert forbidden_arrows(graph) == [
-        f"store.sub.mod -> {n}" for n in ("heads.vqa", "service.app", "torch.nn", "workers")
-    ]
+    module = "butd.store.sub.mod"
+    found = imported_names(source, module, is_package=False)
+    assert {"butd.store.sub.sibling", "butd.store.up.thing", "butd.heads.vqa", "torch.nn"} <= found
+    assert {"butd.service.app", "butd.workers", "workers.queue"} <= found
+    runtime = imported_names(source, module, is_package=False, typing=False)
+    assert "butd.heads.vqa" not in runtime and "torch.nn" in runtime
+    at_import = imported_names(source, module, is_package=False, lazy=False)
+    assert "butd.heads.vqa" in at_import and not {"torch.nn", "butd.service.app"} & at_import
+    names = ("butd.heads.vqa", "butd.service.app", "butd.workers", "torch.nn", "workers.queue")
+    assert forbidden_arrows({module: found}) == [f"{module} -> {n}" for n in names]
+    # The layer above may import what the store may not, but never a pre-rename name.
+    assert forbidden_arrows({"butd.cli.x": found}) == ["butd.cli.x -> workers.queue"]
 
 
 def test_no_forbidden_arrow_in_any_module() -> None:
     graph = import_graph(typing=True)
-    assert {"store", "detector", "heads", "workers", "gateway"} <= {layer_of(m) for m in graph}
+    layers = {"store", "detector", "heads", "workers", "gateway", "cli", "client"}
+    assert layers <= {layer_of(m) for m in graph}
     assert forbidden_arrows(graph) == []
 
 
@@ -210,11 +247,13 @@ def _layer_modules(layer: str) -> list[str]:
 @pytest.mark.parametrize("layer", ["store", "detector", "heads"])
 def test_importing_a_whole_layer_loads_no_forbidden_package(layer: str) -> None:
     modules = _layer_modules(layer)
-    banned = sorted(FORBIDDEN[layer])
+    banned = sorted(FORBIDDEN[layer] | OLD_NAMES)
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        f"print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in {banned!r})))"
+        f"banned = {banned!r}\n"
+        "print(','.join(sorted(m for m in sys.modules"
+        " if any(m == b or m.startswith(b + '.') for b in banned))))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300

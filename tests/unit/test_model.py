@@ -15,8 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from detector.config import ArchConfig, ExtractionConfig, ModelSpec
-from detector.model import Detector
+from butd.detector.config import ArchConfig, ExtractionConfig, ModelSpec
+from butd.detector.model import Detector
 from tests.tiny_weights import random_detector, tiny_spec
 from tests.unit.caffe_reference import caffe_proposals, caffe_roi_pool
 
@@ -103,7 +103,7 @@ def test_rpn_proposals_match_caffe_proposal_layer() -> None:
 
 
 def test_detector_state_dict_is_the_canonical_key_table() -> None:
-    from detector.weights.canonical import canonical_shapes
+    from butd.detector.weights.canonical import canonical_shapes
 
     spec = tiny_spec()
     model = Detector(spec)

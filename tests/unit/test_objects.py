@@ -1,4 +1,4 @@
-"""store.objects and service.url_sources on fsspec's in-memory filesystem (no server).
+"""butd.store.objects and butd.service.url_sources on fsspec's in-memory filesystem (no server).
 
 The S3 path is exercised end to end against a local S3 server in
 tests/integration/test_object_store.py; here the URL rules, the listing and the ranged reads
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from bench.store import MV, synthetic
-from service.errors import InvalidRequestError, PathNotAllowedError
-from service.url_sources import check_allowed, expand_any, expand_urls
-from store.objects import BucketShardReaders, BucketShards, is_url, list_files, read_url
-from store.shards import ShardMissingError, seal_shard
+from butd.service.errors import InvalidRequestError, PathNotAllowedError
+from butd.service.url_sources import check_allowed, expand_any, expand_urls
+from butd.store.objects import BucketShardReaders, BucketShards, is_url, list_files, read_url
+from butd.store.shards import ShardMissingError, seal_shard
 
 SUFFIXES = [".jpg", ".png"]
 

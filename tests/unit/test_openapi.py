@@ -14,8 +14,8 @@ import schemathesis
 from schemathesis.checks import CHECKS, load_all_checks
 from schemathesis.config import SchemathesisConfig
 
-from service.app import create_app
-from service.settings import Settings
+from butd.service.app import create_app
+from butd.service.settings import Settings
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
 
 _ROOT = Path(__file__).resolve().parent / "_openapi_data"  # allowed root (fresh per session)

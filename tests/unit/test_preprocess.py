@@ -1,4 +1,4 @@
-"""detector.preprocess against the original Caffe ``_get_image_blob`` run with NumPy + OpenCV.
+"""butd.detector.preprocess against the original Caffe ``_get_image_blob`` run with NumPy + OpenCV.
 
 Reference: ``caffe_blob`` below is ``lib/fast_rcnn/test.py::_get_image_blob`` with the cfg
 lookups inlined. Tolerance: max |difference| <= 1e-3 on the 0..255 scale (measured ~3e-5: the
@@ -17,8 +17,8 @@ import skimage.data
 import torch
 import torch.nn.functional as F
 
-from detector.config import ExtractionConfig
-from detector.preprocess import (
+from butd.detector.config import ExtractionConfig
+from butd.detector.preprocess import (
     PreparedImage,
     compute_scale,
     group_by_shape,

@@ -1,4 +1,4 @@
-"""Proposals: one layer (``detector.model.rpn.propose``) for training and inference.
+"""Proposals: one layer (``butd.detector.model.rpn.propose``) for training and inference.
 
 * Training proposals against the NumPy port of Caffe's proposal layer (tests.unit.caffe_reference)
   with the training recipe's two changes: dw/dh clamped at log(1000/16), torchvision's NMS
@@ -15,13 +15,13 @@ import dataclasses
 import numpy as np
 import torch
 
-from detector.anchors import grid_anchors
-from detector.config import DETECTRON2_DELTA_CLAMP, Conventions, ExtractionConfig
-from detector.model import Detector
-from detector.model.rpn import ProposalSettings
-from detector.train.configs import demo_config
-from detector.train.dataset import TrainSample
-from detector.train.step import LOG_MAX_RATIO, proposal_settings, training_proposals
+from butd.detector.anchors import grid_anchors
+from butd.detector.config import DETECTRON2_DELTA_CLAMP, Conventions, ExtractionConfig
+from butd.detector.model import Detector
+from butd.detector.model.rpn import ProposalSettings
+from butd.detector.train.configs import demo_config
+from butd.detector.train.dataset import TrainSample
+from butd.detector.train.step import LOG_MAX_RATIO, proposal_settings, training_proposals
 from tests.tiny_weights import random_detector, tiny_spec
 from tests.unit.caffe_reference import caffe_proposals
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from workers.protocol import (
+from butd.workers.protocol import (
     ExtractOptions,
     Heartbeat,
     JobItem,
@@ -20,7 +20,7 @@ from workers.protocol import (
     job_state,
     shard_items,
 )
-from workers.wire import ARRAYS, MAGIC, ModelMeta, decode_result, encode_result, stored_form
+from butd.workers.wire import ARRAYS, MAGIC, ModelMeta, decode_result, encode_result, stored_form
 
 
 def as_redis_returns(fields: dict[str, str]) -> dict[bytes, bytes]:
@@ -99,12 +99,12 @@ def test_job_states_and_sharding() -> None:
 
 
 def test_queue_module_does_not_import_torch() -> None:
-    code = "import sys, workers.queue, workers.jobs; sys.exit('torch' in sys.modules)"
+    code = "import sys, butd.workers.queue, butd.workers.jobs; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_worker_settings_read_prefixed_and_bare_names(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.settings import WorkerSettings
+    from butd.workers.settings import WorkerSettings
 
     monkeypatch.setenv("BATCH_SIZE", "4")
     monkeypatch.setenv("BUTD_CLAIM_IDLE_MS", "2500")

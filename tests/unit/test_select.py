@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.select import Selection, select_regions
+from butd.detector.select import Selection, select_regions
 from tests.unit.reference_nms import reference_keep, reference_max_conf, reference_select
 
 
@@ -176,7 +176,7 @@ def test_cuda_equals_cpu() -> None:
 
 
 def test_small_batches_and_weak_start_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    import detector.select as select_module
+    import butd.detector.select as select_module
 
     # Tiny batches, no free lower bound, one class per box per round: many rounds and batches.
     monkeypatch.setattr(select_module, "_BATCH_ELEMENTS", 300)
@@ -189,7 +189,7 @@ def test_small_batches_and_weak_start_stay_exact(monkeypatch: pytest.MonkeyPatch
 def test_pruning_skips_classes(caplog: pytest.LogCaptureFixture) -> None:
     rng = np.random.default_rng(20)
     boxes, probs = _objects(rng, 300, 1600)
-    with caplog.at_level("DEBUG", logger="detector.select"):
+    with caplog.at_level("DEBUG", logger="butd.detector.select"):
         select_regions(torch.from_numpy(boxes), torch.from_numpy(probs))
     message = next(r.getMessage() for r in caplog.records if "classes solved" in r.getMessage())
     solved = int(message.split()[2])

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store.compact import compact, purge_retired
-from store.records import FeatureRecord
-from store.shards import (
+from butd.store.compact import compact, purge_retired
+from butd.store.records import FeatureRecord
+from butd.store.shards import (
     Alias,
     Location,
     Move,

@@ -1,4 +1,4 @@
-"""``detector.show.draw_regions``: labels inside the image, never on top of each other, a font
+"""``butd.detector.show.draw_regions``: labels inside the image, never on top of each other, a font
 that grows with the image, and the confidence threshold."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import itertools
 import numpy as np
 import pytest
 
-from detector.show import Rect, draw_regions
-from store.records import FeatureRecord
+from butd.detector.show import Rect, draw_regions
+from butd.store.records import FeatureRecord
 
 OBJECTS = [f"object{i}" for i in range(5)]
 ATTRIBUTES = [f"colour{i}" for i in range(5)]

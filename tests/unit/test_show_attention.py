@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from skimage import data
 
-from heads.captioners import CaptionerConfig
-from heads.decoding import Captioner
-from heads.inference import caption, load_head
-from heads.objectives import caption_xe_loss
-from heads.regions import collate_records
-from heads.train import TrainSettings, fit
-from heads.vocab import Vocabulary, pad_captions
-from service.cli.main import main
+from butd.cli.main import main
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.decoding import Captioner
+from butd.heads.inference import caption, load_head
+from butd.heads.objectives import caption_xe_loss
+from butd.heads.regions import collate_records
+from butd.heads.train import TrainSettings, fit
+from butd.heads.vocab import Vocabulary, pad_captions
 from tests.tiny_weights import make_tiny_weights
 
 torch.set_num_threads(1)
@@ -30,8 +30,8 @@ PANEL_W, COLUMNS = 320, 4  # attention_panels defaults
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny detector weights, one image, and a captioner overfitted to CAPTION on its regions."""
-    from detector.extractor import Extractor
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.store.images import decode_image
 
     root = tmp_path_factory.mktemp("show")
     weights = make_tiny_weights(root / "tiny.safetensors")
@@ -74,8 +74,8 @@ def _panels(png: Path, count: int) -> list[np.ndarray]:
 def test_show_attention_draws_one_shaded_panel_per_word(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from detector.extractor import Extractor
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.store.images import decode_image
 
     out = setup["root"] / "attention.png"
     args = ["show", str(setup["image"]), "--attention", "--captioner", str(setup["cap"])]

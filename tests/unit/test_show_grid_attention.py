@@ -13,15 +13,15 @@ import torch
 from PIL import Image
 from skimage import data
 
-from heads.captioners import CaptionerConfig
-from heads.decoding import Captioner
-from heads.inference import caption, load_head
-from heads.objectives import caption_xe_loss
-from heads.regions import collate_records, grid_as_regions
-from heads.train import TrainSettings, fit
-from heads.visualise import grid_attention_panels
-from heads.vocab import Vocabulary, pad_captions
-from service.cli.main import main
+from butd.cli.main import main
+from butd.heads.captioners import CaptionerConfig
+from butd.heads.decoding import Captioner
+from butd.heads.inference import caption, load_head
+from butd.heads.objectives import caption_xe_loss
+from butd.heads.regions import collate_records, grid_as_regions
+from butd.heads.train import TrainSettings, fit
+from butd.heads.visualise import grid_attention_panels
+from butd.heads.vocab import Vocabulary, pad_captions
 from tests.tiny_weights import make_tiny_weights
 
 torch.set_num_threads(1)
@@ -32,8 +32,8 @@ G, PANEL_W = 3, 320
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny detector weights, one image, an SCA captioner overfitted on its 3 x 3 grid."""
-    from detector.extractor import Extractor
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.store.images import decode_image
 
     root = tmp_path_factory.mktemp("showgrid")
     weights = make_tiny_weights(root / "tiny.safetensors")
@@ -61,8 +61,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_show_attention_draws_the_grid_heat_map(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from detector.extractor import Extractor
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.store.images import decode_image
 
     out = setup["root"] / "grid_attention.png"
     args = ["show", str(setup["image"]), "--attention", "--captioner", str(setup["cap"])]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from service.store_lock import LOCK_NAME, StoreBusyError, store_lock
+from butd.service.store_lock import LOCK_NAME, StoreBusyError, store_lock
 
 REPO = Path(__file__).resolve().parents[2]
 _HOLD = (
-    "import sys, time; from pathlib import Path; from service.store_lock import store_lock\n"
+    "import sys, time; from pathlib import Path; from butd.service.store_lock import store_lock\n"
     "with store_lock(Path(sys.argv[1]), host='127.0.0.1', port=8123):\n"
     "    print('held', flush=True); time.sleep(120)\n"
 )
@@ -38,7 +38,7 @@ def test_a_second_serve_on_the_store_stops_before_starting_anything(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "BUTD_REDIS_URL")}
     env["PYTHONPATH"] = str(REPO)
-    argv = [sys.executable, "-m", "service.cli.main", "serve", "--store-dir",
+    argv = [sys.executable, "-m", "butd.cli.main", "serve", "--store-dir",
             str(tmp_path / "store"), "--port", "0"]  # fmt: skip
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1

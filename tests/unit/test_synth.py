@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.synth import ATTRIBUTES, SHAPES, write_synthetic_set
-from detector.synth.scenes import COLOURS
-from detector.train.vg import load_vg
+from butd.detector.synth import ATTRIBUTES, SHAPES, write_synthetic_set
+from butd.detector.synth.scenes import COLOURS
+from butd.detector.train.vg import load_vg
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -92,7 +92,7 @@ def test_captions_and_vqa_follow_the_scene(tmp_path: Path) -> None:
 def test_butd_synth_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from service.cli import train as cli
+    from butd.cli import train as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())

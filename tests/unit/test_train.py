@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from detector.boxes import decode_boxes
-from detector.config import Conventions
-from detector.synth import write_synthetic_set
-from detector.train.configs import TrainConfig, demo_config, get_config
-from detector.train.init import export_scale, from_canonical, to_canonical
-from detector.train.losses import fast_rcnn_losses, rpn_losses, smooth_l1
-from detector.train.targets import anchor_targets, attribute_labels, sample_rois
-from detector.train.trainer import Trainer, learning_rate
-from detector.train.vg import Vocab, load_vg
+from butd.detector.boxes import decode_boxes
+from butd.detector.config import Conventions
+from butd.detector.synth import write_synthetic_set
+from butd.detector.train.configs import TrainConfig, demo_config, get_config
+from butd.detector.train.init import export_scale, from_canonical, to_canonical
+from butd.detector.train.losses import fast_rcnn_losses, rpn_losses, smooth_l1
+from butd.detector.train.targets import anchor_targets, attribute_labels, sample_rois
+from butd.detector.train.trainer import Trainer, learning_rate
+from butd.detector.train.vg import Vocab, load_vg
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -250,9 +250,9 @@ def test_resume_continues_the_same_run(synth_root: Path, tmp_path: Path) -> None
 
 
 def test_checkpoint_loads_canonically_and_extracts(synth_root: Path, tmp_path: Path) -> None:
-    from detector.extractor import Extractor
-    from detector.weights import load
-    from store.images import decode_image
+    from butd.detector.extractor import Extractor
+    from butd.detector.weights import load
+    from butd.store.images import decode_image
 
     cfg = _small(demo_config()).replace(max_iter=1)
     trainer = _trainer(synth_root, tmp_path, cfg)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from detector.synth import write_synthetic_set
-from detector.train.checkpoint import latest_checkpoint
-from service.cli.train import StopSignals
+from butd.cli.train import StopSignals
+from butd.detector.synth import write_synthetic_set
+from butd.detector.train.checkpoint import latest_checkpoint
 
 # Generous bound for a loaded CI machine; the run normally reacts within one iteration.
 _WAIT_S = 240
@@ -30,7 +30,7 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(
 ) -> None:
     signum = signal.SIGTERM
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "service.cli.main", "train", "--data", str(scenes)]
+    argv = [sys.executable, "-m", "butd.cli.main", "train", "--data", str(scenes)]
     argv += ["--config", "demo", "--out", str(out), "--threads", "1", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen(

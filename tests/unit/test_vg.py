@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detector.train.vg import Vocab, load_vg
+from butd.detector.train.vg import Vocab, load_vg
 
 
 def _write(root: Path, name: str, data: object) -> None:

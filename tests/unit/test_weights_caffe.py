@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.config import ArchConfig, Conventions, tiny_arch
-from detector.weights import (
+from butd.detector.config import ArchConfig, Conventions, tiny_arch
+from butd.detector.weights import (
     WeightsError,
     canonical_shapes,
     convert,
@@ -18,7 +18,7 @@ from detector.weights import (
     load,
     read_caffemodel,
 )
-from detector.weights.formats_caffe import caffe_block
+from butd.detector.weights.formats_caffe import caffe_block
 from tests.unit import synthetic_checkpoints as synth
 
 TINY = tiny_arch()

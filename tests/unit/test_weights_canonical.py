@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from detector.config import ArchConfig, Conventions, ModelSpec, tiny_arch
-from detector.weights import (
+from butd.detector.config import ArchConfig, Conventions, ModelSpec, tiny_arch
+from butd.detector.weights import (
     WeightsError,
     canonical_shapes,
     file_sha256,
@@ -62,7 +62,7 @@ def test_objectness_channels_follow_the_rpn_score_layout() -> None:
 
 @pytest.mark.parametrize("conventions", [Conventions(), SIGMOID])
 def test_table_is_the_model_state_dict(conventions: Conventions) -> None:
-    detector_module = pytest.importorskip("detector.model.detector")
+    detector_module = pytest.importorskip("butd.detector.model.detector")
     spec = ModelSpec(arch=tiny_arch(), conventions=conventions)
     model = detector_module.Detector(spec)
     actual = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -16,12 +16,12 @@ import httpx
 import pytest
 import torch
 
-from detector.config import tiny_arch
-from detector.weights import REGISTRY, WeightsError, load
-from detector.weights import fetch as fetch_module
-from detector.weights.fetch import download, fetch
-from detector.weights.formats import CONVERTERS
-from detector.weights.registry import RegistryEntry
+from butd.detector.config import tiny_arch
+from butd.detector.weights import REGISTRY, WeightsError, load
+from butd.detector.weights import fetch as fetch_module
+from butd.detector.weights.fetch import download, fetch
+from butd.detector.weights.formats import CONVERTERS
+from butd.detector.weights.registry import RegistryEntry
 from tests.unit import synthetic_checkpoints as synth
 
 TINY = tiny_arch()
@@ -202,7 +202,7 @@ def test_cli_fetch_and_list(
 ) -> None:
     import argparse
 
-    from service.cli import weights as cli
+    from butd.cli import weights as cli
 
     data, _, name = _payload("airsplay")
     _Handler.files[f"/{name}"] = data

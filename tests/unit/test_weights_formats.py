@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from detector.config import ArchConfig, tiny_arch
-from detector.weights import (
+from butd.detector.config import ArchConfig, tiny_arch
+from butd.detector.weights import (
     WeightsError,
     canonical_shapes,
     convert,
@@ -29,7 +29,7 @@ from detector.weights import (
     load,
     read_source,
 )
-from detector.weights.formats import CONVERTERS, DETECTRON2_CONVENTIONS, MILVLG_CONVENTIONS
+from butd.detector.weights.formats import CONVERTERS, DETECTRON2_CONVENTIONS, MILVLG_CONVENTIONS
 from tests.unit import synthetic_checkpoints as synth
 
 FULL = ArchConfig()
@@ -284,8 +284,8 @@ def test_unrecognised_checkpoint() -> None:
 
 @pytest.mark.slow
 def test_full_size_airsplay_file_through_the_cli(tmp_path: Path) -> None:
-    from service.cli import weights as cli
-    from service.cli.main import build_parser
+    from butd.cli import weights as cli
+    from butd.cli.main import build_parser
 
     src = tmp_path / "faster_rcnn_from_caffe_attr.pkl"
     with src.open("wb") as f:

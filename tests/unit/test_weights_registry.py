@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from detector.config import ModelSpec, tiny_arch
-from detector.weights import (
+from butd.detector.config import ModelSpec, tiny_arch
+from butd.detector.weights import (
     REGISTRY,
     WeightsError,
     get_entry,
@@ -17,8 +17,8 @@ from detector.weights import (
     save_canonical,
     vocab_synonyms,
 )
-from detector.weights import registry as registry_module
-from detector.weights.registry import (
+from butd.detector.weights import registry as registry_module
+from butd.detector.weights.registry import (
     VG_ATTRIBUTES_VOCAB,
     VG_OBJECTS_VOCAB,
     canonical_path,

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 
 import pytest
 
-import workers.heads_task as heads_task
-import workers.worker as worker_mod
+import butd.workers.heads_task as heads_task
+import butd.workers.worker as worker_mod
+from butd.workers.settings import WorkerSettings
 from tests.head_checkpoints import write_head
-from workers.settings import WorkerSettings
 
 
 class _Recorder:
@@ -62,7 +62,7 @@ def test_start_heads_loads_the_heads_onto_the_device(
 
 
 def test_demo_detector_defaults_to_the_packaged_demo_heads(tmp_path: Path) -> None:
-    from heads.demo import demo_head
+    from butd.heads.demo import demo_head
 
     settings = _settings(tmp_path)  # WEIGHTS=demo-synthetic, CAPTION_MODEL / VQA_MODEL unset
     assert (settings.caption_model, settings.vqa_model) == (demo_head("caption"), demo_head("vqa"))
@@ -77,7 +77,7 @@ def test_demo_detector_defaults_to_the_packaged_demo_heads(tmp_path: Path) -> No
 def test_build_worker_starts_the_heads_on_the_extractors_device(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorder: type[_Recorder]
 ) -> None:
-    import detector.extractor
+    import butd.detector.extractor as extractor_module
 
     extractor_devices: list[str] = []
     spec = SimpleNamespace(
@@ -97,7 +97,7 @@ def test_build_worker_starts_the_heads_on_the_extractors_device(
         heads_devices.append(device)
 
     fake_cls = SimpleNamespace(from_weights=from_weights)
-    monkeypatch.setattr(detector.extractor, "Extractor", fake_cls)
+    monkeypatch.setattr(extractor_module, "Extractor", fake_cls)
     monkeypatch.setattr(worker_mod, "start_heads", start_heads)
     monkeypatch.setattr(worker_mod, "Worker", recorder)
     worker_mod.build_worker(_settings(tmp_path, device="cuda:3"))

@@ -100,7 +100,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
-    from detector.extractor import Extractor
+    from butd.detector.extractor import Extractor
 
     overrides = {
         key: value
@@ -121,10 +121,10 @@ def _load_extractor(args: argparse.Namespace, batch_size: int = 8) -> Any:
 def run_extract(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from detector.files import extract_files, find_images, load_boxes_file
-    from store.h5 import FeatureFileError
-    from store.h5_writer import FeatureFileWriter
-    from store.image_ids import IdPolicy, ImageIdError
+    from butd.detector.files import extract_files, find_images, load_boxes_file
+    from butd.store.h5 import FeatureFileError
+    from butd.store.h5_writer import FeatureFileWriter
+    from butd.store.image_ids import IdPolicy, ImageIdError
 
     try:
         policy = IdPolicy.load(args.image_ids, args.id_map)
@@ -183,11 +183,11 @@ def _list(what: str, reasons: dict[str, str], shown: int = 20) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from detector.show import draw_regions
-    from store.images import decode_image
+    from butd.detector.show import draw_regions
+    from butd.store.images import decode_image
 
     if args.attention and args.captioner is None:
-        from heads.demo import DEMO_DETECTOR, demo_head
+        from butd.heads.demo import DEMO_DETECTOR, demo_head
 
         if args.weights not in (None, DEMO_DETECTOR):
             print("butd show --attention needs --captioner DIR", file=sys.stderr)
@@ -196,7 +196,7 @@ def run_show(args: argparse.Namespace) -> int:
     image = decode_image(args.image.read_bytes())
     head: Any = None
     if args.attention:
-        from heads.inference import load_head
+        from butd.heads.inference import load_head
 
         head = load_head(args.captioner)
         grid = int(head[1]["config"].get("grid_size", 0))
@@ -226,9 +226,9 @@ def _show_attention(args: argparse.Namespace, image: Any, record: Any, head: Any
     regions shaded by their weight, or a heat map of the grid attention for a grid head."""
     from PIL import Image
 
-    from heads.decoding import Captioner
-    from heads.inference import caption
-    from heads.visualise import attention_panels, grid_attention_panels
+    from butd.heads.decoding import Captioner
+    from butd.heads.inference import caption
+    from butd.heads.visualise import attention_panels, grid_attention_panels
 
     model, meta = head
     if not isinstance(model, Captioner):

@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
 def _redis_url(args: argparse.Namespace) -> str:
     if args.redis_url:
         return str(args.redis_url)
-    from service.settings import Settings
+    from butd.service.settings import Settings
 
     url = Settings().redis_url
     if not url:
@@ -64,7 +64,7 @@ def run_reindex(args: argparse.Namespace) -> int:
     """Handler of ``butd store reindex``."""
     import redis
 
-    from store.index import reindex
+    from butd.store.index import reindex
 
     client = redis.Redis.from_url(_redis_url(args))
     result = reindex(args.dir, client)
@@ -74,8 +74,8 @@ def run_reindex(args: argparse.Namespace) -> int:
 
 def run_compact(args: argparse.Namespace) -> int:
     """Handler of ``butd store compact``."""
-    from store.compact import compact
-    from store.index import FeatureIndex
+    from butd.store.compact import compact
+    from butd.store.index import FeatureIndex
 
     relocate = None
     if not args.no_index:
@@ -99,8 +99,8 @@ def run_compact(args: argparse.Namespace) -> int:
 
 def file_stats(directory: Path) -> dict[str, dict[str, int]]:
     """``{model_version: {"shards", "images", "regions", "bytes"}}`` from the files."""
-    from store.h5 import FeatureFile
-    from store.shards import list_shards
+    from butd.store.h5 import FeatureFile
+    from butd.store.shards import list_shards
 
     out: dict[str, dict[str, int]] = {}
     for name in list_shards(directory):
@@ -120,7 +120,7 @@ def run_stats(args: argparse.Namespace) -> int:
     """Handler of ``butd store stats``: JSON on stdout."""
     report: dict[str, Any] = {"files": file_stats(args.dir)}
     if not args.no_index:
-        from store.index import FeatureIndex
+        from butd.store.index import FeatureIndex
 
         report["index"] = FeatureIndex.from_url(_redis_url(args)).stats()
     print(json.dumps(report, indent=2, sort_keys=True))

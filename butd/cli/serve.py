@@ -5,7 +5,7 @@
   then serve HTTP. Ctrl-C / SIGTERM stops uvicorn, then the workers (drained), then Redis.
 * ``REDIS_URL`` set: serve HTTP only; workers run elsewhere (``butd worker``).
 
-With the embedded Redis, the store is locked first (``service.store_lock``): a second
+With the embedded Redis, the store is locked first (``butd.service.store_lock``): a second
 ``butd serve`` on the same store stops at once, before it starts redis-server or a worker, and
 names the running one. Gateways on an external Redis (``REDIS_URL``) may share a store.
 
@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from service.settings import Settings
+    from butd.service.settings import Settings
 
     overrides = {
         k: v
@@ -83,8 +83,8 @@ def _serve_http(settings: Any) -> None:
     """
     import uvicorn
 
-    from service.app import create_app
-    from service.limits import uvicorn_limits
+    from butd.service.app import create_app
+    from butd.service.limits import uvicorn_limits
 
     config = uvicorn.Config(
         create_app(settings),
@@ -106,7 +106,7 @@ def _serve_http(settings: Any) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start what is needed, serve until a signal, stop the children in order."""
-    from service.store_lock import StoreBusyError, store_lock
+    from butd.service.store_lock import StoreBusyError, store_lock
 
     settings = _settings(args)
     settings.store_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _serve_embedded(args: argparse.Namespace, settings: Any) -> int:
     """Redis and the workers on the store (held by this process), then HTTP on them."""
-    from service.embedded import EmbeddedStack, WorkerSpec
+    from butd.service.embedded import EmbeddedStack, WorkerSpec
 
     spec = WorkerSpec(
         store_dir=settings.store_dir,

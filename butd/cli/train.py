@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from detector.synth import write_synthetic_set
+    from butd.detector.synth import write_synthetic_set
 
     summary = write_synthetic_set(args.out, args.images, args.seed, progress=not args.no_progress)
     print(
@@ -83,9 +83,9 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from detector.train.configs import get_config
-    from detector.train.trainer import Trainer
-    from detector.train.vg import Vocab, load_vg
+    from butd.detector.train.configs import get_config
+    from butd.detector.train.trainer import Trainer
+    from butd.detector.train.vg import Vocab, load_vg
 
     _set_threads(args.threads)
     config = get_config(args.config)
@@ -163,7 +163,7 @@ def resume_command(args: argparse.Namespace) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from detector.evaluate import evaluate_weights, write_csv
+    from butd.detector.evaluate import evaluate_weights, write_csv
 
     _set_threads(args.threads)
     result = evaluate_weights(

@@ -1,6 +1,6 @@
 """``butd caption``, ``butd answer`` and ``butd heads train caption|vqa``.
 
-Locally (``--model`` DIR): features come from a feature file (ragged HDF5 of ``store.h5``)
+Locally (``--model`` DIR): features come from a feature file (ragged HDF5 of ``butd.store.h5``)
 given with ``--features``, or from a single-image MILVLG ``.npz`` passed in place of the image
 id, and the head runs on ``--device`` (default cpu, as ``butd extract``). Otherwise the image
 id is looked up in a running gateway (``--url``, default ``BUTD_URL``) through ``/v1/caption`` /
@@ -65,7 +65,7 @@ def register(subparsers: Any) -> None:
         "vqa updown)",
     )
     t.add_argument(
-        "--recipe", default=None, help="optimiser recipe (heads.train); default per head"
+        "--recipe", default=None, help="optimiser recipe (butd.heads.train); default per head"
     )
     t.add_argument("--steps", type=int, default=60000, help="optimiser updates")
     t.add_argument("--batch-size", type=int, default=None, help="default per recipe")
@@ -84,7 +84,7 @@ def register(subparsers: Any) -> None:
         "--note",
         default="",
         help="what this head is, stored in the checkpoint and returned "
-        "with every answer (the demo heads: heads.demo.DEMO_NOTE)",
+        "with every answer (the demo heads: butd.heads.demo.DEMO_NOTE)",
     )
     t.add_argument(
         "--ds-lambda",
@@ -136,7 +136,7 @@ def _local(args: argparse.Namespace) -> bool:
     if not (npz or args.features is not None):
         return False
     if args.model is None:
-        from heads.demo import DEMO_NOTE, demo_head
+        from butd.heads.demo import DEMO_NOTE, demo_head
 
         args.model = demo_head("caption" if getattr(args, "question", None) is None else "vqa")
         logger.info("no --model: the packaged demo head %s (%s)", args.model, DEMO_NOTE)
@@ -144,8 +144,8 @@ def _local(args: argparse.Namespace) -> bool:
 
 
 def _gateway(args: argparse.Namespace) -> Any:
-    from service.client import Client
-    from service.settings import ClientSettings
+    from butd.client import Client
+    from butd.service.settings import ClientSettings
 
     settings = ClientSettings()
     return Client(args.url or settings.url, settings.api_key, timeout=settings.timeout_s)
@@ -161,7 +161,7 @@ def _ask(args: argparse.Namespace, task: str) -> int:
     """Ask the gateway; print its JSON answer (attention and boxes left out)."""
     import httpx
 
-    from service.client import ButdError
+    from butd.client import ButdError
 
     with _gateway(args) as client:
         try:
@@ -179,11 +179,11 @@ def _ask(args: argparse.Namespace, task: str) -> int:
 
 def _record(args: argparse.Namespace) -> Any:
     if args.image.endswith(".npz") and Path(args.image).is_file():
-        from store.readers import read_npz
+        from butd.store.readers import read_npz
 
         return read_npz(args.image)
-    from store.h5 import FeatureFile
-    from store.image_ids import join_ids
+    from butd.store.h5 import FeatureFile
+    from butd.store.image_ids import join_ids
 
     if not Path(args.features).is_file():
         raise SystemExit(f"no feature file {args.features} (written by butd extract)")
@@ -200,7 +200,7 @@ def _record(args: argparse.Namespace) -> Any:
 def _caption(args: argparse.Namespace) -> int:
     if not _local(args):
         return _ask(args, "caption")
-    from heads.inference import caption, load_head
+    from butd.heads.inference import caption, load_head
 
     record = _record(args)
     model, meta = load_head(args.model, device=args.device)
@@ -213,7 +213,7 @@ def _caption(args: argparse.Namespace) -> int:
 def _answer(args: argparse.Namespace) -> int:
     if not _local(args):
         return _ask(args, "vqa")
-    from heads.inference import answer, load_head
+    from butd.heads.inference import answer, load_head
 
     record = _record(args)
     model, meta = load_head(args.model, device=args.device)
@@ -224,7 +224,7 @@ def _answer(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from heads.cli_train import train_caption, train_vqa
+    from butd.heads.cli_train import train_caption, train_vqa
 
     if args.task == "vqa":
         if args.questions is None:

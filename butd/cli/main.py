@@ -1,6 +1,6 @@
 """Entry point of the ``butd`` command.
 
-Each command group lives in its own module under ``service.cli`` and exposes
+Each command group lives in its own module under ``butd.cli`` and exposes
 ``register(subparsers) -> None``; the handlers import heavy packages (torch) lazily, so
 ``butd --help`` and the gateway stay light.
 """
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        importlib.import_module(f"service.cli.{name}").register(subparsers)
+        importlib.import_module(f"butd.cli.{name}").register(subparsers)
     return parser
 
 

@@ -1,6 +1,6 @@
 """``butd worker``: one long-lived extraction worker (one per GPU) on the Redis streams.
 
-Settings come from the environment (``workers.settings.WorkerSettings``: ``REDIS_URL``,
+Settings come from the environment (``butd.workers.settings.WorkerSettings``: ``REDIS_URL``,
 ``BUTD_STORE_DIR``, ``BUTD_WEIGHTS``, ``DEVICE``, ``BATCH_SIZE``, ...); the flags below override
 the most common ones. Torch is imported only when the command runs.
 """
@@ -44,8 +44,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    from workers.settings import WorkerSettings
-    from workers.worker import build_worker
+    from butd.workers.settings import WorkerSettings
+    from butd.workers.worker import build_worker
 
     overrides = {name: getattr(args, name) for name in _FLAGS if getattr(args, name) is not None}
     settings = WorkerSettings(**overrides)

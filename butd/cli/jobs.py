@@ -1,7 +1,7 @@
 """``butd jobs ...`` and ``butd get``: the gateway's job and cache API from the shell.
 
 The gateway is found at ``BUTD_URL`` (default http://127.0.0.1:8000), with ``BUTD_API_KEY``
-when it requires one (``service.settings.ClientSettings``).
+when it requires one (``butd.service.settings.ClientSettings``).
 
     butd jobs submit /data/coco/val2014 --namespace coco --wait
     butd jobs submit ./photos --upload --wait          # pack and upload (server can't see it)
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.cli import summaries
+from butd.cli import summaries
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ def register(subparsers: Any) -> None:
 
 
 def _client() -> Any:
-    from service.client import Client
-    from service.settings import ClientSettings
+    from butd.client import Client
+    from butd.service.settings import ClientSettings
 
     settings = ClientSettings()
     return Client(settings.url, settings.api_key, timeout=settings.timeout_s)
@@ -140,7 +140,7 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         import httpx
 
-        from service.client import ButdError
+        from butd.client import ButdError
 
         try:
             return handler(args)
@@ -170,7 +170,7 @@ def _submit_paths(client: Any, args: argparse.Namespace) -> dict[str, Any]:
     path; the files named here are then packed and uploaded, and the command says so. A gateway
     that reads some roots but not these refuses the job: its message names both ways out.
     """
-    from service.client import ButdError
+    from butd.client import ButdError
 
     local = [Path(p) for p in args.paths]
     paths = [str(p.resolve()) if p.exists() else str(p) for p in local]
@@ -231,7 +231,7 @@ def run_cancel(args: argparse.Namespace) -> int:
 @_guarded
 def run_export(args: argparse.Namespace) -> int:
     """Download a job's features in a store format."""
-    from store.objects import is_url
+    from butd.store.objects import is_url
 
     with _client() as client:
         if is_url(args.out):

@@ -2,7 +2,7 @@
 
 Run before anything reads the group: KEDA's redis-streams scaler fails on a group that does not
 exist yet (deploy/k8s/base/queue-init.yaml runs this as a Job). Redis is found at ``REDIS_URL``
-(``workers.settings.WorkerSettings``); it retries until Redis answers or ``--wait-s`` passes.
+(``butd.workers.settings.WorkerSettings``); it retries until Redis answers or ``--wait-s`` passes.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ def register(subparsers: Any) -> None:
 def run_init(args: argparse.Namespace) -> int:
     import redis
 
-    from workers import queue as q
-    from workers.protocol import GROUP, STREAMS
-    from workers.settings import WorkerSettings
+    from butd.workers import queue as q
+    from butd.workers.protocol import GROUP, STREAMS
+    from butd.workers.settings import WorkerSettings
 
     url = args.redis_url or WorkerSettings().redis_url
     deadline = time.monotonic() + args.wait_s

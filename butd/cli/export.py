@@ -83,9 +83,9 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``butd export``; returns the exit status (2 on a refused export)."""
     from tqdm import tqdm
 
-    from store.exporters import EXPORTERS, PaddingError
-    from store.h5 import FeatureFile, FeatureFileError
-    from store.image_ids import ImageIdError
+    from butd.store.exporters import EXPORTERS, PaddingError
+    from butd.store.h5 import FeatureFile, FeatureFileError
+    from butd.store.image_ids import ImageIdError
 
     options = _options(args)
     start = time.perf_counter()

@@ -4,7 +4,7 @@
     butd weights fetch NAME [--dir DIR] [--keep-source] [--no-progress]
     butd weights convert SRC --out DST [--format auto|airsplay|hf|milvlg|caffe] [--trust-pickle]
 
-Handlers import ``detector.weights`` (torch) lazily so ``butd --help`` stays light.
+Handlers import ``butd.detector.weights`` (torch) lazily so ``butd --help`` stays light.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from detector.weights.canonical import is_canonical_file
-    from detector.weights.registry import REGISTRY, canonical_path
+    from butd.detector.weights.canonical import is_canonical_file
+    from butd.detector.weights.registry import REGISTRY, canonical_path
 
     print(f"{'name':<22} {'format':<11} {'boxes':<7} {'state':<11} description")
     for entry in REGISTRY.values():
@@ -83,9 +83,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from detector.weights.canonical import WeightsError, load
-    from detector.weights.fetch import fetch
-    from detector.weights.registry import get_entry
+    from butd.detector.weights.canonical import WeightsError, load
+    from butd.detector.weights.fetch import fetch
+    from butd.detector.weights.registry import get_entry
 
     try:
         out = fetch(
@@ -105,8 +105,8 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from detector.weights.canonical import WeightsError, load
-    from detector.weights.formats import convert
+    from butd.detector.weights.canonical import WeightsError, load
+    from butd.detector.weights.formats import convert
 
     try:
         out = convert(args.src, args.out, fmt=args.fmt, trust_pickle=args.trust_pickle)
