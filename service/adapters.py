@@ -19,7 +19,6 @@ from butd.service.backend import RequestClaim
 from butd.workers import heads_protocol as hq
 from butd.workers import queue as q
 from butd.workers.protocol import (
-    GROUP,
     ONLINE_STREAM,
     ExtractOptions,
     Heartbeat,
@@ -30,6 +29,7 @@ from butd.workers.protocol import (
     model_key,
     text,
 )
+from butd.workers.streams import ensure_group
 from butd.workers.wire import ModelMeta
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ class RedisQueue:
         self._shard_size = job_shard_size
         self._image_ttl = image_ttl_s
         q.ensure_groups(client)
-        hq.ensure_heads_group(client)
+        ensure_group(client, hq.HEADS_STREAM)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -103,22 +103,9 @@ class RedisQueue:
         return [b for b in beats if now - b.updated_at <= self._max_age]
 
     def queue_depth(self) -> int:
-        """Online entries not yet delivered (the group's lag) + delivered and not acked.
-
-        One round trip (XINFO GROUPS + XPENDING + XLEN pipelined) on the admission path;
-        the same numbers as ``butd.workers.queue.queue_depth`` / ``pending_count`` for the stream.
-        """
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xinfo_groups(ONLINE_STREAM)
-        pipe.xpending(ONLINE_STREAM, GROUP)
-        pipe.xlen(ONLINE_STREAM)
-        groups, pending, length = pipe.execute(raise_on_error=False)
-        if isinstance(groups, Exception) or isinstance(pending, Exception):
-            return 0  # no stream yet: nothing queued
-        group = next((g for g in groups if text(g["name"]) == GROUP), None)
-        lag = group.get("lag") if group is not None else None
-        waiting = int(lag) if lag is not None else int(length)
-        return waiting + int(pending["pending"])
+        """Online requests waiting or in progress (``butd.workers.streams.stream_depth``: the
+        number admission compares with its limit), in one round trip."""
+        return q.stream_depth(self.client, ONLINE_STREAM)
 
     def pending_count(self) -> int:
         return sum(q.pending_count(self.client).values())

@@ -12,28 +12,30 @@ EXPIRE; the gateway BLPOPs it. Heads requests are cheap and have no side effects
 acked once answered, and is not reclaimed after a crash (the gateway answers 504 and the client
 retries). The stream is capped (``XADD MAXLEN ~ STREAM_MAXLEN``) instead of being trimmed by
 the janitor.
+
+Admission (depth = the group's lag + pending, checked and added in one Lua script), the depth
+itself, the group and the reply list are the primitives the online queue uses too
+(``butd.workers.streams``); only the stream, the keys and the message types are the heads' own.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import redis
-
-from butd.workers.protocol import GROUP, ProtocolError, decode_fields, stream_fields, text
+from butd.workers.protocol import ProtocolError, decode_fields
+from butd.workers.streams import enqueue_if_room, push_reply, wait_reply
 
 if TYPE_CHECKING:
+    import redis
+
     Client = redis.Redis
 
 HEADS_STREAM = "butd:heads"
 # Approximate cap of the stream's length (acked entries are not trimmed otherwise).
 STREAM_MAXLEN = 10_000
-# Longest single BLPOP / XREADGROUP block, seconds (below the clients' read timeouts).
-MAX_BLOCK_S = 10.0
 
 HeadTask = Literal["caption", "vqa"]
 HeadStatus = Literal["ok", "error", "expired", "unavailable"]
@@ -147,58 +149,23 @@ class HeadsResult:
         return cls(**known)
 
 
-def ensure_heads_group(r: Client) -> None:
-    """Create the ``workers`` group on ``butd:heads`` (MKSTREAM) unless it exists."""
-    try:
-        r.xgroup_create(HEADS_STREAM, GROUP, id="0", mkstream=True)
-    except redis.ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
-
-
-def heads_depth(r: Client) -> int:
-    """Heads requests waiting or being answered: the group's lag + pending (0 without it)."""
-    try:
-        groups = r.xinfo_groups(HEADS_STREAM)
-    except redis.ResponseError:
-        return 0
-    for g in groups:
-        if text(g.get("name")) == GROUP:
-            lag = g.get("lag")
-            waiting = int(lag) if lag is not None else int(r.xlen(HEADS_STREAM))
-            return waiting + int(g.get("pending", 0))
-    return int(r.xlen(HEADS_STREAM))
-
-
 def enqueue_heads(r: Client, request: HeadsRequest, *, max_depth: int) -> int | None:
-    """Queue one heads request unless ``max_depth`` are waiting or in progress.
+    """Queue one heads request unless ``max_depth`` are waiting or in progress, atomically
+    (``butd.workers.streams.enqueue_if_room``, the online queue's admission); the stream is
+    capped at about ``STREAM_MAXLEN`` entries.
 
     Returns:
         None when queued, else the depth that refused it.
     """
-    depth = heads_depth(r)
-    if depth >= max_depth:
-        return depth
-    r.xadd(HEADS_STREAM, stream_fields(request.to_fields()), maxlen=STREAM_MAXLEN, approximate=True)
-    return None
+    fields = request.to_fields()
+    return enqueue_if_room(r, HEADS_STREAM, fields, max_depth=max_depth, maxlen=STREAM_MAXLEN)
 
 
 def wait_heads_result(r: Client, request_id: str, timeout_s: float) -> HeadsResult | None:
     """Block until a worker answers ``request_id``; None after ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        reply = r.blpop([heads_result_key(request_id)], timeout=min(max(left, 0.01), MAX_BLOCK_S))
-        if reply is not None:
-            return HeadsResult.from_json(reply[1])
-        if left <= MAX_BLOCK_S:
-            return None
+    return wait_reply(r, heads_result_key(request_id), timeout_s, HeadsResult.from_json)
 
 
 def post_heads_result(r: Client, result: HeadsResult, *, ttl_s: int = 600) -> None:
     """Push one answer for the gateway (LPUSH + EXPIRE in one MULTI)."""
-    key = heads_result_key(result.request_id)
-    pipe = r.pipeline(transaction=True)
-    pipe.lpush(key, result.to_json())
-    pipe.expire(key, ttl_s)
-    pipe.execute()
+    push_reply(r, heads_result_key(result.request_id), result.to_json(), ttl_s=ttl_s)

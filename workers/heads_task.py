@@ -31,15 +31,10 @@ from butd.store.index import FeatureIndex
 from butd.store.objects import open_readers
 from butd.store.records import FeatureRecord
 from butd.workers import queue as q
-from butd.workers.heads_protocol import (
-    HEADS_STREAM,
-    HeadsRequest,
-    HeadsResult,
-    ensure_heads_group,
-    post_heads_result,
-)
+from butd.workers.heads_protocol import HEADS_STREAM, HeadsRequest, HeadsResult, post_heads_result
 from butd.workers.protocol import ProtocolError
 from butd.workers.settings import WorkerSettings
+from butd.workers.streams import ensure_group
 
 if TYPE_CHECKING:
     Client = redis.Redis
@@ -164,7 +159,7 @@ class HeadsServer(threading.Thread):
         while not self.stopping.is_set():
             try:
                 if not group_ok:
-                    ensure_heads_group(self.r)
+                    ensure_group(self.r, HEADS_STREAM)
                     group_ok = True
                 for entry in q.read_entries(
                     self.r, [HEADS_STREAM], self.consumer, count=1, block_ms=self.block_ms

@@ -46,6 +46,11 @@ done + failed == total (``failed`` when nothing succeeded); keys then expire aft
 Heartbeats: ``butd:worker:{id}`` holds a JSON ``Heartbeat`` with a TTL of a few refresh periods;
 ``live_workers`` lists them.
 
+Admission, depth, reply lists and ``MAX_BLOCK_S`` are the primitives of
+``butd.workers.streams``, shared with the heads queue (``butd.workers.heads_protocol``): an
+online request is admitted while ``stream_depth`` (the group's lag + pending) is below the
+limit, checked and added in one Lua script.
+
 Use a client from ``connect`` (bytes replies); str-decoding clients work for every function here
 except reading image bytes, which only the worker does.
 """
@@ -85,17 +90,25 @@ from butd.workers.protocol import (
     text,
     worker_key,
 )
+from butd.workers.streams import (
+    MAX_BLOCK_S,
+    Blob,
+    enqueue_if_room,
+    ensure_group,
+    push_reply,
+    stream_depth,
+    wait_reply,
+)
 from butd.workers.wire import decode_result, encode_result
 
 if TYPE_CHECKING:
-    from redis.typing import EncodableT
-
     Client = redis.Redis
 
 __all__ = [
     "DLQ_STREAM",
     "GROUP",
     "JOBS_STREAM",
+    "MAX_BLOCK_S",
     "ONLINE_STREAM",
     "Entry",
     "ack",
@@ -113,9 +126,9 @@ __all__ = [
     "mark_job_started",
     "pending_count",
     "post_result",
-    "queue_depth",
     "read_entries",
     "record_items",
+    "stream_depth",
     "touch",
     "trim_acked",
     "wait_result",
@@ -138,10 +151,6 @@ class Entry:
     fields: dict[str, str] | None
 
 
-# Longest single blocking call (BLPOP, XREADGROUP BLOCK), seconds; below the read timeout.
-MAX_BLOCK_S = 10.0
-
-
 def connect(url: str, *, socket_timeout: float = 30.0, connect_timeout: float = 5.0) -> Client:
     """A client with bytes replies and a read timeout above ``MAX_BLOCK_S`` (a dead host is
     noticed; blocking calls here never block longer than ``MAX_BLOCK_S`` at once)."""
@@ -157,11 +166,7 @@ def connect(url: str, *, socket_timeout: float = 30.0, connect_timeout: float = 
 def ensure_groups(r: Client) -> None:
     """Create the consumer group on both streams (and the streams), if missing."""
     for stream in STREAMS:
-        try:
-            r.xgroup_create(stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(r, stream)
 
 
 # --- gateway side -------------------------------------------------------------------------
@@ -187,81 +192,25 @@ def enqueue_online(
     return request
 
 
-# Admission and enqueue in one atomic round trip: depth = the group's lag (XLEN when unknown) +
-# its pending entries, as ``queue_depth`` + ``pending_count`` count them.
-# KEYS: stream, image key. ARGV: group, max depth, image TTL s, image bytes, field/value pairs.
-_ENQUEUE_IF_ROOM = """
-local depth = 0
-local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if ok then
-  for _, g in ipairs(groups) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == ARGV[1] then
-      local lag = f['lag']
-      if not lag then lag = redis.call('XLEN', KEYS[1]) end
-      depth = lag + f['pending']
-    end
-  end
-end
-if depth >= tonumber(ARGV[2]) then return {0, depth} end
-redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[3])
-local fields = {}
-for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('XADD', KEYS[1], '*', unpack(fields))
-return {1, depth}
-"""
-
-
 def enqueue_online_if_room(
     r: Client, request: OnlineRequest, data: bytes, *, max_depth: int, image_ttl_s: int = 300
 ) -> int | None:
     """Queue one online request with its bytes unless ``max_depth`` requests are waiting or
-    in progress: one atomic round trip (a Lua script), where a read of the depth followed by
-    ``enqueue_online`` would take two and could overshoot the limit.
+    in progress (``stream_depth``), atomically (``butd.workers.streams.enqueue_if_room``): the
+    bytes are stored under ``image_key`` only when the request is admitted.
 
     Returns:
         None when queued, else the depth that refused it.
     """
     key = image_key(request.request_id)
     fields = OnlineRequest(**{**request.__dict__, "image_key": key}).to_fields()
-    flat = [x for pair in fields.items() for x in pair]
-    args: list[EncodableT] = [GROUP, max_depth, image_ttl_s, data, *flat]
-    script = r.register_script(_ENQUEUE_IF_ROOM)  # EVALSHA, loaded once per server
-    queued, depth = script(keys=[ONLINE_STREAM, key], args=args)
-    return None if int(queued) else int(depth)
+    blob = Blob(key, data, image_ttl_s)
+    return enqueue_if_room(r, ONLINE_STREAM, fields, max_depth=max_depth, blob=blob)
 
 
 def wait_result(r: Client, request_id: str, timeout_s: float) -> OnlineResult | None:
     """Block until the worker reports on ``request_id``; None after ``timeout_s`` seconds."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = deadline - time.monotonic()
-        reply = r.blpop([result_key(request_id)], timeout=min(max(left, 0.01), MAX_BLOCK_S))
-        if reply is not None:
-            return decode_result(reply[1])
-        if left <= MAX_BLOCK_S:
-            return None
-
-
-def queue_depth(r: Client) -> dict[str, int]:
-    """Entries not yet delivered to any worker, per stream (the group's lag)."""
-    depth: dict[str, int] = {}
-    for stream in STREAMS:
-        depth[stream] = _lag(r, stream)
-    return depth
-
-
-def _lag(r: Client, stream: str) -> int:
-    try:
-        groups = r.xinfo_groups(stream)
-    except redis.ResponseError:  # no such stream yet
-        return 0
-    for g in groups:
-        if text(g["name"]) == GROUP:
-            lag = g.get("lag")
-            return int(lag) if lag is not None else int(r.xlen(stream))
-    return int(r.xlen(stream))
+    return wait_reply(r, result_key(request_id), timeout_s, decode_result)
 
 
 def pending_count(r: Client) -> dict[str, int]:
@@ -335,11 +284,7 @@ def ack(r: Client, stream: str, entry_ids: Iterable[str]) -> int:
 
 def post_result(r: Client, result: OnlineResult, *, ttl_s: int = 600) -> None:
     """Report on an online request: LPUSH the result (``encode_result``), EXPIRE the list."""
-    key = result_key(result.request_id)
-    pipe = r.pipeline(transaction=True)
-    pipe.lpush(key, encode_result(result))
-    pipe.expire(key, ttl_s)
-    pipe.execute()
+    push_reply(r, result_key(result.request_id), encode_result(result), ttl_s=ttl_s)
 
 
 def dead_letter(r: Client, entry: Entry, deliveries: int, reason: str) -> None:

@@ -38,9 +38,9 @@ def test_job_counts_each_item_once_however_often_it_is_reported(redis_url: str) 
     r = client(redis_url)
     status = q.create_job(r, "j", items(5), shard_size=2, options=ExtractOptions(max_boxes=36))
     assert (status.state, status.total) == ("queued", 5)
-    assert q.queue_depth(r)[JOBS_STREAM] == 3
+    assert q.stream_depth(r, JOBS_STREAM) == 3
     again = q.create_job(r, "j", items(9), shard_size=2)  # same id: nothing new is queued
-    assert again.total == 5 and q.queue_depth(r)[JOBS_STREAM] == 3
+    assert again.total == 5 and q.stream_depth(r, JOBS_STREAM) == 3
 
     assert q.mark_job_started(r, "j") == "running"
     assert q.record_items(r, "j", ["img0", "img1"], {}) == (2, 0, "running")
@@ -171,7 +171,7 @@ def test_trimming_keeps_pending_and_undelivered_entries(redis_url: str) -> None:
     q.ack(r, JOBS_STREAM, [first[1].entry_id])
     assert q.trim_acked(r, JOBS_STREAM, keep_ms=60_000) == 0  # young entries are kept
     assert q.trim_acked(r, JOBS_STREAM) == 3
-    assert r.xlen(JOBS_STREAM) == 6 and q.queue_depth(r)[JOBS_STREAM] == 6
+    assert r.xlen(JOBS_STREAM) == 6 and q.stream_depth(r, JOBS_STREAM) == 6
     assert len(q.read_entries(r, [JOBS_STREAM], "w", count=10)) == 6
 
 
@@ -197,7 +197,7 @@ def test_enqueue_if_room_counts_waiting_and_pending_entries_atomically(redis_url
         assert q.enqueue_online_if_room(r, req, b"img", max_depth=3, image_ttl_s=60) is None
     assert r.get("butd:image:r0") == b"img" and 0 < r.ttl("butd:image:r0") <= 60
     q.read_entries(r, [ONLINE_STREAM], "w", count=1)  # one delivered (pending), two waiting
-    assert q.queue_depth(r)[ONLINE_STREAM] + q.pending_count(r)[ONLINE_STREAM] == 3
+    assert q.stream_depth(r, ONLINE_STREAM) == 3 and q.pending_count(r)[ONLINE_STREAM] == 1
     late = OnlineRequest("r3", "s" * 64, "ns", "a3")
     assert q.enqueue_online_if_room(r, late, b"img", max_depth=3) == 3  # refused: full
     assert r.exists("butd:image:r3") == 0 and r.xlen(ONLINE_STREAM) == 3
