@@ -33,7 +33,8 @@ from butd.store.objects import is_url, read_url
 from butd.store.records import FeatureRecord
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
 from butd.workers.isolate import seal_isolated
-from butd.workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
+from butd.workers.options import ExtractOptions
+from butd.workers.protocol import JobShard, OnlineRequest, ProtocolError
 from butd.workers.queue import Entry
 
 log = logging.getLogger(__name__)

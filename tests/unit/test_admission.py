@@ -16,7 +16,8 @@ from butd.service.app import create_app
 from butd.service.budget import BudgetTimeoutError, PixelBudget
 from butd.service.settings import Settings
 from butd.workers.batcher import Outcome, Task
-from butd.workers.protocol import ExtractOptions, Heartbeat
+from butd.workers.options import ExtractOptions
+from butd.workers.protocol import Heartbeat
 from butd.workers.queue import Entry
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
 

@@ -26,7 +26,8 @@ from butd.workers.batcher import (
     tasks_from_online,
     tasks_from_shard,
 )
-from butd.workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
+from butd.workers.options import ExtractOptions
+from butd.workers.protocol import JobItem, JobShard, OnlineRequest
 from butd.workers.queue import Entry
 from butd.workers.sealer import Sealer
 

@@ -22,7 +22,7 @@ from butd.workers.files import (
     read_file,
     read_member,
 )
-from butd.workers.protocol import ExtractOptions
+from butd.workers.options import ExtractOptions
 from butd.workers.queue import Entry
 
 LIMITS = ReadLimits(timeout_s=5.0, max_bytes=1000)
