@@ -20,7 +20,6 @@ import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,22 +28,20 @@ import numpy.typing as npt
 from butd.detector.config import ExtractionConfig
 from butd.store import ids
 from butd.store.images import ImageError, decode_image
-from butd.store.objects import is_url, read_url
 from butd.store.records import FeatureRecord
-from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
+from butd.workers.files import DEFAULT_LIMITS, ReadLimits
 from butd.workers.isolate import seal_isolated
 from butd.workers.options import ExtractOptions
 from butd.workers.protocol import JobShard, OnlineRequest, ProtocolError
 from butd.workers.queue import Entry
+from butd.workers.sources import FetchFn, ImageSource, online_source, read_source, ref_source
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SEPARATOR = "::"
 AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
-FetchFn = Callable[[str], bytes | None]
 ComputedFn = Callable[[list["Outcome"]], None]
 
 
@@ -96,8 +93,8 @@ class Task:
         image_id: the caller's id of the image.
         namespace: the caller's id space.
         options: extraction overrides.
-        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path,
-            ``ARCHIVE::MEMBER`` or an object URL (``s3://bucket/key``).
+        source: where the bytes are (``butd.workers.sources``): uploaded to Redis, a file, an
+            archive member or an object URL.
         content_sha256: the hash the gateway computed ("" when unknown: job items).
         request_id: the online request ("" for job items).
         deadline_ms: epoch ms after which an online task is dropped (0 = none).
@@ -107,7 +104,7 @@ class Task:
     image_id: str
     namespace: str
     options: ExtractOptions
-    source: str
+    source: ImageSource
     content_sha256: str = ""
     request_id: str = ""
     deadline_ms: int = 0
@@ -126,7 +123,7 @@ def tasks_from_online(entry: Entry) -> Task:
         image_id=req.image_id or req.request_id,
         namespace=req.namespace,
         options=req.options,
-        source=f"redis:{req.image_key}" if req.image_key else req.path,
+        source=online_source(req.image_key, req.path),
         content_sha256=req.content_sha256,
         request_id=req.request_id,
         deadline_ms=req.deadline_ms,
@@ -137,7 +134,8 @@ def tasks_from_shard(entry: Entry) -> tuple[JobShard, list[Task]]:
     """The shard of a job entry and one task per item."""
     shard = JobShard.from_fields(entry.fields or {})
     tasks = [
-        Task(entry, item.image_id, shard.namespace, shard.options, item.ref) for item in shard.items
+        Task(entry, item.image_id, shard.namespace, shard.options, ref_source(item.ref))
+        for item in shard.items
     ]
     return shard, tasks
 
@@ -159,31 +157,6 @@ class Loaded:
         return self.image is not None
 
 
-def read_source(source: str, fetch: FetchFn, limits: ReadLimits = DEFAULT_LIMITS) -> bytes:
-    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, an fsspec URL
-    (``s3://bucket/key``), a file, or an archive member.
-
-    Files and members are read only when regular, within ``limits`` (``butd.workers.files``).
-
-    Raises:
-        FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
-    """
-    if source.startswith("redis:"):
-        data = fetch(source[len("redis:") :])
-        if data is None:
-            raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
-        return data
-    if is_url(source):  # s3://bucket/key or any fsspec URL (butd.store.objects)
-        return read_url(source)
-    if ARCHIVE_SEPARATOR in source:
-        archive, member = source.split(ARCHIVE_SEPARATOR, 1)
-        return read_member(Path(archive), member, limits)
-    path = Path(source)
-    if not path.is_absolute():
-        raise ValueError(f"image path must be absolute; got {source!r}")
-    return read_file(path, limits)
-
-
 def load_task(
     task: Task, fetch: FetchFn, *, max_pixels: int, limits: ReadLimits = DEFAULT_LIMITS
 ) -> Loaded:
@@ -197,7 +170,7 @@ def load_task(
     try:
         data = read_source(task.source, fetch, limits)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
-        return Loaded(task, reason=f"cannot read {task.source!r}: {exc}")
+        return Loaded(task, reason=f"cannot read {str(task.source)!r}: {exc}")
     sha = hashlib.sha256(data).hexdigest()
     if task.content_sha256 and task.content_sha256 != sha:
         reason = f"content sha256 {sha} differs from the request's {task.content_sha256}"

@@ -19,6 +19,7 @@ from butd.workers.batcher import Outcome, Task
 from butd.workers.options import ExtractOptions
 from butd.workers.protocol import Heartbeat
 from butd.workers.queue import Entry
+from butd.workers.sources import Uploaded
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
 
 
@@ -155,5 +156,5 @@ def test_the_worker_measures_seconds_per_image_and_its_loop_progress() -> None:
 
 
 def _ok() -> Outcome:
-    task = Task(Entry("butd:online", "1-0", {}), "id", "ns", ExtractOptions(), "redis:k")
+    task = Task(Entry("butd:online", "1-0", {}), "id", "ns", ExtractOptions(), Uploaded("k"))
     return Outcome(task, True)

@@ -22,7 +22,6 @@ from butd.workers.batcher import (
     Task,
     fill_batch,
     load_task,
-    read_source,
     tasks_from_online,
     tasks_from_shard,
 )
@@ -30,6 +29,7 @@ from butd.workers.options import ExtractOptions
 from butd.workers.protocol import JobItem, JobShard, OnlineRequest
 from butd.workers.queue import Entry
 from butd.workers.sealer import Sealer
+from butd.workers.sources import LocalFile, Uploaded, read_source, ref_source
 
 
 def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
@@ -112,7 +112,7 @@ def task(tmp_path: Path, name: str, data: bytes, options: ExtractOptions | None 
     path = tmp_path / name
     path.write_bytes(data)
     entry = Entry("butd:jobs", "1-0", {})
-    return Task(entry, name, "ns", options or ExtractOptions(), str(path))
+    return Task(entry, name, "ns", options or ExtractOptions(), LocalFile(path))
 
 
 # --- fill_batch ---------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_fill_batch_with_zero_wait_only_takes_what_is_queued() -> None:
 def test_online_entry_becomes_a_task() -> None:
     req = OnlineRequest("r1", "ab" * 32, "coco", "42", ExtractOptions(max_boxes=36), 123, "k1")
     t = tasks_from_online(Entry("butd:online", "5-0", req.to_fields()))
-    assert (t.request_id, t.image_id, t.namespace, t.source) == ("r1", "42", "coco", "redis:k1")
+    assert (t.request_id, t.image_id, t.namespace, t.source) == ("r1", "42", "coco", Uploaded("k1"))
     assert t.options == ExtractOptions(max_boxes=36)
     assert t.expired(124) and not t.expired(123)
 
@@ -206,8 +206,8 @@ def test_shard_entry_becomes_one_task_per_item() -> None:
     parsed, tasks = tasks_from_shard(Entry("butd:jobs", "7-0", shard.to_fields()))
     assert parsed == shard
     assert [(t.image_id, t.source, t.namespace) for t in tasks] == [
-        ("a", "/a.jpg", "x"),
-        ("b", "/b.jpg", "x"),
+        ("a", LocalFile(Path("/a.jpg")), "x"),
+        ("b", LocalFile(Path("/b.jpg")), "x"),
     ]
 
 
@@ -225,13 +225,17 @@ def test_load_task_reports_each_failure_with_a_reason(tmp_path: Path) -> None:
     big = load_task(task(tmp_path, "big.png", png_bytes()), lambda k: None, max_pixels=100)
     assert not big.ok and "TooManyPixels" in big.reason
 
-    gone = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), str(tmp_path / "missing.png"))
+    gone = Task(
+        Entry("s", "1-0", {}), "x", "", ExtractOptions(), LocalFile(tmp_path / "missing.png")
+    )
     missing = load_task(gone, lambda k: None, max_pixels=10**6)
     assert not missing.ok and "missing.png" in missing.reason
 
 
 def test_load_task_checks_the_gateway_hash() -> None:
-    t = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), "redis:k", content_sha256="0" * 64)
+    t = Task(
+        Entry("s", "1-0", {}), "x", "", ExtractOptions(), Uploaded("k"), content_sha256="0" * 64
+    )
     loaded = load_task(t, lambda k: png_bytes(), max_pixels=10**6)
     assert not loaded.ok and "differs" in loaded.reason
     expired = load_task(t, lambda k: None, max_pixels=10**6)
@@ -247,12 +251,12 @@ def test_read_source_reads_archive_members(tmp_path: Path) -> None:
         info = tarfile.TarInfo("y.png")
         info.size = 6
         tf.addfile(info, io.BytesIO(b"tarred"))
-    assert read_source(f"{zpath}::dir/x.png", lambda k: None) == b"zipped"
-    assert read_source(f"{tpath}::y.png", lambda k: None) == b"tarred"
+    assert read_source(ref_source(f"{zpath}::dir/x.png"), lambda k: None) == b"zipped"
+    assert read_source(ref_source(f"{tpath}::y.png"), lambda k: None) == b"tarred"
     with pytest.raises(KeyError):
-        read_source(f"{zpath}::nope.png", lambda k: None)
+        read_source(ref_source(f"{zpath}::nope.png"), lambda k: None)
     with pytest.raises(ValueError, match="absolute"):
-        read_source("relative/x.png", lambda k: None)
+        read_source(ref_source("relative/x.png"), lambda k: None)
 
 
 # --- Processor ----------------------------------------------------------------------------
