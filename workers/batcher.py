@@ -32,6 +32,7 @@ from butd.store.records import FeatureRecord
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits
 from butd.workers.isolate import seal_isolated
 from butd.workers.options import ExtractOptions
+from butd.workers.outcomes import Cached, Extracted, Failed, Outcome
 from butd.workers.protocol import JobShard, OnlineRequest, ProtocolError
 from butd.workers.queue import Entry
 from butd.workers.sources import FetchFn, ImageSource, online_source, read_source, ref_source
@@ -42,7 +43,7 @@ AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
-ComputedFn = Callable[[list["Outcome"]], None]
+ComputedFn = Callable[[list[Outcome]], None]
 
 
 def fill_batch(
@@ -252,20 +253,6 @@ class StoredItem:
     image_id: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one task."""
-
-    task: Task
-    ok: bool
-    content_sha256: str = ""
-    model_version: str = ""
-    num_boxes: int = 0
-    cached: bool = False
-    reason: str = ""
-    record: FeatureRecord | None = None
-
-
 class Processor:
     """Load, skip what is stored, extract, seal: one batch of tasks to one outcome each.
 
@@ -298,8 +285,8 @@ class Processor:
         """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id).
 
         Args:
-            on_computed: called with each options group's outcomes (computed ones carry their
-                ``record``) after extraction and *before* the group is sealed: the online path
+            on_computed: called with each options group's outcomes (``Extracted`` ones carry
+                their ``record``) after extraction and *before* the group is sealed: the online path
                 answers there. An exception it raises propagates; nothing is sealed then.
         """
         start = time.perf_counter()
@@ -315,9 +302,9 @@ class Processor:
             "batch %s: %d images, %d computed, %d cached, %d failed in %.3fs",
             name,
             len(tasks),
-            sum(o.ok and not o.cached for o in result),
-            sum(o.cached for o in result),
-            sum(not o.ok for o in result),
+            sum(isinstance(o, Extracted) for o in result),
+            sum(isinstance(o, Cached) for o in result),
+            sum(isinstance(o, Failed) for o in result),
             time.perf_counter() - start,
         )
         return result
@@ -346,7 +333,7 @@ class Processor:
         try:
             config = self.config_for(options)
         except ValueError as exc:
-            return [Outcome(x.task, False, x.content_sha256, reason=str(exc)) for x in group]
+            return [Failed(x.task, str(exc), x.content_sha256) for x in group]
         version = self.extractor.version_for(config)
         fresh = [x for x in group if x.ok]
         known = stored(self.sink, version, [x.content_sha256 for x in fresh])
@@ -354,54 +341,63 @@ class Processor:
         for x, is_stored in zip(fresh, known, strict=True):
             if not is_stored:
                 todo.setdefault(x.content_sha256, x)
-        computed = self._compute(list(todo.values()), config)
-        new = [s for s in computed.values() if isinstance(s, StoredItem)]
-        outcomes = [self._outcome(x, version, computed) for x in group]
+        computed = {
+            o.content_sha256: o for o in self._extract(list(todo.values()), version, config)
+        }
+        outcomes = [_outcome(x, version, computed) for x in group]
         if on_computed is not None:
             on_computed(outcomes)
-        aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
+        new = [
+            StoredItem(o.record, o.content_sha256, o.task.namespace, o.task.image_id)
+            for o in computed.values()
+            if isinstance(o, Extracted)
+        ]
+        aliases = [
+            (o.task.namespace, o.task.image_id, o.content_sha256)
+            for o in outcomes
+            if not isinstance(o, Failed)
+        ]
         if new or aliases:
             lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
                                  config.to_json(), aliases)  # fmt: skip
             outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
-    def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
-        images = [x.staged if x.staged is not None else x.image for x in todo]
-        shas = [x.content_sha256 for x in todo]
-        results = self._extract(images, shas, config)
-        return {
-            x.content_sha256: (
-                res
-                if isinstance(res, str)
-                else StoredItem(res, x.content_sha256, x.task.namespace, x.task.image_id)
-            )
-            for x, res in zip(todo, results, strict=True)
-        }
-
     def _extract(
-        self, images: list[Any], ids: list[str], config: ExtractionConfig
-    ) -> list[FeatureRecord | str]:
-        """Records in order; an image the model fails on alone gets a reason instead."""
-        if not images:
-            return []
-        try:
-            return list(self.extractor.extract(images, ids, config=config))
-        except Exception as exc:  # isolate the image that breaks the model, keep the others
-            if len(images) == 1:
-                log.warning("extraction of %s failed: %r", ids[0], exc)
-                return [f"extraction failed: {type(exc).__name__}: {exc}"]
-        return [self._extract([im], [i], config)[0] for im, i in zip(images, ids, strict=True)]
+        self, todo: Sequence[Loaded], version: str, config: ExtractionConfig
+    ) -> list[Extracted | Failed]:
+        """One outcome per image, in order; an image the model fails on alone fails alone.
 
-    @staticmethod
-    def _outcome(x: Loaded, version: str, computed: dict[str, StoredItem | str]) -> Outcome:
-        sha = x.content_sha256
-        if not x.ok:
-            return Outcome(x.task, False, sha, reason=x.reason)
-        res = computed.get(sha)
-        if res is None:
-            return Outcome(x.task, True, sha, version, cached=True)
-        if isinstance(res, str):
-            return Outcome(x.task, False, sha, reason=res)
-        record = replace(res.record, image_id=x.task.image_id)
-        return Outcome(x.task, True, sha, version, num_boxes=record.num_boxes, record=record)
+        Each record is made under its task's ``image_id`` (named once, here)."""
+        if not todo:
+            return []
+        images = [x.staged if x.staged is not None else x.image for x in todo]
+        names = [x.task.image_id for x in todo]
+        try:
+            records = self.extractor.extract(images, names, config=config)
+        except Exception as exc:  # isolate the image that breaks the model, keep the others
+            if len(todo) > 1:
+                return [o for x in todo for o in self._extract([x], version, config)]
+            log.warning("extraction of %s failed: %r", names[0], exc)
+            reason = f"extraction failed: {type(exc).__name__}: {exc}"
+            return [Failed(todo[0].task, reason, todo[0].content_sha256)]
+        return [
+            Extracted(x.task, x.content_sha256, version, record)
+            for x, record in zip(todo, records, strict=True)
+        ]
+
+
+def _outcome(x: Loaded, version: str, computed: dict[str, Extracted | Failed]) -> Outcome:
+    """The outcome of one loaded task, given what its group computed (by content)."""
+    sha = x.content_sha256
+    if not x.ok:
+        return Failed(x.task, x.reason, sha)
+    done = computed.get(sha)
+    if done is None:
+        return Cached(x.task, sha, version)
+    if done.task is x.task:
+        return done
+    if isinstance(done, Failed):
+        return Failed(x.task, done.reason, sha)
+    # The same bytes under another id of this batch: computed once, answered under this id.
+    return Extracted(x.task, sha, version, replace(done.record, image_id=x.task.image_id))

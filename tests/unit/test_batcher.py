@@ -26,6 +26,7 @@ from butd.workers.batcher import (
     tasks_from_shard,
 )
 from butd.workers.options import ExtractOptions
+from butd.workers.outcomes import Cached, Extracted, Failed
 from butd.workers.protocol import JobItem, JobShard, OnlineRequest
 from butd.workers.queue import Entry
 from butd.workers.sealer import Sealer
@@ -270,8 +271,8 @@ def test_a_bad_image_fails_only_itself(tmp_path: Path) -> None:
         task(tmp_path, "c.png", png_bytes(value=3)),
     ]
     out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(tasks, "n")
-    assert [o.ok for o in out] == [True, False, True]
-    assert out[1].reason
+    assert [type(o) for o in out] == [Extracted, Failed, Extracted]
+    assert isinstance(out[1], Failed) and "NotAnImageError" in out[1].reason
     assert len(ext.calls) == 1 and len(ext.calls[0]) == 2
     assert len(sink.stored) == 2 and len(sink.seals) == 1
     assert [a[1] for a in sink.aliases] == ["a.png", "c.png"]
@@ -282,10 +283,11 @@ def test_stored_content_is_not_recomputed_and_duplicates_run_once(tmp_path: Path
     proc = Processor(ext, sink, lambda k: None, max_pixels=10**6)
     same = png_bytes(value=7)
     first = proc.run([task(tmp_path, "a.png", same), task(tmp_path, "b.png", same)], "n1")
-    assert all(o.ok and not o.cached and o.num_boxes == 2 for o in first)
+    assert all(isinstance(o, Extracted) and o.record.num_boxes == 2 for o in first)
+    assert [o.record.image_id for o in first if isinstance(o, Extracted)] == ["a.png", "b.png"]
     assert len(ext.calls[0]) == 1  # same bytes, computed once
     again = proc.run([task(tmp_path, "c.png", same)], "n2")
-    assert again[0].ok and again[0].cached
+    assert isinstance(again[0], Cached)
     assert len(ext.calls) == 1 and len(sink.seals) == 1
     assert sorted(a[1] for a in sink.aliases) == ["a.png", "b.png", "c.png"]
 
@@ -307,18 +309,17 @@ def test_batch_is_split_by_options(tmp_path: Path) -> None:
 def test_inconsistent_options_fail_their_items(tmp_path: Path) -> None:
     proc = Processor(FakeExtractor(), FakeSink(), lambda k: None, max_pixels=10**6)
     out = proc.run([task(tmp_path, "a.png", png_bytes(), ExtractOptions(min_boxes=200))], "n")
-    assert not out[0].ok and "min_boxes" in out[0].reason
+    assert isinstance(out[0], Failed) and "min_boxes" in out[0].reason
 
 
 def test_an_image_that_breaks_the_model_is_isolated(tmp_path: Path) -> None:
     good, bad = png_bytes(value=1), png_bytes(value=9)
-    bad_sha = hashlib.sha256(bad).hexdigest()
-    ext, sink = FakeExtractor(fail_ids=[bad_sha]), FakeSink()
+    ext, sink = FakeExtractor(fail_ids=["b.png"]), FakeSink()
     out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(
         [task(tmp_path, "g.png", good), task(tmp_path, "b.png", bad)], "n"
     )
-    assert out[0].ok and not out[1].ok
-    assert "extraction failed: RuntimeError" in out[1].reason
+    assert isinstance(out[0], Extracted) and isinstance(out[1], Failed)
+    assert out[1].reason == "extraction failed: RuntimeError: model broke on b.png"
     assert len(sink.stored) == 1
 
 
