@@ -18,9 +18,9 @@ import redis
 from butd.service.backend import RequestClaim
 from butd.workers import heads_protocol as hq
 from butd.workers import queue as q
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
     ONLINE_STREAM,
-    ExtractOptions,
     Heartbeat,
     JobItem,
     JobStatus,

@@ -18,8 +18,8 @@ from typing import Protocol
 
 from butd.store.records import FeatureRecord
 from butd.workers.heads_protocol import HeadsRequest, HeadsResult
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
-    ExtractOptions,
     Heartbeat,
     JobItem,
     JobStatus,

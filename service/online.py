@@ -36,7 +36,8 @@ from butd.service.errors import (
 from butd.service.metrics import LATENCY_BUCKETS, Metrics
 from butd.service.settings import Settings
 from butd.store.images import decode_image, probe_image
-from butd.workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
+from butd.workers.options import ExtractOptions
+from butd.workers.protocol import Heartbeat, OnlineRequest, OnlineResult
 from butd.workers.wire import ModelMeta
 
 logger = logging.getLogger(__name__)

@@ -7,45 +7,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 
 from butd.store import ids
+from butd.workers.options import ExtractOptions
 
 # Paths one JSON job may name (each a file or a directory).
 MAX_JOB_PATHS = 10_000
 
 FeatureDtype = Literal["float16", "float32"]
-
-
-class ExtractOptions(BaseModel):
-    """Per-request selection options; None = the worker's extraction config.
-
-    Any option set makes a different ``model_version`` (it is part of the cache key), so such a
-    request always reaches a worker; the response names the version it was computed under.
-    """
-
-    min_boxes: int | None = Field(default=None, ge=1, le=1000, description="fewest regions kept")
-    max_boxes: int | None = Field(default=None, ge=1, le=1000, description="most regions kept")
-    conf_thresh: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="class-confidence threshold of the 10-100 rule"
-    )
-    grid_size: int | None = Field(
-        default=None,
-        ge=0,
-        le=32,
-        description="also return a G x G grid of res5 features from the same pass (0 = none)",
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ExtractOptions:
-        lo, hi = self.min_boxes, self.max_boxes
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(f"need min_boxes <= max_boxes; got {lo} > {hi}")
-        return self
-
-    def as_dict(self) -> dict[str, int | float]:
-        """Only the options that were set."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class FeatureArray(BaseModel):

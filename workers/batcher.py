@@ -20,7 +20,6 @@ import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,22 +28,22 @@ import numpy.typing as npt
 from butd.detector.config import ExtractionConfig
 from butd.store import ids
 from butd.store.images import ImageError, decode_image
-from butd.store.objects import is_url, read_url
 from butd.store.records import FeatureRecord
-from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
+from butd.workers.files import DEFAULT_LIMITS, ReadLimits
 from butd.workers.isolate import seal_isolated
-from butd.workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
+from butd.workers.options import ExtractOptions
+from butd.workers.outcomes import Cached, Extracted, Failed, Outcome
+from butd.workers.protocol import JobShard, OnlineRequest, ProtocolError
 from butd.workers.queue import Entry
+from butd.workers.sources import FetchFn, ImageSource, online_source, read_source, ref_source
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_SEPARATOR = "::"
 AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
-FetchFn = Callable[[str], bytes | None]
-ComputedFn = Callable[[list["Outcome"]], None]
+ComputedFn = Callable[[list[Outcome]], None]
 
 
 def fill_batch(
@@ -95,8 +94,8 @@ class Task:
         image_id: the caller's id of the image.
         namespace: the caller's id space.
         options: extraction overrides.
-        source: where the bytes are: ``redis:KEY`` (uploaded), an absolute path,
-            ``ARCHIVE::MEMBER`` or an object URL (``s3://bucket/key``).
+        source: where the bytes are (``butd.workers.sources``): uploaded to Redis, a file, an
+            archive member or an object URL.
         content_sha256: the hash the gateway computed ("" when unknown: job items).
         request_id: the online request ("" for job items).
         deadline_ms: epoch ms after which an online task is dropped (0 = none).
@@ -106,7 +105,7 @@ class Task:
     image_id: str
     namespace: str
     options: ExtractOptions
-    source: str
+    source: ImageSource
     content_sha256: str = ""
     request_id: str = ""
     deadline_ms: int = 0
@@ -125,7 +124,7 @@ def tasks_from_online(entry: Entry) -> Task:
         image_id=req.image_id or req.request_id,
         namespace=req.namespace,
         options=req.options,
-        source=f"redis:{req.image_key}" if req.image_key else req.path,
+        source=online_source(req.image_key, req.path),
         content_sha256=req.content_sha256,
         request_id=req.request_id,
         deadline_ms=req.deadline_ms,
@@ -136,7 +135,8 @@ def tasks_from_shard(entry: Entry) -> tuple[JobShard, list[Task]]:
     """The shard of a job entry and one task per item."""
     shard = JobShard.from_fields(entry.fields or {})
     tasks = [
-        Task(entry, item.image_id, shard.namespace, shard.options, item.ref) for item in shard.items
+        Task(entry, item.image_id, shard.namespace, shard.options, ref_source(item.ref))
+        for item in shard.items
     ]
     return shard, tasks
 
@@ -158,31 +158,6 @@ class Loaded:
         return self.image is not None
 
 
-def read_source(source: str, fetch: FetchFn, limits: ReadLimits = DEFAULT_LIMITS) -> bytes:
-    """Bytes of a task's source: ``redis:KEY`` through ``fetch``, an fsspec URL
-    (``s3://bucket/key``), a file, or an archive member.
-
-    Files and members are read only when regular, within ``limits`` (``butd.workers.files``).
-
-    Raises:
-        FileNotFoundError, KeyError, OSError, ValueError: with a message naming the source.
-    """
-    if source.startswith("redis:"):
-        data = fetch(source[len("redis:") :])
-        if data is None:
-            raise FileNotFoundError(f"uploaded bytes {source[6:]!r} are gone (TTL passed)")
-        return data
-    if is_url(source):  # s3://bucket/key or any fsspec URL (butd.store.objects)
-        return read_url(source)
-    if ARCHIVE_SEPARATOR in source:
-        archive, member = source.split(ARCHIVE_SEPARATOR, 1)
-        return read_member(Path(archive), member, limits)
-    path = Path(source)
-    if not path.is_absolute():
-        raise ValueError(f"image path must be absolute; got {source!r}")
-    return read_file(path, limits)
-
-
 def load_task(
     task: Task, fetch: FetchFn, *, max_pixels: int, limits: ReadLimits = DEFAULT_LIMITS
 ) -> Loaded:
@@ -196,7 +171,7 @@ def load_task(
     try:
         data = read_source(task.source, fetch, limits)
     except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
-        return Loaded(task, reason=f"cannot read {task.source!r}: {exc}")
+        return Loaded(task, reason=f"cannot read {str(task.source)!r}: {exc}")
     sha = hashlib.sha256(data).hexdigest()
     if task.content_sha256 and task.content_sha256 != sha:
         reason = f"content sha256 {sha} differs from the request's {task.content_sha256}"
@@ -278,20 +253,6 @@ class StoredItem:
     image_id: str
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """The result of one task."""
-
-    task: Task
-    ok: bool
-    content_sha256: str = ""
-    model_version: str = ""
-    num_boxes: int = 0
-    cached: bool = False
-    reason: str = ""
-    record: FeatureRecord | None = None
-
-
 class Processor:
     """Load, skip what is stored, extract, seal: one batch of tasks to one outcome each.
 
@@ -324,8 +285,8 @@ class Processor:
         """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id).
 
         Args:
-            on_computed: called with each options group's outcomes (computed ones carry their
-                ``record``) after extraction and *before* the group is sealed: the online path
+            on_computed: called with each options group's outcomes (``Extracted`` ones carry
+                their ``record``) after extraction and *before* the group is sealed: the online path
                 answers there. An exception it raises propagates; nothing is sealed then.
         """
         start = time.perf_counter()
@@ -341,9 +302,9 @@ class Processor:
             "batch %s: %d images, %d computed, %d cached, %d failed in %.3fs",
             name,
             len(tasks),
-            sum(o.ok and not o.cached for o in result),
-            sum(o.cached for o in result),
-            sum(not o.ok for o in result),
+            sum(isinstance(o, Extracted) for o in result),
+            sum(isinstance(o, Cached) for o in result),
+            sum(isinstance(o, Failed) for o in result),
             time.perf_counter() - start,
         )
         return result
@@ -372,7 +333,7 @@ class Processor:
         try:
             config = self.config_for(options)
         except ValueError as exc:
-            return [Outcome(x.task, False, x.content_sha256, reason=str(exc)) for x in group]
+            return [Failed(x.task, str(exc), x.content_sha256) for x in group]
         version = self.extractor.version_for(config)
         fresh = [x for x in group if x.ok]
         known = stored(self.sink, version, [x.content_sha256 for x in fresh])
@@ -380,54 +341,63 @@ class Processor:
         for x, is_stored in zip(fresh, known, strict=True):
             if not is_stored:
                 todo.setdefault(x.content_sha256, x)
-        computed = self._compute(list(todo.values()), config)
-        new = [s for s in computed.values() if isinstance(s, StoredItem)]
-        outcomes = [self._outcome(x, version, computed) for x in group]
+        computed = {
+            o.content_sha256: o for o in self._extract(list(todo.values()), version, config)
+        }
+        outcomes = [_outcome(x, version, computed) for x in group]
         if on_computed is not None:
             on_computed(outcomes)
-        aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
+        new = [
+            StoredItem(o.record, o.content_sha256, o.task.namespace, o.task.image_id)
+            for o in computed.values()
+            if isinstance(o, Extracted)
+        ]
+        aliases = [
+            (o.task.namespace, o.task.image_id, o.content_sha256)
+            for o in outcomes
+            if not isinstance(o, Failed)
+        ]
         if new or aliases:
             lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
                                  config.to_json(), aliases)  # fmt: skip
             outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
-    def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
-        images = [x.staged if x.staged is not None else x.image for x in todo]
-        shas = [x.content_sha256 for x in todo]
-        results = self._extract(images, shas, config)
-        return {
-            x.content_sha256: (
-                res
-                if isinstance(res, str)
-                else StoredItem(res, x.content_sha256, x.task.namespace, x.task.image_id)
-            )
-            for x, res in zip(todo, results, strict=True)
-        }
-
     def _extract(
-        self, images: list[Any], ids: list[str], config: ExtractionConfig
-    ) -> list[FeatureRecord | str]:
-        """Records in order; an image the model fails on alone gets a reason instead."""
-        if not images:
-            return []
-        try:
-            return list(self.extractor.extract(images, ids, config=config))
-        except Exception as exc:  # isolate the image that breaks the model, keep the others
-            if len(images) == 1:
-                log.warning("extraction of %s failed: %r", ids[0], exc)
-                return [f"extraction failed: {type(exc).__name__}: {exc}"]
-        return [self._extract([im], [i], config)[0] for im, i in zip(images, ids, strict=True)]
+        self, todo: Sequence[Loaded], version: str, config: ExtractionConfig
+    ) -> list[Extracted | Failed]:
+        """One outcome per image, in order; an image the model fails on alone fails alone.
 
-    @staticmethod
-    def _outcome(x: Loaded, version: str, computed: dict[str, StoredItem | str]) -> Outcome:
-        sha = x.content_sha256
-        if not x.ok:
-            return Outcome(x.task, False, sha, reason=x.reason)
-        res = computed.get(sha)
-        if res is None:
-            return Outcome(x.task, True, sha, version, cached=True)
-        if isinstance(res, str):
-            return Outcome(x.task, False, sha, reason=res)
-        record = replace(res.record, image_id=x.task.image_id)
-        return Outcome(x.task, True, sha, version, num_boxes=record.num_boxes, record=record)
+        Each record is made under its task's ``image_id`` (named once, here)."""
+        if not todo:
+            return []
+        images = [x.staged if x.staged is not None else x.image for x in todo]
+        names = [x.task.image_id for x in todo]
+        try:
+            records = self.extractor.extract(images, names, config=config)
+        except Exception as exc:  # isolate the image that breaks the model, keep the others
+            if len(todo) > 1:
+                return [o for x in todo for o in self._extract([x], version, config)]
+            log.warning("extraction of %s failed: %r", names[0], exc)
+            reason = f"extraction failed: {type(exc).__name__}: {exc}"
+            return [Failed(todo[0].task, reason, todo[0].content_sha256)]
+        return [
+            Extracted(x.task, x.content_sha256, version, record)
+            for x, record in zip(todo, records, strict=True)
+        ]
+
+
+def _outcome(x: Loaded, version: str, computed: dict[str, Extracted | Failed]) -> Outcome:
+    """The outcome of one loaded task, given what its group computed (by content)."""
+    sha = x.content_sha256
+    if not x.ok:
+        return Failed(x.task, x.reason, sha)
+    done = computed.get(sha)
+    if done is None:
+        return Cached(x.task, sha, version)
+    if done.task is x.task:
+        return done
+    if isinstance(done, Failed):
+        return Failed(x.task, done.reason, sha)
+    # The same bytes under another id of this batch: computed once, answered under this id.
+    return Extracted(x.task, sha, version, replace(done.record, image_id=x.task.image_id))

@@ -31,13 +31,13 @@ import redis
 
 from butd.workers import queue as q
 from butd.workers.batcher import (
-    Outcome,
     Processor,
     Task,
     chunks,
     tasks_from_online,
     tasks_from_shard,
 )
+from butd.workers.outcomes import Failed, Outcome
 from butd.workers.pipeline import Finisher, InlineSteps
 from butd.workers.protocol import (
     ONLINE_STREAM,
@@ -87,7 +87,7 @@ class Counters:
         with ``seconds`` (the batch's duration), update ``seconds_per_image``."""
         self.batches += 1
         self.images += len(outcomes)
-        self.errors += sum(not o.ok for o in outcomes)
+        self.errors += sum(isinstance(o, Failed) for o in outcomes)
         if seconds is not None and outcomes:
             spi = seconds / len(outcomes)
             old = self.seconds_per_image
@@ -267,8 +267,8 @@ class ShardHandler:
         lost = take() if take is not None else None
         if lost:
             outcomes = [lost.fail(o) for o in outcomes]
-        done = [o.task.image_id for o in outcomes if o.ok]
-        failed = {o.task.image_id: o.reason for o in outcomes if not o.ok}
+        done = [o.task.image_id for o in outcomes if not isinstance(o, Failed)]
+        failed = {o.task.image_id: o.reason for o in outcomes if isinstance(o, Failed)}
         q.record_items(self.r, job_id, done, failed)
 
     def _hand_off(self, entry: q.Entry, shard: JobShard, start: int) -> None:

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from butd.workers.outcomes import Failed, Outcome
+
 if TYPE_CHECKING:
-    from butd.workers.batcher import AliasTriple, FeatureSink, Outcome, StoredItem
+    from butd.workers.batcher import AliasTriple, FeatureSink, StoredItem
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +37,15 @@ class Unstored:
         return bool(self.records or self.aliases)
 
     def fail(self, outcome: Outcome) -> Outcome:
-        """``outcome`` failed with the reason when its record or alias was not stored."""
+        """``outcome`` ``Failed`` with the reason when its record or alias was not stored."""
+        if isinstance(outcome, Failed):
+            return outcome
         reason = self.records.get(outcome.content_sha256) or self.aliases.get(
             (outcome.task.namespace, outcome.task.image_id)
         )
-        if not outcome.ok or reason is None:
+        if reason is None:
             return outcome
-        return replace(outcome, ok=False, reason=f"cannot be stored: {reason}", record=None)
+        return Failed(outcome.task, f"cannot be stored: {reason}", outcome.content_sha256)
 
 
 def seal_isolated(

@@ -12,15 +12,16 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
     JOBS_STREAM,
-    ExtractOptions,
     JobItem,
     JobShard,
     JobState,
     JobStatus,
     ProtocolError,
     decode_fields,
+    decode_options,
     job_errors_key,
     job_key,
     job_seen_key,
@@ -130,7 +131,7 @@ def job_status(
         eta_s=eta,
         errors=dict(sorted(errors.items())),
         namespace=f.get("namespace", ""),
-        options=ExtractOptions.from_json(f.get("options") or None),
+        options=decode_options(f.get("options") or None),
     )
 
 

@@ -40,7 +40,6 @@ from butd.workers.batcher import (
     AliasTriple,
     ExtractorLike,
     FeatureSink,
-    FetchFn,
     Loaded,
     Processor,
     StoredItem,
@@ -52,6 +51,7 @@ from butd.workers.files import DEFAULT_LIMITS, ReadLimits
 from butd.workers.isolate import Unstored, seal_isolated
 from butd.workers.sealer import PendingSeals
 from butd.workers.settings import WorkerSettings
+from butd.workers.sources import FetchFn
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,17 @@ keys and values, depending on the client's ``decode_responses``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from butd.store.records import FeatureRecord
+from butd.workers.options import ExtractOptions, bounds
 
 if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
     from redis.typing import EncodableT, FieldT
 
 # Streams, consumer group and dead letters.
@@ -31,9 +34,6 @@ STREAMS: tuple[str, ...] = (ONLINE_STREAM, JOBS_STREAM)
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 ResultStatus = Literal["ok", "error", "expired"]
 TERMINAL_STATES: frozenset[str] = frozenset({"done", "failed", "cancelled"})
-
-# Largest grid side a request may ask for (butd.detector.config.MAX_GRID_SIZE; torch-free copy).
-MAX_GRID_SIZE = 32
 
 
 class ProtocolError(ValueError):
@@ -121,61 +121,48 @@ def _require(fields: Mapping[str, str], name: str) -> str:
         raise ProtocolError(f"stream entry lacks field {name!r}; has {sorted(fields)}") from None
 
 
-@dataclass(frozen=True)
-class ExtractOptions:
-    """Per-request overrides of the worker's ``ExtractionConfig``; None keeps the default.
+# The wire's numbers: JSON numbers, or strings a number parses from (as ``int()`` / ``float()``).
+_OPTION_TYPES: dict[str, type[int] | type[float]] = {
+    "min_boxes": int,
+    "max_boxes": int,
+    "conf_thresh": float,
+    "grid_size": int,
+}
 
-    Attributes:
-        min_boxes: fewest regions per image (1..max_boxes).
-        max_boxes: most regions per image.
-        conf_thresh: class-confidence threshold in [0, 1].
-        grid_size: G > 0 also computes a G x G grid of features per image (0 = none).
+
+def decode_options(data: str | Mapping[str, Any] | None) -> ExtractOptions:
+    """The ``options`` field of a stream entry or job hash, validated (a worker's edge).
+
+    Raises:
+        ProtocolError: not a JSON object, an unknown name, a value that is not a number or
+            breaks a rule of ``ExtractOptions``; the message names the rule and the value.
     """
+    raw: Any = json.loads(data) if isinstance(data, str) else (data or {})
+    if not isinstance(raw, Mapping):
+        raise ProtocolError(f"options must be a JSON object; got {raw!r}")
+    unknown = set(raw) - set(_OPTION_TYPES)
+    if unknown:
+        raise ProtocolError(f"unknown extraction options {sorted(unknown)}")
+    try:
+        numbers = {k: _OPTION_TYPES[k](v) for k, v in raw.items() if v is not None}
+        return ExtractOptions.model_validate(numbers)
+    except ValidationError as exc:
+        problem = _wire_words(exc.errors()[0])
+        raise ProtocolError(f"bad extraction options {dict(raw)!r}: {problem}") from None
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad extraction options {dict(raw)!r}: {exc}") from exc
 
-    min_boxes: int | None = None
-    max_boxes: int | None = None
-    conf_thresh: float | None = None
-    grid_size: int | None = None
 
-    def __post_init__(self) -> None:
-        lo, hi = self.min_boxes, self.max_boxes
-        if lo is not None and lo < 1:
-            raise ProtocolError(f"min_boxes must be >= 1; got {lo}")
-        if hi is not None and hi < 1:
-            raise ProtocolError(f"max_boxes must be >= 1; got {hi}")
-        if lo is not None and hi is not None and lo > hi:
-            raise ProtocolError(f"need min_boxes <= max_boxes; got {lo}, {hi}")
-        c = self.conf_thresh
-        if c is not None and not (math.isfinite(c) and 0.0 <= c <= 1.0):
-            raise ProtocolError(f"conf_thresh must be in [0, 1]; got {c}")
-        g = self.grid_size
-        if g is not None and not 0 <= g <= MAX_GRID_SIZE:
-            raise ProtocolError(f"grid_size must be in [0, {MAX_GRID_SIZE}]; got {g}")
-
-    def overrides(self) -> dict[str, Any]:
-        """The fields that are set, for ``ExtractionConfig.replace(**overrides)``."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    def to_json(self) -> str:
-        return json.dumps(self.overrides(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, data: str | Mapping[str, Any] | None) -> ExtractOptions:
-        raw: Any = json.loads(data) if isinstance(data, str) else (data or {})
-        if not isinstance(raw, Mapping):
-            raise ProtocolError(f"options must be a JSON object; got {raw!r}")
-        unknown = set(raw) - {"min_boxes", "max_boxes", "conf_thresh", "grid_size"}
-        if unknown:
-            raise ProtocolError(f"unknown extraction options {sorted(unknown)}")
-        try:
-            return cls(
-                min_boxes=None if raw.get("min_boxes") is None else int(raw["min_boxes"]),
-                max_boxes=None if raw.get("max_boxes") is None else int(raw["max_boxes"]),
-                conf_thresh=None if raw.get("conf_thresh") is None else float(raw["conf_thresh"]),
-                grid_size=None if raw.get("grid_size") is None else int(raw["grid_size"]),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ProtocolError(f"bad extraction options {dict(raw)!r}: {exc}") from exc
+def _wire_words(error: ErrorDetails) -> str:
+    """An ``ExtractOptions`` error in the words workers have always reported it with."""
+    if not error["loc"]:  # the model's own check
+        value = error["input"]
+        return f"need min_boxes <= max_boxes; got {value['min_boxes']}, {value['max_boxes']}"
+    name, value = str(error["loc"][0]), error["input"]
+    if name in ("min_boxes", "max_boxes") and error["type"] == "greater_than_equal":
+        return f"{name} must be >= 1; got {value}"
+    lo, hi = bounds(name)
+    return f"{name} must be in [{lo:g}, {hi:g}]; got {value}"
 
 
 @dataclass(frozen=True)
@@ -228,7 +215,7 @@ class OnlineRequest:
             content_sha256=f.get("content_sha256", ""),
             namespace=f.get("namespace", ""),
             image_id=f.get("image_id", ""),
-            options=ExtractOptions.from_json(f.get("options") or None),
+            options=decode_options(f.get("options") or None),
             deadline_ms=deadline,
             image_key=f.get("image_key", ""),
             path=f.get("path", ""),
@@ -282,7 +269,7 @@ class JobShard:
             job_id=_require(f, "job_id"),
             shard_no=shard_no,
             items=items,
-            options=ExtractOptions.from_json(f.get("options") or None),
+            options=decode_options(f.get("options") or None),
             namespace=f.get("namespace", ""),
         )
 

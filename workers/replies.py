@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from butd.workers import queue as q
-from butd.workers.batcher import Outcome
+from butd.workers.outcomes import Cached, Extracted, Failed, Outcome
 from butd.workers.protocol import OnlineResult, model_key, result_key
 from butd.workers.wire import ModelMeta, encode_result, stored_form
 
@@ -75,7 +75,8 @@ class Replies:
         """
         t_extracted = time.time()
         pipe = self.r.pipeline(transaction=False)
-        versions = {o.model_version for o in outcomes if o.record is not None} - self._published
+        computed = {o.model_version for o in outcomes if isinstance(o, Extracted)}
+        versions = computed - self._published
         if self.model_meta is not None:
             for version in versions:
                 pipe.set(model_key(version), self.model_meta.to_json())
@@ -116,19 +117,31 @@ class Replies:
 def online_result(
     o: Outcome, feature_dtype: str = "", timings: dict[str, float] | None = None
 ) -> OnlineResult:
-    """The result of one outcome; with ``feature_dtype``, a computed record travels with it in
-    that dtype (the store's)."""
-    t = o.task
-    if not o.ok:
-        return OnlineResult(t.request_id, "error", content_sha256=o.content_sha256, reason=o.reason)
-    record = None if o.record is None or not feature_dtype else stored_form(o.record, feature_dtype)
-    return OnlineResult(
-        t.request_id,
-        "ok",
-        model_version=o.model_version,
-        content_sha256=o.content_sha256,
-        num_boxes=o.num_boxes,
-        cached=o.cached,
-        timings=timings or {},
-        record=record,
-    )
+    """The result of one outcome; with ``feature_dtype``, an extracted record travels with it
+    in that dtype (the store's)."""
+    request_id = o.task.request_id
+    match o:
+        case Failed():
+            return OnlineResult(
+                request_id, "error", content_sha256=o.content_sha256, reason=o.reason
+            )
+        case Cached():
+            return OnlineResult(
+                request_id,
+                "ok",
+                model_version=o.model_version,
+                content_sha256=o.content_sha256,
+                cached=True,
+                timings=timings or {},
+            )
+        case Extracted():
+            record = stored_form(o.record, feature_dtype) if feature_dtype else None
+            return OnlineResult(
+                request_id,
+                "ok",
+                model_version=o.model_version,
+                content_sha256=o.content_sha256,
+                num_boxes=o.record.num_boxes,
+                timings=timings or {},
+                record=record,
+            )

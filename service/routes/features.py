@@ -24,17 +24,17 @@ from butd.service.names import (
     namespace_of,
 )
 from butd.service.online import OnlineService, Upload
-from butd.service.schemas import ErrorBody, ExtractOptions, FeatureDtype, FeaturesResponse
+from butd.service.schemas import ErrorBody, FeatureDtype, FeaturesResponse
 from butd.service.uploads import read_image_body
 from butd.store import ids
 from butd.store.image_ids import IdPolicy, ImageIdError
-from butd.workers.protocol import ExtractOptions as QueueOptions
+from butd.workers.options import MAX_BOXES, MAX_GRID_SIZE, ExtractOptions
 
 router = APIRouter(
     prefix="/v1/features", tags=["features"], dependencies=[Depends(require_api_key)]
 )
 
-_OPTION_NAMES = ("min_boxes", "max_boxes", "conf_thresh", "grid_size")
+_OPTION_NAMES = tuple(ExtractOptions.model_fields)
 
 _BINARY_CONTENT = {
     encoding.NPZ: {"schema": {"type": "string", "format": "binary"}},
@@ -59,8 +59,9 @@ def _service(request: Request) -> OnlineService:
     return service
 
 
-def _options(query: Request, fields: dict[str, str]) -> QueueOptions:
-    """Options from form fields or the query string, range-checked (422 on a bad value)."""
+def _options(query: Request, fields: dict[str, str]) -> ExtractOptions:
+    """Options from form fields or the query string, validated here once (422 on a bad value):
+    the value goes to the worker as it is."""
     raw = {k: fields.get(k, query.query_params.get(k)) for k in _OPTION_NAMES}
     try:
         options = ExtractOptions.model_validate({k: v for k, v in raw.items() if v is not None})
@@ -70,7 +71,7 @@ def _options(query: Request, fields: dict[str, str]) -> QueueOptions:
             ": ".join(filter(None, (".".join(map(str, e["loc"])), e["msg"]))) for e in exc.errors()
         )
         raise InvalidRequestError(f"bad extraction options: {detail}") from None
-    return QueueOptions(**options.model_dump())
+    return options
 
 
 def render(
@@ -119,10 +120,11 @@ async def extract(
     dtype: Dtype = None,
     image_id: ImageIdQuery = None,
     namespace: NamespaceQuery = None,
-    min_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
-    max_boxes: Annotated[int | None, Query(ge=1, le=1000)] = None,
+    # Declared for the OpenAPI document (and checked by FastAPI); ``_options`` reads them.
+    min_boxes: Annotated[int | None, Query(ge=1, le=MAX_BOXES)] = None,
+    max_boxes: Annotated[int | None, Query(ge=1, le=MAX_BOXES)] = None,
     conf_thresh: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
-    grid_size: Annotated[int | None, Query(ge=0, le=32)] = None,
+    grid_size: Annotated[int | None, Query(ge=0, le=MAX_GRID_SIZE)] = None,
     id_rule: Annotated[str | None, Query(pattern="^(path|stem|coco)$")] = None,
 ) -> Response:
     """Upload an image (multipart ``file``, or a raw ``image/*`` body) and get its regions.

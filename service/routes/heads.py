@@ -25,7 +25,7 @@ from butd.service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQARe
 from butd.service.uploads import read_image_body
 from butd.store import ids
 from butd.workers.heads_protocol import HeadsResult, HeadTask
-from butd.workers.protocol import ExtractOptions
+from butd.workers.options import MAX_GRID_SIZE, ExtractOptions
 
 router = APIRouter(prefix="/v1", tags=["heads"], dependencies=[Depends(require_api_key)])
 
@@ -52,7 +52,11 @@ Namespace = NamespaceQuery
 Sha256 = Sha256Query
 GridSize = Annotated[
     int | None,
-    Query(ge=0, le=32, description="extract G x G grid features (for heads trained on grids)"),
+    Query(
+        ge=0,
+        le=MAX_GRID_SIZE,
+        description="extract G x G grid features (for heads trained on grids)",
+    ),
 ]
 
 

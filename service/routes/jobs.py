@@ -31,7 +31,6 @@ from butd.service.errors import (
 from butd.service.job_uploads import UploadArea, UploadsFullError
 from butd.service.schemas import (
     ErrorBody,
-    ExtractOptions,
     JobCreated,
     JobItemError,
     JobRequest,
@@ -41,8 +40,8 @@ from butd.service.settings import Settings
 from butd.service.uploads import check_length, read_raw, save_multipart
 from butd.store import ids
 from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.workers.options import MAX_BOXES, MAX_GRID_SIZE, ExtractOptions
 from butd.workers.protocol import TERMINAL_STATES
-from butd.workers.protocol import ExtractOptions as QueueOptions
 from butd.workers.protocol import JobStatus as QueueJobStatus
 
 logger = logging.getLogger(__name__)
@@ -202,7 +201,7 @@ async def _create(
         job_id,
         found.items,
         namespace=job.namespace,
-        options=QueueOptions(**job.options.model_dump()),
+        options=job.options,
     )
     logger.info("job %s: %d images, namespace %s", job_id, status.total, job.namespace)
     return JobCreated(
@@ -314,10 +313,14 @@ def _state_fn(request: Request) -> Callable[[str], str | None]:
                                 "pattern": ids.NAMESPACE_PATTERN,
                                 "description": ids.NAMESPACE_RULE,
                             },
-                            "min_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
-                            "max_boxes": {"type": "integer", "minimum": 1, "maximum": 1000},
+                            "min_boxes": {"type": "integer", "minimum": 1, "maximum": MAX_BOXES},
+                            "max_boxes": {"type": "integer", "minimum": 1, "maximum": MAX_BOXES},
                             "conf_thresh": {"type": "number", "minimum": 0, "maximum": 1},
-                            "grid_size": {"type": "integer", "minimum": 0, "maximum": 32},
+                            "grid_size": {
+                                "type": "integer",
+                                "minimum": 0,
+                                "maximum": MAX_GRID_SIZE,
+                            },
                             "image_ids": {"type": "string", "enum": ["path", "stem", "coco"]},
                         },
                         "required": ["archive"],

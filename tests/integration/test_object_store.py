@@ -160,13 +160,13 @@ def test_job_over_s3_prefix_exports_to_bucket_and_second_gateway_reads_bucket_st
 
 
 def test_read_source_reads_an_object_url(s3_env: S3Server) -> None:
-    from butd.workers.batcher import read_source
+    from butd.workers.sources import ObjectUrl, read_source
 
     s3_env.make_bucket("src")
     _fs().pipe("src/a/b.png", image_bytes(3))
-    assert read_source("s3://src/a/b.png", lambda key: None) == image_bytes(3)
+    assert read_source(ObjectUrl("s3://src/a/b.png"), lambda key: None) == image_bytes(3)
     with pytest.raises(FileNotFoundError):
-        read_source("s3://src/a/missing.png", lambda key: None)
+        read_source(ObjectUrl("s3://src/a/missing.png"), lambda key: None)
 
 
 def test_an_unreachable_store_is_not_the_items_fault(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,7 +175,7 @@ def test_an_unreachable_store_is_not_the_items_fault(monkeypatch: pytest.MonkeyP
     import s3fs
 
     from butd.store.objects import ObjectStoreUnavailableError
-    from butd.workers.batcher import read_source
+    from butd.workers.sources import ObjectUrl, read_source
 
     for key, value in {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nobody listens
@@ -187,6 +187,6 @@ def test_an_unreachable_store_is_not_the_items_fault(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(ObjectStoreUnavailableError, match="cannot read"):
-        read_source("s3://src/a/b.png", lambda key: None)
+        read_source(ObjectUrl("s3://src/a/b.png"), lambda key: None)
     assert not issubclass(ObjectStoreUnavailableError, OSError | KeyError | ValueError)
     s3fs.S3FileSystem.clear_instance_cache()

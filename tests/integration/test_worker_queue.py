@@ -8,11 +8,11 @@ import redis
 
 from butd.workers import queue as q
 from butd.workers.janitor import Janitor
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
     DLQ_STREAM,
     JOBS_STREAM,
     ONLINE_STREAM,
-    ExtractOptions,
     Heartbeat,
     JobItem,
     JobShard,

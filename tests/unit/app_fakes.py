@@ -19,8 +19,8 @@ from PIL import Image
 from butd.service.backend import RequestClaim, StoredRecord
 from butd.store.records import FeatureRecord
 from butd.workers.heads_protocol import HeadsRequest, HeadsResult
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
-    ExtractOptions,
     Heartbeat,
     JobItem,
     JobStatus,

@@ -15,9 +15,12 @@ from butd.service.admission import admission
 from butd.service.app import create_app
 from butd.service.budget import BudgetTimeoutError, PixelBudget
 from butd.service.settings import Settings
-from butd.workers.batcher import Outcome, Task
-from butd.workers.protocol import ExtractOptions, Heartbeat
+from butd.workers.batcher import Task
+from butd.workers.options import ExtractOptions
+from butd.workers.outcomes import Cached, Outcome
+from butd.workers.protocol import Heartbeat
 from butd.workers.queue import Entry
+from butd.workers.sources import Uploaded
 from tests.unit.app_fakes import FakeQueue, FakeStore, png_bytes
 
 
@@ -154,5 +157,5 @@ def test_the_worker_measures_seconds_per_image_and_its_loop_progress() -> None:
 
 
 def _ok() -> Outcome:
-    task = Task(Entry("butd:online", "1-0", {}), "id", "ns", ExtractOptions(), "redis:k")
-    return Outcome(task, True)
+    task = Task(Entry("butd:online", "1-0", {}), "id", "ns", ExtractOptions(), Uploaded("k"))
+    return Cached(task, "", "")

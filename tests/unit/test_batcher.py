@@ -22,13 +22,15 @@ from butd.workers.batcher import (
     Task,
     fill_batch,
     load_task,
-    read_source,
     tasks_from_online,
     tasks_from_shard,
 )
-from butd.workers.protocol import ExtractOptions, JobItem, JobShard, OnlineRequest
+from butd.workers.options import ExtractOptions
+from butd.workers.outcomes import Cached, Extracted, Failed
+from butd.workers.protocol import JobItem, JobShard, OnlineRequest
 from butd.workers.queue import Entry
 from butd.workers.sealer import Sealer
+from butd.workers.sources import LocalFile, Uploaded, read_source, ref_source
 
 
 def png_bytes(w: int = 32, h: int = 24, value: int = 0) -> bytes:
@@ -111,7 +113,7 @@ def task(tmp_path: Path, name: str, data: bytes, options: ExtractOptions | None 
     path = tmp_path / name
     path.write_bytes(data)
     entry = Entry("butd:jobs", "1-0", {})
-    return Task(entry, name, "ns", options or ExtractOptions(), str(path))
+    return Task(entry, name, "ns", options or ExtractOptions(), LocalFile(path))
 
 
 # --- fill_batch ---------------------------------------------------------------------------
@@ -195,7 +197,7 @@ def test_fill_batch_with_zero_wait_only_takes_what_is_queued() -> None:
 def test_online_entry_becomes_a_task() -> None:
     req = OnlineRequest("r1", "ab" * 32, "coco", "42", ExtractOptions(max_boxes=36), 123, "k1")
     t = tasks_from_online(Entry("butd:online", "5-0", req.to_fields()))
-    assert (t.request_id, t.image_id, t.namespace, t.source) == ("r1", "42", "coco", "redis:k1")
+    assert (t.request_id, t.image_id, t.namespace, t.source) == ("r1", "42", "coco", Uploaded("k1"))
     assert t.options == ExtractOptions(max_boxes=36)
     assert t.expired(124) and not t.expired(123)
 
@@ -205,8 +207,8 @@ def test_shard_entry_becomes_one_task_per_item() -> None:
     parsed, tasks = tasks_from_shard(Entry("butd:jobs", "7-0", shard.to_fields()))
     assert parsed == shard
     assert [(t.image_id, t.source, t.namespace) for t in tasks] == [
-        ("a", "/a.jpg", "x"),
-        ("b", "/b.jpg", "x"),
+        ("a", LocalFile(Path("/a.jpg")), "x"),
+        ("b", LocalFile(Path("/b.jpg")), "x"),
     ]
 
 
@@ -224,13 +226,17 @@ def test_load_task_reports_each_failure_with_a_reason(tmp_path: Path) -> None:
     big = load_task(task(tmp_path, "big.png", png_bytes()), lambda k: None, max_pixels=100)
     assert not big.ok and "TooManyPixels" in big.reason
 
-    gone = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), str(tmp_path / "missing.png"))
+    gone = Task(
+        Entry("s", "1-0", {}), "x", "", ExtractOptions(), LocalFile(tmp_path / "missing.png")
+    )
     missing = load_task(gone, lambda k: None, max_pixels=10**6)
     assert not missing.ok and "missing.png" in missing.reason
 
 
 def test_load_task_checks_the_gateway_hash() -> None:
-    t = Task(Entry("s", "1-0", {}), "x", "", ExtractOptions(), "redis:k", content_sha256="0" * 64)
+    t = Task(
+        Entry("s", "1-0", {}), "x", "", ExtractOptions(), Uploaded("k"), content_sha256="0" * 64
+    )
     loaded = load_task(t, lambda k: png_bytes(), max_pixels=10**6)
     assert not loaded.ok and "differs" in loaded.reason
     expired = load_task(t, lambda k: None, max_pixels=10**6)
@@ -246,12 +252,12 @@ def test_read_source_reads_archive_members(tmp_path: Path) -> None:
         info = tarfile.TarInfo("y.png")
         info.size = 6
         tf.addfile(info, io.BytesIO(b"tarred"))
-    assert read_source(f"{zpath}::dir/x.png", lambda k: None) == b"zipped"
-    assert read_source(f"{tpath}::y.png", lambda k: None) == b"tarred"
+    assert read_source(ref_source(f"{zpath}::dir/x.png"), lambda k: None) == b"zipped"
+    assert read_source(ref_source(f"{tpath}::y.png"), lambda k: None) == b"tarred"
     with pytest.raises(KeyError):
-        read_source(f"{zpath}::nope.png", lambda k: None)
+        read_source(ref_source(f"{zpath}::nope.png"), lambda k: None)
     with pytest.raises(ValueError, match="absolute"):
-        read_source("relative/x.png", lambda k: None)
+        read_source(ref_source("relative/x.png"), lambda k: None)
 
 
 # --- Processor ----------------------------------------------------------------------------
@@ -265,8 +271,8 @@ def test_a_bad_image_fails_only_itself(tmp_path: Path) -> None:
         task(tmp_path, "c.png", png_bytes(value=3)),
     ]
     out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(tasks, "n")
-    assert [o.ok for o in out] == [True, False, True]
-    assert out[1].reason
+    assert [type(o) for o in out] == [Extracted, Failed, Extracted]
+    assert isinstance(out[1], Failed) and "NotAnImageError" in out[1].reason
     assert len(ext.calls) == 1 and len(ext.calls[0]) == 2
     assert len(sink.stored) == 2 and len(sink.seals) == 1
     assert [a[1] for a in sink.aliases] == ["a.png", "c.png"]
@@ -277,10 +283,11 @@ def test_stored_content_is_not_recomputed_and_duplicates_run_once(tmp_path: Path
     proc = Processor(ext, sink, lambda k: None, max_pixels=10**6)
     same = png_bytes(value=7)
     first = proc.run([task(tmp_path, "a.png", same), task(tmp_path, "b.png", same)], "n1")
-    assert all(o.ok and not o.cached and o.num_boxes == 2 for o in first)
+    assert all(isinstance(o, Extracted) and o.record.num_boxes == 2 for o in first)
+    assert [o.record.image_id for o in first if isinstance(o, Extracted)] == ["a.png", "b.png"]
     assert len(ext.calls[0]) == 1  # same bytes, computed once
     again = proc.run([task(tmp_path, "c.png", same)], "n2")
-    assert again[0].ok and again[0].cached
+    assert isinstance(again[0], Cached)
     assert len(ext.calls) == 1 and len(sink.seals) == 1
     assert sorted(a[1] for a in sink.aliases) == ["a.png", "b.png", "c.png"]
 
@@ -302,18 +309,17 @@ def test_batch_is_split_by_options(tmp_path: Path) -> None:
 def test_inconsistent_options_fail_their_items(tmp_path: Path) -> None:
     proc = Processor(FakeExtractor(), FakeSink(), lambda k: None, max_pixels=10**6)
     out = proc.run([task(tmp_path, "a.png", png_bytes(), ExtractOptions(min_boxes=200))], "n")
-    assert not out[0].ok and "min_boxes" in out[0].reason
+    assert isinstance(out[0], Failed) and "min_boxes" in out[0].reason
 
 
 def test_an_image_that_breaks_the_model_is_isolated(tmp_path: Path) -> None:
     good, bad = png_bytes(value=1), png_bytes(value=9)
-    bad_sha = hashlib.sha256(bad).hexdigest()
-    ext, sink = FakeExtractor(fail_ids=[bad_sha]), FakeSink()
+    ext, sink = FakeExtractor(fail_ids=["b.png"]), FakeSink()
     out = Processor(ext, sink, lambda k: None, max_pixels=10**6).run(
         [task(tmp_path, "g.png", good), task(tmp_path, "b.png", bad)], "n"
     )
-    assert out[0].ok and not out[1].ok
-    assert "extraction failed: RuntimeError" in out[1].reason
+    assert isinstance(out[0], Extracted) and isinstance(out[1], Failed)
+    assert out[1].reason == "extraction failed: RuntimeError: model broke on b.png"
     assert len(sink.stored) == 1
 
 

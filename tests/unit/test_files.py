@@ -22,8 +22,9 @@ from butd.workers.files import (
     read_file,
     read_member,
 )
-from butd.workers.protocol import ExtractOptions
+from butd.workers.options import ExtractOptions
 from butd.workers.queue import Entry
+from butd.workers.sources import LocalFile
 
 LIMITS = ReadLimits(timeout_s=5.0, max_bytes=1000)
 
@@ -94,6 +95,6 @@ def test_archive_members_regular_and_capped(tmp_path: Path) -> None:
 def test_load_task_turns_a_fifo_into_the_items_reason(tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    task = Task(Entry("butd:jobs", "1-0", {}), "pipe", "ns", ExtractOptions(), str(fifo))
+    task = Task(Entry("butd:jobs", "1-0", {}), "pipe", "ns", ExtractOptions(), LocalFile(fifo))
     loaded = load_task(task, lambda key: None, max_pixels=100, limits=LIMITS)
     assert not loaded.ok and "FIFO" in loaded.reason and str(fifo) in loaded.reason

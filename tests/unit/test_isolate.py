@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from butd.workers.batcher import Processor, StoredItem, load_task
+from butd.workers.outcomes import Extracted, Failed
 from tests.unit.test_batcher import FakeExtractor, FakeSink, png_bytes, task
 
 
@@ -34,7 +35,8 @@ def test_an_unstorable_record_fails_its_item_and_the_others_are_stored(tmp_path:
     names = ["a.png", "poison.png", "c.png", "d.png"]
     tasks = [task(tmp_path, n, png_bytes(value=10 * k + 1)) for k, n in enumerate(names)]
     out = Processor(FakeExtractor(), sink, lambda k: None, max_pixels=10**6).run(tasks, "job")
-    assert [o.ok for o in out] == [True, False, True, True]
+    assert [type(o) for o in out] == [Extracted, Failed, Extracted, Extracted]
+    assert isinstance(out[1], Failed)
     assert "cannot be stored" in out[1].reason and "NULLs" in out[1].reason
     assert sorted(a[1] for a in sink.aliases) == ["a.png", "c.png", "d.png"]
     assert len(sink.stored) == 3  # one shard per good record after the shared one failed

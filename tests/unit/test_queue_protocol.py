@@ -9,14 +9,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
-    ExtractOptions,
     Heartbeat,
     JobItem,
     JobShard,
     OnlineRequest,
     OnlineResult,
     ProtocolError,
+    decode_options,
     job_state,
     shard_items,
 )
@@ -29,7 +30,13 @@ def as_redis_returns(fields: dict[str, str]) -> dict[bytes, bytes]:
 
 def test_online_request_round_trips_through_bytes_fields() -> None:
     req = OnlineRequest(
-        "r-1", "f" * 64, "coco", "img/1.jpg", ExtractOptions(10, 36, 0.3), 1700, "butd:image:r-1"
+        "r-1",
+        "f" * 64,
+        "coco",
+        "img/1.jpg",
+        ExtractOptions(min_boxes=10, max_boxes=36, conf_thresh=0.3),
+        1700,
+        "butd:image:r-1",
     )
     assert OnlineRequest.from_fields(as_redis_returns(req.to_fields())) == req
 
@@ -48,7 +55,7 @@ def test_job_shard_round_trips() -> None:
 def test_options_keep_only_what_is_set() -> None:
     assert ExtractOptions().to_json() == "{}"
     assert ExtractOptions(max_boxes=36).overrides() == {"max_boxes": 36}
-    assert ExtractOptions.from_json('{"conf_thresh": 0.5}') == ExtractOptions(conf_thresh=0.5)
+    assert decode_options('{"conf_thresh": 0.5}') == ExtractOptions(conf_thresh=0.5)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +71,7 @@ def test_options_keep_only_what_is_set() -> None:
 )
 def test_bad_options_are_refused(raw: str, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
-        ExtractOptions.from_json(raw)
+        decode_options(raw)
 
 
 def test_malformed_entries_are_protocol_errors() -> None:
