@@ -5,8 +5,9 @@ Protocol (message types in ``butd.workers.protocol``):
 Streams, one consumer group ``workers`` on each (created by ``ensure_groups``):
 
 * ``butd:online``: one entry = one image to extract now (``OnlineRequest.to_fields``):
-  ``request_id``, ``content_sha256``, ``namespace``, ``image_id``, ``options`` (JSON
-  min_boxes / max_boxes / conf_thresh, absent = worker default), ``deadline_ms`` (epoch ms, 0 =
+  ``request_id``, ``content_sha256``, ``namespace``, ``image_id``, ``options`` (JSON of
+  ``butd.workers.options.ExtractOptions``: min_boxes / max_boxes / conf_thresh / grid_size,
+  absent = worker default), ``deadline_ms`` (epoch ms, 0 =
   none), and the image as ``image_key`` (a Redis string holding the uploaded bytes, with a TTL)
   or ``path`` (a file on storage the workers share). A worker that reaches an entry after its
   deadline acks it without computing and reports ``expired``.
