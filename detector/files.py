@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from butd.detector.extractor import Extractor
+from butd.images import ImageError, decode_image
 from butd.store.image_ids import IdPolicy, ImageIdError
-from butd.store.images import ImageError, decode_image
 from butd.store.records import FeatureRecord
 
 log = logging.getLogger(__name__)

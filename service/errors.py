@@ -3,7 +3,7 @@
 Routes and helpers raise the exception that names the problem (with the rule and the value in
 its message); ``install_error_handlers`` turns each into a status code and a JSON body
 ``{"error": CODE, "detail": MESSAGE, "request_id": ID?}``. Image errors come from
-``butd.store.images`` and name errors from ``butd.store.ids``; they are mapped here as well, so
+``butd.images`` and name errors from ``butd.store.ids``; they are mapped here as well, so
 there is exactly one table.
 """
 
@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from butd.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
 from butd.store.ids import InvalidNameError
-from butd.store.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class WorkerError(ServiceError):
         self.status_code = status_code
 
 
-# butd.store.images errors: (status, code). Order matters: subclasses before the base.
+# butd.images errors: (status, code). Order matters: subclasses before the base.
 _IMAGE_ERRORS: tuple[tuple[type[ImageError], int, str], ...] = (
     (TooManyPixelsError, 413, "too_many_pixels"),
     (NotAnImageError, 415, "not_an_image"),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from butd.images import decode_image, probe_image
 from butd.service.admission import Admission, admission
 from butd.service.backend import FeatureStore, Queue, StoredRecord
 from butd.service.budget import BudgetTimeoutError, PixelBudget
@@ -35,7 +36,6 @@ from butd.service.errors import (
 )
 from butd.service.metrics import LATENCY_BUCKETS, Metrics
 from butd.service.settings import Settings
-from butd.store.images import decode_image, probe_image
 from butd.workers.protocol import ExtractOptions, Heartbeat, OnlineRequest, OnlineResult
 from butd.workers.wire import ModelMeta
 

@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from butd.detector.config import ExtractionConfig
+from butd.images import ImageError, decode_image
 from butd.store import ids
-from butd.store.images import ImageError, decode_image
 from butd.store.objects import is_url, read_url
 from butd.store.records import FeatureRecord
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
