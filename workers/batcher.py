@@ -30,16 +30,16 @@ from butd.detector.config import ExtractionConfig
 from butd.images import ImageError, decode_image
 from butd.store import ids
 from butd.store.objects import is_url, read_url
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
+from butd.store.shards import Alias
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits, read_file, read_member
-from butd.workers.isolate import seal_isolated
+from butd.workers.isolate import put_isolated
 from butd.workers.protocol import ExtractOptions, JobShard, OnlineRequest, ProtocolError
 from butd.workers.queue import Entry
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SEPARATOR = "::"
-AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
@@ -249,33 +249,33 @@ class ExtractorLike(Protocol):
 
 
 class FeatureSink(Protocol):
-    """What the worker needs of the feature store (sealed shards + index)."""
+    """Where a ``Processor`` puts the records it computed: the store itself
+    (``butd.store.shard_store.StoreWriter``), or a sink that stores them later on a thread of
+    its own (the online ``butd.workers.sealer.Sealer``, the pipeline's ``DeferredSink``)."""
 
     def has(self, model_version: str, sha256: str) -> bool:
-        """True when (model_version, sha256) is stored."""
+        """True when (model_version, sha256) is stored, or put here and waiting to be."""
         ...
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        rows: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[AliasTriple] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
-        """Store new ``records`` (made under ``config``) and bind every (namespace, image_id,
-        sha256) of ``aliases``; on return both are durable and indexed."""
+        """Take a batch's new ``rows`` (made under ``config``) and every alias it resolved.
+
+        On return ``has`` is True for each row's content, and the rows and aliases are either
+        stored (sealed in a shard, then indexed: ``StoreWriter``) or queued to be stored
+        before the entries they came from are acked (``Sealer``, ``DeferredSink``).
+
+        Raises:
+            ValueError, TypeError: a row or alias the store can never hold (a sink that stores
+                at once; ``butd.workers.isolate`` then puts the others apart).
+        """
         ...
-
-
-@dataclass(frozen=True)
-class StoredItem:
-    """A new record with its content key and the alias it was computed for."""
-
-    record: FeatureRecord
-    content_sha256: str
-    namespace: str
-    image_id: str
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ class Outcome:
 
 
 class Processor:
-    """Load, skip what is stored, extract, seal: one batch of tasks to one outcome each.
+    """Load, skip what is stored, extract, put in the sink: a batch of tasks to one outcome each.
 
     Args:
         extractor: the loaded model.
@@ -321,12 +321,12 @@ class Processor:
     def run(
         self, tasks: Sequence[Task], name: str, on_computed: ComputedFn | None = None
     ) -> list[Outcome]:
-        """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id).
+        """Outcomes in task order; ``name`` names the batch's puts (e.g. the entry id).
 
         Args:
             on_computed: called with each options group's outcomes (computed ones carry their
-                ``record``) after extraction and *before* the group is sealed: the online path
-                answers there. An exception it raises propagates; nothing is sealed then.
+                ``record``) after extraction and *before* the group is put in the sink: the
+                online path answers there. An exception it raises propagates; nothing is put.
         """
         start = time.perf_counter()
         loaded = self.load(tasks)
@@ -381,18 +381,20 @@ class Processor:
             if not is_stored:
                 todo.setdefault(x.content_sha256, x)
         computed = self._compute(list(todo.values()), config)
-        new = [s for s in computed.values() if isinstance(s, StoredItem)]
+        new = [s for s in computed.values() if isinstance(s, StoredRow)]
         outcomes = [self._outcome(x, version, computed) for x in group]
         if on_computed is not None:
             on_computed(outcomes)
-        aliases = [(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok]
+        aliases = [
+            Alias(o.task.namespace, o.task.image_id, o.content_sha256) for o in outcomes if o.ok
+        ]
         if new or aliases:
-            lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
-                                 config.to_json(), aliases)  # fmt: skip
+            lost = put_isolated(self.sink, f"{name}-{version}", new, version,
+                                config.to_json(), aliases)  # fmt: skip
             outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 
-    def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredItem | str]:
+    def _compute(self, todo: list[Loaded], config: ExtractionConfig) -> dict[str, StoredRow | str]:
         images = [x.staged if x.staged is not None else x.image for x in todo]
         shas = [x.content_sha256 for x in todo]
         results = self._extract(images, shas, config)
@@ -400,7 +402,9 @@ class Processor:
             x.content_sha256: (
                 res
                 if isinstance(res, str)
-                else StoredItem(res, x.content_sha256, x.task.namespace, x.task.image_id)
+                else StoredRow(
+                    replace(res, image_id=x.task.image_id), x.content_sha256, x.task.namespace
+                )
             )
             for x, res in zip(todo, results, strict=True)
         }
@@ -420,7 +424,7 @@ class Processor:
         return [self._extract([im], [i], config)[0] for im, i in zip(images, ids, strict=True)]
 
     @staticmethod
-    def _outcome(x: Loaded, version: str, computed: dict[str, StoredItem | str]) -> Outcome:
+    def _outcome(x: Loaded, version: str, computed: dict[str, StoredRow | str]) -> Outcome:
         sha = x.content_sha256
         if not x.ok:
             return Outcome(x.task, False, sha, reason=x.reason)
