@@ -22,6 +22,7 @@ second, so an indexed record is always on disk and the index can be rebuilt from
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -419,7 +420,7 @@ class StoreReader:
         meta = self._meta[model_version]
         return write_feature_file(
             out,
-            _chain(first, stream),
+            itertools.chain([first], stream),
             model_version=model_version,
             config=meta.config,
             objects_vocab=meta.objects_vocab,
@@ -434,11 +435,6 @@ def _nbytes(record: FeatureRecord) -> int:
     arrays = (record.boxes, record.features, record.objects_id, record.objects_conf)
     grid = 0 if record.grid is None else record.grid.nbytes
     return sum(a.nbytes for a in (*arrays, record.attrs_id, record.attrs_conf)) + grid + 512
-
-
-def _chain(first: FeatureRecord, rest: Iterator[FeatureRecord]) -> Iterator[FeatureRecord]:
-    yield first
-    yield from rest
 
 
 def _zip_dir(directory: Path, out: Path) -> None:
