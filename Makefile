@@ -47,7 +47,7 @@ typecheck: setup-test
 	for f in butd/*; do ln -s "$(CURDIR)/$$f" $(TYPECHECK)/butd/; done
 	for d in detector store workers service heads; do ln -s "$(CURDIR)/$$d" $(TYPECHECK)/butd/$$d; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
-		-m butd -m butd.client -p butd.cli -p butd.store -p butd.workers -p butd.service
+		-m butd -m butd.client -m butd.images -p butd.cli -p butd.store -p butd.workers -p butd.service
 
 unit: setup-test
 	$(PY) -m pytest tests/unit -q -m "not slow"

@@ -53,7 +53,7 @@ def upload(url: str, images: int, per_shard: int, tmp: Path) -> list[tuple[str, 
         recs = synthetic(start, min(per_shard, images - start), rng)
         info = seal_shard(tmp, recs, model_version=MV, meta={"feature_dim": 2048})
         bucket.upload(tmp / info.name)
-        rows += [(info.name, row, record_bytes(rec)) for row, rec in enumerate(recs)]
+        rows += [(info.name, row, record_bytes(rec.record)) for row, rec in enumerate(recs)]
     return rows
 
 

@@ -104,10 +104,10 @@ def worker_rate(
         images, seconds, images_per_s, images_per_cpu_s (CPU of this process and of redis).
     """
     from butd.store.index import FeatureIndex
+    from butd.store.shard_store import StoreWriter
     from butd.workers import queue as q
     from butd.workers.protocol import JobItem
     from butd.workers.settings import WorkerSettings
-    from butd.workers.sink import StoreSink
     from butd.workers.worker import Worker
     from tests.redis_proc import RedisProcess
 
@@ -117,10 +117,10 @@ def worker_rate(
         q.ensure_groups(r)
         with tempfile.TemporaryDirectory() as store:
             spec = extractor.spec
-            sink = StoreSink(
+            sink = StoreWriter(
                 store,
                 FeatureIndex(r),
-                worker_id="bench",
+                writer_id="bench",
                 meta={
                     "objects_vocab": spec.objects_vocab,
                     "attributes_vocab": spec.attributes_vocab,

@@ -47,6 +47,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from butd.images import decode_image
 from butd.service.embedded import (
     Child,
     RedisServer,
@@ -55,7 +56,6 @@ from butd.service.embedded import (
     start_redis,
     start_worker,
 )
-from butd.store.images import decode_image
 
 BASE_IMAGES = 16
 

@@ -35,35 +35,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from butd.store.h5 import FeatureFile
 from butd.store.index import FeatureIndex
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
 from butd.store.shards import Location, ShardReaders, seal_shard
 
 MV = "bench-mv"
 D = 2048
 
 
-def synthetic(start: int, count: int, rng: np.random.Generator) -> list[FeatureRecord]:
+def synthetic(start: int, count: int, rng: np.random.Generator) -> list[StoredRow]:
     """Records with 10..100 boxes, fp16 features >= 0 (like real pooled features)."""
     out = []
     for i in range(start, start + count):
         n = int(rng.integers(10, 101))
         xy = rng.uniform(0, 300, (n, 2)).astype(np.float32)
         boxes = np.concatenate([xy, xy + rng.uniform(5, 300, (n, 2)).astype(np.float32)], 1)
-        out.append(
-            FeatureRecord(
-                image_id=f"bench/{i:07d}.jpg",
-                image_w=640,
-                image_h=640,
-                boxes=boxes,
-                features=rng.exponential(0.6, (n, D)).astype(np.float16),
-                objects_id=rng.integers(0, 1600, n).astype(np.int64),
-                objects_conf=rng.random(n, dtype=np.float32),
-                attrs_id=rng.integers(0, 400, n).astype(np.int64),
-                attrs_conf=rng.random(n, dtype=np.float32),
-                model_version=MV,
-                extra={"content_sha256": f"{i:064x}", "namespace": "bench"},
-            )
+        record = FeatureRecord(
+            image_id=f"bench/{i:07d}.jpg",
+            image_w=640,
+            image_h=640,
+            boxes=boxes,
+            features=rng.exponential(0.6, (n, D)).astype(np.float16),
+            objects_id=rng.integers(0, 1600, n).astype(np.int64),
+            objects_conf=rng.random(n, dtype=np.float32),
+            attrs_id=rng.integers(0, 400, n).astype(np.int64),
+            attrs_conf=rng.random(n, dtype=np.float32),
+            model_version=MV,
         )
+        out.append(StoredRow(record, f"{i:064x}", "bench"))
     return out
 
 
@@ -77,7 +75,7 @@ def build(directory: Path, index: FeatureIndex, images: int, per_shard: int) -> 
         info = seal_shard(directory, recs, model_version=MV, meta={"feature_dim": D})
         for row, rec in enumerate(recs):
             loc = Location(info.name, row)
-            index.put(MV, rec.extra["content_sha256"], loc, [("bench", rec.image_id)])
+            index.put(MV, rec.content_sha256, loc, [("bench", rec.image_id)])
         spent += time.perf_counter() - t0
     return images / spent
 

@@ -20,7 +20,7 @@ from butd.detector.train.detect import detect
 from butd.detector.train.metrics import EvalResult, GroundTruth, evaluate
 from butd.detector.train.vg import Vocab, load_vg
 from butd.detector.weights.canonical import load
-from butd.store.images import decode_image
+from butd.images import decode_image
 
 logger = logging.getLogger(__name__)
 

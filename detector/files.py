@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from butd.detector.extractor import Extractor
+from butd.images import ImageError, decode_image
 from butd.store.image_ids import IdPolicy, ImageIdError
-from butd.store.images import ImageError, decode_image
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +115,15 @@ def load_boxes_file(path: str | Path) -> dict[str, np.ndarray]:
 def extract_files(
     extractor: Extractor,
     items: Sequence[ImageItem],
-    write: Callable[[list[FeatureRecord]], None],
+    write: Callable[[list[StoredRow]], None],
     *,
     stored: Mapping[str, str] | None = None,
     boxes: dict[str, np.ndarray] | None = None,
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> ExtractSummary:
-    """Extract ``items`` not stored yet; ``write`` receives each batch's records.
+    """Extract ``items`` not stored yet; ``write`` receives each batch's rows (records with
+    their file's sha256).
 
     Args:
         stored: image id -> sha256 of the bytes it was extracted from ("" when not recorded),
@@ -134,9 +135,9 @@ def extract_files(
     start = time.perf_counter()
     for chunk in _chunks(todo, batch_size):
         decoded = _decode_all(chunk, summary.failed)
-        records = _extract_chunk(extractor, decoded, boxes or {})
-        write(records)
-        summary.extracted += len(records)
+        rows = _extract_chunk(extractor, decoded, boxes or {})
+        write(rows)
+        summary.extracted += len(rows)
         if progress is not None:
             progress(len(chunk))
     summary.seconds = time.perf_counter() - start
@@ -213,9 +214,9 @@ def _extract_chunk(
     extractor: Extractor,
     decoded: list[tuple[ImageItem, np.ndarray, str]],
     boxes: dict[str, np.ndarray],
-) -> list[FeatureRecord]:
-    """Detected regions, or the caller's boxes for images named in the boxes file; each record
-    carries its file's sha256 (``extra["content_sha256"]``)."""
+) -> list[StoredRow]:
+    """Detected regions, or the caller's boxes for images named in the boxes file; each row
+    carries its file's sha256 (``StoredRow.content_sha256``)."""
     free: list[tuple[ImageItem, np.ndarray]] = []
     given: list[tuple[ImageItem, np.ndarray, np.ndarray]] = []
     for item, image, _ in decoded:
@@ -224,12 +225,12 @@ def _extract_chunk(
             free.append((item, image))
         else:
             given.append((item, image, item_boxes))
-    records = extractor.extract([im for _, im in free], [it.image_id for it, _ in free])
+    records: list[FeatureRecord] = extractor.extract(
+        [im for _, im in free], [it.image_id for it, _ in free]
+    )
     records += [extractor.extract_with_boxes(im, b, it.image_id) for it, im, b in given]
     sha = {item.image_id: digest for item, _, digest in decoded}
-    for record in records:
-        record.extra["content_sha256"] = sha[record.image_id]
-    return records
+    return [StoredRow(record, sha[record.image_id]) for record in records]
 
 
 def _boxes_for(item: ImageItem, boxes: dict[str, np.ndarray]) -> np.ndarray | None:

@@ -176,7 +176,7 @@ def prepare(
     """Caffe ``_get_image_blob`` for one image.
 
     Args:
-        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``butd.store.images.decode_image`` returns (or
+        image_bgr_uint8: (H, W, 3) uint8 BGR, as ``butd.images.decode_image`` returns (or
             ``stage_pixels`` of it).
         config: ``min_size``, ``max_size`` and ``pixel_mean`` are read.
         device: where the subtraction and resize run and the tensor lives.

@@ -86,8 +86,8 @@ def _echo_headers(scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
 def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
     """The real queue (Redis) and store (sealed shards + index) named by ``settings``."""
     from butd.service.adapters import RedisQueue, connect
-    from butd.service.shard_store import IndexedStore
     from butd.store.index import FeatureIndex
+    from butd.store.shard_store import StoreReader
 
     if not settings.redis_url:
         raise RuntimeError("REDIS_URL is not set (butd serve starts an embedded Redis)")
@@ -104,7 +104,7 @@ def _default_backends(settings: Settings) -> tuple[Queue, FeatureStore]:
         job_shard_size=settings.job_shard_size,
         image_ttl_s=int(settings.request_timeout_s + settings.compute_grace_s) + 60,
     )
-    store = IndexedStore(
+    store = StoreReader(
         settings.store_dir,
         FeatureIndex(client),
         max_open=settings.max_open_shards,

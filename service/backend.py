@@ -1,9 +1,9 @@
 """What the gateway needs from the queue and the store, as two small protocols.
 
-Routes talk only to ``Queue`` and ``FeatureStore``; ``butd.service.adapters`` implements them over
-``butd.workers.queue`` (Redis Streams) and ``butd.store.index`` / ``butd.store.shards`` (sealed
-HDF5 shards),
-and unit tests substitute in-memory fakes. Every method is synchronous (redis-py, h5py); routes
+Routes talk only to ``Queue`` and ``FeatureStore``; ``butd.service.adapters.RedisQueue``
+implements the first over ``butd.workers.queue`` (Redis Streams), the store's front door
+``butd.store.shard_store.StoreReader`` the second (sealed HDF5 shards + the Redis index), and
+unit tests substitute in-memory fakes. Every method is synchronous (redis-py, h5py); routes
 call the slow ones from a worker thread.
 
 Shapes: N regions of one image, D feature size.
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from butd.store.records import FeatureRecord
+from butd.store.records import StoredRecord
 from butd.workers.heads_protocol import HeadsRequest, HeadsResult
 from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (
@@ -27,25 +27,6 @@ from butd.workers.protocol import (
     OnlineResult,
 )
 from butd.workers.wire import ModelMeta
-
-
-@dataclass(frozen=True)
-class StoredRecord:
-    """A cached record with what is needed to render it.
-
-    Attributes:
-        record: the regions (features (N, D) float16 as stored).
-        sha256: content hash of the image bytes.
-        objects_vocab: names of the object ids (from the shard file).
-        attributes_vocab: names of the attribute ids (from the shard file).
-        description: human-readable description of the model.
-    """
-
-    record: FeatureRecord
-    sha256: str
-    objects_vocab: tuple[str, ...]
-    attributes_vocab: tuple[str, ...]
-    description: str = ""
 
 
 @dataclass(frozen=True)
@@ -168,5 +149,9 @@ class FeatureStore(Protocol):
 
         Returns:
             The number of records written (ids with no cached record are left out).
+
+        Raises:
+            butd.store.shard_store.NothingStoredError: none of the ids has a record (404).
+            butd.store.shard_store.ExportRefusedError: the format cannot hold them (422).
         """
         ...

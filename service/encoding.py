@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from safetensors.numpy import save as safetensors_save
 
-from butd.service.backend import StoredRecord
+from butd.store.records import StoredRecord
 
 MediaType = Literal["application/json", "application/x-npz", "application/x-safetensors"]
 JSON: MediaType = "application/json"

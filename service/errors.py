@@ -3,8 +3,8 @@
 Routes and helpers raise the exception that names the problem (with the rule and the value in
 its message); ``install_error_handlers`` turns each into a status code and a JSON body
 ``{"error": CODE, "detail": MESSAGE, "request_id": ID?}``. Image errors come from
-``butd.store.images`` and name errors from ``butd.store.ids``; they are mapped here as well, so
-there is exactly one table.
+``butd.images``, name errors from ``butd.store.ids`` and export errors from the store's front
+door ``butd.store.shard_store``; they are mapped here as well, so there is exactly one table.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from butd.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
 from butd.store.ids import InvalidNameError
-from butd.store.images import ImageError, NotAnImageError, TooManyPixelsError, TruncatedImageError
+from butd.store.shard_store import ExportRefusedError, NothingStoredError
 
 logger = logging.getLogger(__name__)
 
@@ -147,12 +148,19 @@ class WorkerError(ServiceError):
         self.status_code = status_code
 
 
-# butd.store.images errors: (status, code). Order matters: subclasses before the base.
+# butd.images errors: (status, code). Order matters: subclasses before the base.
 _IMAGE_ERRORS: tuple[tuple[type[ImageError], int, str], ...] = (
     (TooManyPixelsError, 413, "too_many_pixels"),
     (NotAnImageError, 415, "not_an_image"),
     (TruncatedImageError, 422, "corrupt_image"),
     (ImageError, 422, "corrupt_image"),
+)
+
+
+# butd.store.shard_store errors (an export): (status, code).
+_STORE_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (NothingStoredError, 404, "not_found"),
+    (ExportRefusedError, 422, "invalid_request"),
 )
 
 
@@ -209,6 +217,13 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    for cls, status, code in _STORE_ERRORS:
+        if isinstance(exc, cls):
+            return JSONResponse(_body(code, str(exc), request, {}), status_code=status)
+    raise exc  # unreachable: registered for the store's errors only
+
+
 async def _invalid_name(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_body("invalid_name", str(exc), request, {}), status_code=422)
 
@@ -232,6 +247,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ImageError, _image_error)
     app.add_exception_handler(InvalidNameError, _invalid_name)
+    for cls, _, _ in _STORE_ERRORS:
+        app.add_exception_handler(cls, _store_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _redis_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _redis_down)

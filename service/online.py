@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from butd.images import decode_image, probe_image
 from butd.service.admission import Admission, admission
-from butd.service.backend import FeatureStore, Queue, StoredRecord
+from butd.service.backend import FeatureStore, Queue
 from butd.service.budget import BudgetTimeoutError, PixelBudget
 from butd.service.errors import (
     ConflictError,
@@ -35,7 +36,7 @@ from butd.service.errors import (
 )
 from butd.service.metrics import LATENCY_BUCKETS, Metrics
 from butd.service.settings import Settings
-from butd.store.images import decode_image, probe_image
+from butd.store.records import StoredRecord
 from butd.workers.options import ExtractOptions
 from butd.workers.protocol import Heartbeat, OnlineRequest, OnlineResult
 from butd.workers.wire import ModelMeta

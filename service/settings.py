@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from butd.store.images import DEFAULT_MAX_PIXELS
+from butd.images import DEFAULT_MAX_PIXELS
 
 FeatureDtype = Literal["float16", "float32"]
 

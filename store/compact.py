@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from butd.store.h5 import FeatureFile
-from butd.store.records import FeatureRecord
+from butd.store.records import StoredRow
 from butd.store.shards import (
     RETIRED_SUFFIX,
     SUFFIX,
@@ -113,20 +113,21 @@ def _merge(
     directory: Path, sources: list[str], worker_id: str
 ) -> tuple[ShardInfo, list[Move], int]:
     """Write one shard holding each content of ``sources`` once; returns it, moves, dups."""
-    kept: list[FeatureRecord] = []
+    kept: list[StoredRow] = []
     aliases: list[Alias] = []
     moves: list[tuple[str, str, Location, int]] = []  # version, sha, old, new row
     seen: dict[str, int] = {}
     version, meta = _merge_meta(directory, sources)
     for name in sources:
         with FeatureFile(directory / name) as ff:
-            for row, rec in enumerate(ff):
-                sha = str(rec.extra["content_sha256"])
-                if sha in seen and rec.extra.get("namespace"):
-                    aliases.append(Alias(str(rec.extra["namespace"]), rec.image_id, sha))
+            for row in range(len(ff)):
+                stored = ff.read_stored(row)
+                sha = stored.content_sha256
+                if sha in seen and stored.namespace:
+                    aliases.append(Alias(stored.namespace, stored.image_id, sha))
                 if sha not in seen:
                     seen[sha] = len(kept)
-                    kept.append(rec)
+                    kept.append(stored)
                 moves.append((version, sha, Location(name, row), seen[sha]))
         aliases.extend(read_aliases(directory / name))
     sealed_at = min(shard_sealed_at(directory / name) for name in sources)

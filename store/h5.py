@@ -49,7 +49,7 @@ from typing import Any, BinaryIO, Self
 import h5py
 import numpy as np
 
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
 
 FORMAT = "1"
 STR_DTYPE = h5py.string_dtype("utf-8")
@@ -225,17 +225,19 @@ class FeatureFile(FileHandle):
             raise IndexError(f"position {i} out of range for {self._n} images in {self.path}")
         r0, r1 = int(self._offsets[i]), int(self._offsets[i + 1])
         arrays = {name: dset[r0:r1] for name, dset in self._rows.items()}
-        sha, namespace = self._keys()
-        extra = {"content_sha256": sha[i].decode(), "namespace": namespace[i].decode()}
         return FeatureRecord(
             image_id=str(self._id_dset[i]),
             image_w=int(self._w[i]),
             image_h=int(self._h[i]),
             model_version=self.model_version,
-            extra=extra,
             grid=None if self._grids is None else self._grids[i],
             **arrays,
         )
+
+    def read_stored(self, i: int) -> StoredRow:
+        """The record at position ``i`` with the content sha256 and namespace stored with it."""
+        sha, namespace = self._keys()
+        return StoredRow(self.read_row(i), sha[i].decode(), namespace[i].decode())
 
     def __iter__(self) -> Iterator[FeatureRecord]:
         for i in range(self._n):

@@ -37,7 +37,7 @@ from butd.store.h5 import (
     attr_str,
 )
 from butd.store.image_ids import POLICY_ATTR, ImageIdError, merge_metadata
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow, as_row
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +239,20 @@ class FeatureFileWriter(FileHandle):
                 f"record {rec.image_id!r} has grid {found}; file {self.path} holds grids {wanted}"
             )
 
-    def append(self, records: Sequence[FeatureRecord]) -> None:
+    def append(self, items: Sequence[FeatureRecord | StoredRow]) -> None:
         """Append records (rows first, offsets last) and flush.
 
         Args:
-            records: FeatureRecords of this file's model_version and D, ids new to the file.
-                ``record.extra`` may hold "content_sha256" and "namespace" strings.
+            items: records of this file's model_version and D, ids new to the file; a
+                ``StoredRow`` also stores its content sha256 and namespace ("" for a record).
 
         Raises:
             FeatureFileError: wrong model_version or D, or an id already present.
         """
-        records = list(records)
-        if not records:
+        keyed = [as_row(item) for item in items]
+        if not keyed:
             return
+        records = [row.record for row in keyed]
         self._validate(records)
         f = self._file
         r0 = int(f["offsets"][-1])
@@ -266,7 +267,7 @@ class FeatureFileWriter(FileHandle):
         for name, data in rows.items():
             f[name].resize(r1, axis=0)
             f[name][r0:r1] = data
-        self._append_images(records)
+        self._append_images(keyed)
         n0 = len(f["offsets"])
         f["offsets"].resize((n0 + len(records),))
         f["offsets"][n0:] = r0 + np.cumsum(counts)
@@ -274,14 +275,15 @@ class FeatureFileWriter(FileHandle):
         if self._ids is not None:
             self._ids.update(rec.image_id for rec in records)
 
-    def _append_images(self, records: Sequence[FeatureRecord]) -> None:
+    def _append_images(self, rows: Sequence[StoredRow]) -> None:
         f = self._file
+        records = [row.record for row in rows]
         columns: dict[str, list[Any]] = {
             "image_ids": [rec.image_id for rec in records],
             "image_w": [rec.image_w for rec in records],
             "image_h": [rec.image_h for rec in records],
-            "content_sha256": [str(rec.extra.get("content_sha256", "")) for rec in records],
-            "namespace": [str(rec.extra.get("namespace", "")) for rec in records],
+            "content_sha256": [row.content_sha256 for row in rows],
+            "namespace": [row.namespace for row in rows],
         }
         n0 = len(f["image_ids"])
         for name, values in columns.items():
@@ -295,7 +297,7 @@ class FeatureFileWriter(FileHandle):
 
 def write_feature_file(
     path: str | os.PathLike[str],
-    records: Iterable[FeatureRecord],
+    records: Iterable[FeatureRecord | StoredRow],
     *,
     batch: int = 256,
     **meta: Any,
@@ -316,7 +318,7 @@ def write_feature_file(
     count = 0
     try:
         with FeatureFileWriter(tmp, **meta) as writer:
-            pending: list[FeatureRecord] = []
+            pending: list[FeatureRecord | StoredRow] = []
             for rec in records:
                 pending.append(rec)
                 if len(pending) >= batch:

@@ -43,7 +43,9 @@ class FeatureRecord:
         attrs_id: (N,) int64, 0-based attribute (no-attribute excluded).
         attrs_conf: (N,) float32, probability of ``attrs_id``.
         model_version: hash of the weights and the extraction config that produced the record.
-        extra: side information of the store (content sha256, namespace); not compared.
+        extra: free-form side information of whoever made the record (the heads' simulator
+            keeps each region's scene object here); not compared, never stored. The store's
+            keys travel in ``StoredRow``.
         grid: optional (G, G, D) float32 or float16 grid features of the whole image from the
             same detector pass (row-major cells, top-left first); None when not requested.
     """
@@ -95,6 +97,51 @@ class FeatureRecord:
         norm = b / scale
         wh = np.stack([(b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1)
         return np.concatenate([norm, wh.astype(np.float32)], axis=1).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """A record as a feature file or shard stores it: with the keys it is filed under.
+
+    Attributes:
+        record: the regions; its ``image_id`` is the id stored with them.
+        content_sha256: sha256 (hex) of the image bytes the record was computed from; every
+            shard row has one (the index's key), "" in a plain extraction file that has none.
+        namespace: the id space of ``record.image_id`` ("" when the id is no alias).
+    """
+
+    record: FeatureRecord
+    content_sha256: str = ""
+    namespace: str = ""
+
+    @property
+    def image_id(self) -> str:
+        """The stored id (``record.image_id``)."""
+        return self.record.image_id
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A stored record with what is needed to render it (what the gateway's store reads return).
+
+    Attributes:
+        record: the regions (features (N, D) float16 as stored).
+        sha256: content hash of the image bytes.
+        objects_vocab: names of the object ids (from the shard file).
+        attributes_vocab: names of the attribute ids (from the shard file).
+        description: human-readable description of the model.
+    """
+
+    record: FeatureRecord
+    sha256: str
+    objects_vocab: tuple[str, ...]
+    attributes_vocab: tuple[str, ...]
+    description: str = ""
+
+
+def as_row(item: FeatureRecord | StoredRow) -> StoredRow:
+    """``item`` as a row: a bare record is stored without keys."""
+    return item if isinstance(item, StoredRow) else StoredRow(item)
 
 
 def _check_grid(grid: Any, dim: int) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from butd.store.h5 import FeatureFile
 from butd.store.h5_writer import FeatureFileWriter
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _write_aliases(h5: h5py.File, aliases: Sequence[Alias]) -> None:
 
 def seal_shard(
     directory: str | os.PathLike[str],
-    records: Iterable[FeatureRecord],
+    rows: Iterable[StoredRow],
     *,
     model_version: str,
     meta: dict[str, Any] | None = None,
@@ -153,12 +153,12 @@ def seal_shard(
     worker_id: str = "w",
     sealed_at: int | None = None,
 ) -> ShardInfo:
-    """Write ``records`` as a new shard (temp name, then atomic rename) and return it.
+    """Write ``rows`` as a new shard (temp name, then atomic rename) and return it.
 
     Args:
         directory: the store directory (created when missing).
-        records: each with ``extra["content_sha256"]`` (required) and optionally
-            ``extra["namespace"]``; all of ``model_version``.
+        rows: records of ``model_version``, each with its content sha256 (required) and the
+            namespace of its id ("" when none).
         model_version: stored as the root attribute; records must match.
         meta: FeatureFileWriter metadata: config, objects_vocab, attributes_vocab,
             feature_dtype (default "float16"), feature_dim and grid_size (default: from the
@@ -170,12 +170,13 @@ def seal_shard(
     Raises:
         ValueError: a record without a content sha256, or nothing to write.
     """
-    records, meta = list(records), dict(meta or {})
+    rows, meta = list(rows), dict(meta or {})
+    records = [row.record for row in rows]
     if not records and not aliases:
         raise ValueError("a shard needs at least one record or alias")
-    for rec in records:
-        if not rec.extra.get("content_sha256"):
-            raise ValueError(f"record {rec.image_id!r} has no extra['content_sha256']")
+    for row in rows:
+        if not row.content_sha256:
+            raise ValueError(f"record {row.image_id!r} has no content sha256")
     meta.setdefault("feature_dim", records[0].feature_dim if records else 1)
     first_grid = records[0].grid if records else None
     meta.setdefault("grid_size", 0 if first_grid is None else int(first_grid.shape[0]))
@@ -188,7 +189,7 @@ def seal_shard(
         with FeatureFileWriter(
             tmp, model_version=model_version, unique_ids=False, size_hint=hint, **meta
         ) as writer:
-            writer.append(records)
+            writer.append(rows)
         with h5py.File(tmp, "a") as h5:
             _write_aliases(h5, aliases)
             h5.attrs["sealed_at"] = int(sealed_at if sealed_at is not None else time.time_ns())
@@ -210,11 +211,11 @@ class ShardWriter:
     model_version: str
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def seal(self, records: Iterable[FeatureRecord], aliases: Sequence[Alias] = ()) -> ShardInfo:
+    def seal(self, rows: Iterable[StoredRow], aliases: Sequence[Alias] = ()) -> ShardInfo:
         """Write one shard; see ``seal_shard``."""
         return seal_shard(
             self.directory,
-            records,
+            rows,
             model_version=self.model_version,
             meta=self.meta,
             aliases=aliases,

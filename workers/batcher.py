@@ -26,11 +26,12 @@ import numpy as np
 import numpy.typing as npt
 
 from butd.detector.config import ExtractionConfig
+from butd.images import ImageError, decode_image
 from butd.store import ids
-from butd.store.images import ImageError, decode_image
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
+from butd.store.shards import Alias
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits
-from butd.workers.isolate import seal_isolated
+from butd.workers.isolate import put_isolated
 from butd.workers.options import ExtractOptions
 from butd.workers.outcomes import Cached, Extracted, Failed, Outcome
 from butd.workers.protocol import JobShard, OnlineRequest, ProtocolError
@@ -39,7 +40,6 @@ from butd.workers.sources import FetchFn, ImageSource, online_source, read_sourc
 
 log = logging.getLogger(__name__)
 
-AliasTriple = tuple[str, str, str]  # (namespace, image_id, content_sha256)
 
 BGRImage = npt.NDArray[np.uint8]
 ReadFn = Callable[[int, int], list[Entry]]
@@ -224,37 +224,37 @@ class ExtractorLike(Protocol):
 
 
 class FeatureSink(Protocol):
-    """What the worker needs of the feature store (sealed shards + index)."""
+    """Where a ``Processor`` puts the records it computed: the store itself
+    (``butd.store.shard_store.StoreWriter``), or a sink that stores them later on a thread of
+    its own (the online ``butd.workers.sealer.Sealer``, the pipeline's ``DeferredSink``)."""
 
     def has(self, model_version: str, sha256: str) -> bool:
-        """True when (model_version, sha256) is stored."""
+        """True when (model_version, sha256) is stored, or put here and waiting to be."""
         ...
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        rows: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[AliasTriple] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
-        """Store new ``records`` (made under ``config``) and bind every (namespace, image_id,
-        sha256) of ``aliases``; on return both are durable and indexed."""
+        """Take a batch's new ``rows`` (made under ``config``) and every alias it resolved.
+
+        On return ``has`` is True for each row's content, and the rows and aliases are either
+        stored (sealed in a shard, then indexed: ``StoreWriter``) or queued to be stored
+        before the entries they came from are acked (``Sealer``, ``DeferredSink``).
+
+        Raises:
+            ValueError, TypeError: a row or alias the store can never hold (a sink that stores
+                at once; ``butd.workers.isolate`` then puts the others apart).
+        """
         ...
-
-
-@dataclass(frozen=True)
-class StoredItem:
-    """A new record with its content key and the alias it was computed for."""
-
-    record: FeatureRecord
-    content_sha256: str
-    namespace: str
-    image_id: str
 
 
 class Processor:
-    """Load, skip what is stored, extract, seal: one batch of tasks to one outcome each.
+    """Load, skip what is stored, extract, put in the sink: a batch of tasks to one outcome each.
 
     Args:
         extractor: the loaded model.
@@ -282,12 +282,12 @@ class Processor:
     def run(
         self, tasks: Sequence[Task], name: str, on_computed: ComputedFn | None = None
     ) -> list[Outcome]:
-        """Outcomes in task order; ``name`` identifies the sealed shard(s) (e.g. the entry id).
+        """Outcomes in task order; ``name`` names the batch's puts (e.g. the entry id).
 
         Args:
-            on_computed: called with each options group's outcomes (``Extracted`` ones carry
-                their ``record``) after extraction and *before* the group is sealed: the online path
-                answers there. An exception it raises propagates; nothing is sealed then.
+            on_computed: called with each options group's outcomes (``Extracted`` ones carry their
+                ``record``) after extraction and *before* the group is put in the sink: the
+                online path answers there. An exception it raises propagates; nothing is put.
         """
         start = time.perf_counter()
         loaded = self.load(tasks)
@@ -348,18 +348,18 @@ class Processor:
         if on_computed is not None:
             on_computed(outcomes)
         new = [
-            StoredItem(o.record, o.content_sha256, o.task.namespace, o.task.image_id)
+            StoredRow(o.record, o.content_sha256, o.task.namespace)
             for o in computed.values()
             if isinstance(o, Extracted)
         ]
         aliases = [
-            (o.task.namespace, o.task.image_id, o.content_sha256)
+            Alias(o.task.namespace, o.task.image_id, o.content_sha256)
             for o in outcomes
             if not isinstance(o, Failed)
         ]
         if new or aliases:
-            lost = seal_isolated(self.sink, f"{name}-{version}", new, version,
-                                 config.to_json(), aliases)  # fmt: skip
+            lost = put_isolated(self.sink, f"{name}-{version}", new, version,
+                                config.to_json(), aliases)  # fmt: skip
             outcomes = [lost.fail(o) for o in outcomes] if lost else outcomes
         return outcomes
 

@@ -1,9 +1,11 @@
-"""Seal so that a record the store cannot hold fails alone (torch-free).
+"""Put records in a sink so that one the store cannot hold fails alone (torch-free).
 
 A shard is one HDF5 file for many records; one record the store refuses (h5py: "VLEN strings
-do not support embedded NULLs") would fail the whole file. ``seal_isolated`` seals the group
-as one shard and, only when that fails with such an error, once per record (with its aliases)
-and once per remaining alias, so the good ones are stored and the bad ones reported by key.
+do not support embedded NULLs") would fail the whole file. ``put_isolated`` puts the group in
+the sink (one shard) and, only when that fails with such an error, once per record (with its
+aliases) and once per remaining alias, so the good ones are stored and the bad ones reported
+by key. A sink that stores later (``FeatureSink.put``) raises nothing here: it isolates when
+it stores, through this function on the store itself.
 A transient error (``OSError``, Redis) propagates unchanged: the caller leaves its entries
 pending and they are redelivered.
 """
@@ -18,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from butd.workers.outcomes import Failed, Outcome
 
 if TYPE_CHECKING:
-    from butd.workers.batcher import AliasTriple, FeatureSink, StoredItem
+    from butd.store.records import StoredRow
+    from butd.store.shards import Alias
+    from butd.workers.batcher import FeatureSink
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +52,46 @@ class Unstored:
         return Failed(outcome.task, f"cannot be stored: {reason}", outcome.content_sha256)
 
 
-def seal_isolated(
+def put_isolated(
     sink: FeatureSink,
     name: str,
-    records: Sequence[StoredItem],
+    rows: Sequence[StoredRow],
     model_version: str,
     config: dict[str, Any],
-    aliases: Sequence[AliasTriple] = (),
+    aliases: Sequence[Alias] = (),
 ) -> Unstored:
-    """``sink.seal`` the group; on an unstorable record, seal apart (see the module doc)."""
+    """``sink.put`` the group; on an unstorable row, put each apart (see the module doc)."""
     try:
-        sink.seal(name, records, model_version, config, aliases)
+        sink.put(name, rows, model_version, config, aliases)
         return Unstored()
     except UNSTORABLE as exc:
-        log.warning(
-            "%s: one shard of %d records failed (%s); sealing apart", name, len(records), exc
-        )
-    return _seal_apart(sink, name, records, model_version, config, aliases)
+        log.warning("%s: one shard of %d records failed (%s); sealing apart", name, len(rows), exc)
+    return _put_apart(sink, name, rows, model_version, config, aliases)
 
 
-def _seal_apart(
+def _put_apart(
     sink: FeatureSink,
     name: str,
-    records: Sequence[StoredItem],
+    rows: Sequence[StoredRow],
     model_version: str,
     config: dict[str, Any],
-    aliases: Sequence[AliasTriple],
+    aliases: Sequence[Alias],
 ) -> Unstored:
-    by_sha: dict[str, list[AliasTriple]] = {}
+    by_sha: dict[str, list[Alias]] = {}
     for alias in aliases:
-        by_sha.setdefault(alias[2], []).append(alias)
+        by_sha.setdefault(alias.content_sha256, []).append(alias)
     lost = Unstored()
-    for record in records:
-        bound = by_sha.pop(record.content_sha256, [])
+    for row in rows:
+        bound = by_sha.pop(row.content_sha256, [])
         try:
-            sink.seal(name, [record], model_version, config, bound)
+            sink.put(name, [row], model_version, config, bound)
         except UNSTORABLE as exc:
-            log.error("%s: record %r not stored: %s", name, record.image_id, exc)
-            lost.records[record.content_sha256] = str(exc)
+            log.error("%s: record %r not stored: %s", name, row.image_id, exc)
+            lost.records[row.content_sha256] = str(exc)
     for alias in (a for rest in by_sha.values() for a in rest):
         try:
-            sink.seal(name, [], model_version, config, [alias])
+            sink.put(name, [], model_version, config, [alias])
         except UNSTORABLE as exc:
-            log.error("%s: alias %r not stored: %s", name, alias[1], exc)
-            lost.aliases[(alias[0], alias[1])] = str(exc)
+            log.error("%s: alias %r not stored: %s", name, alias.image_id, exc)
+            lost.aliases[(alias.namespace, alias.image_id)] = str(exc)
     return lost

@@ -36,19 +36,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
+from butd.store.records import StoredRow
+from butd.store.shards import Alias
 from butd.workers.batcher import (
-    AliasTriple,
     ExtractorLike,
     FeatureSink,
     Loaded,
     Processor,
-    StoredItem,
     Task,
     load_task,
     stored,
 )
 from butd.workers.files import DEFAULT_LIMITS, ReadLimits
-from butd.workers.isolate import Unstored, seal_isolated
+from butd.workers.isolate import Unstored, put_isolated
 from butd.workers.sealer import PendingSeals
 from butd.workers.settings import WorkerSettings
 from butd.workers.sources import FetchFn
@@ -178,7 +178,8 @@ class Finisher:
 
 
 class DeferredSink:
-    """The job ``Processor``'s sink in the pipeline: each seal becomes a ``Finisher`` step.
+    """The job ``Processor``'s sink in the pipeline: each put becomes a ``Finisher`` step that
+    stores the rows (seals and indexes them) in order, before the piece's later steps.
 
     ``has`` also answers for records computed and waiting for their seal, so the same bytes
     met again meanwhile (a duplicate in the next piece) are not computed twice.
@@ -201,23 +202,24 @@ class DeferredSink:
     def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
         return self._pending.has_many(self.sink, model_version, sha256s)
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        rows: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[AliasTriple] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
-        """Queue the seal (sealed and indexed by the finisher thread, in order)."""
-        keys = [(model_version, r.content_sha256) for r in records]
-        records, aliases = tuple(records), tuple(aliases)
+        """Queue the rows' seal (sealed and indexed by the finisher thread, in order); nothing
+        is written yet."""
+        keys = [(model_version, r.content_sha256) for r in rows]
+        rows, aliases = tuple(rows), tuple(aliases)
         self._pending.add(keys)
 
         def step() -> None:
             # An unstorable record fails alone (butd.workers.isolate); the piece's record sees it.
             try:
-                lost = seal_isolated(self.sink, name, records, model_version, config, aliases)
+                lost = put_isolated(self.sink, name, rows, model_version, config, aliases)
                 self._unstored.records.update(lost.records)
                 self._unstored.aliases.update(lost.aliases)
             finally:
@@ -227,7 +229,7 @@ class DeferredSink:
 
 
 class SerialSink:
-    """A sink whose seals run one at a time (the online sealer and the finisher share it)."""
+    """A sink whose puts run one at a time (the online sealer and the finisher share it)."""
 
     def __init__(self, sink: FeatureSink) -> None:
         self.sink = sink
@@ -239,16 +241,17 @@ class SerialSink:
     def has_many(self, model_version: str, sha256s: Sequence[str]) -> list[bool]:
         return stored(self.sink, model_version, sha256s)
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        rows: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[AliasTriple] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
+        """``put`` in the wrapped sink, one call at a time."""
         with self._lock:
-            self.sink.seal(name, records, model_version, config, aliases)
+            self.sink.put(name, rows, model_version, config, aliases)
 
 
 class PipelinedProcessor(Processor):

@@ -17,8 +17,9 @@ crash loses only unacked work, which is redelivered. While a record waits to be 
 ``has`` says it is stored, so the same bytes arriving meanwhile are not computed twice (their
 answer says ``cached``; the gateway then reads the record once it is sealed).
 
-``Sealer`` is the ``FeatureSink`` of the online ``Processor``: its ``seal`` only collects the
-batch's seal calls for the next ``submit``, on the main thread.
+``Sealer`` is the ``FeatureSink`` of the online ``Processor``: its ``put`` only queues the
+batch's rows for the next ``submit``, on the main thread; the sealer thread stores them
+through the store's ``put`` (``butd.store.shard_store.StoreWriter``), then acks.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from butd.workers.batcher import AliasTriple, FeatureSink, StoredItem, stored
-from butd.workers.isolate import seal_isolated
+from butd.store.records import StoredRow
+from butd.store.shards import Alias
+from butd.workers.batcher import FeatureSink, stored
+from butd.workers.isolate import put_isolated
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +81,19 @@ class PendingSeals:
 
 
 @dataclass(frozen=True)
-class SealCall:
-    """One ``FeatureSink.seal`` call collected for later."""
+class PutCall:
+    """One ``FeatureSink.put`` call queued for the sealer thread."""
 
     name: str
-    records: tuple[StoredItem, ...]
+    rows: tuple[StoredRow, ...]
     model_version: str
     config: dict[str, Any]
-    aliases: tuple[AliasTriple, ...]
+    aliases: tuple[Alias, ...]
 
 
 @dataclass(frozen=True)
 class _Job:
-    calls: tuple[SealCall, ...]
+    calls: tuple[PutCall, ...]
     finished: tuple[Any, ...]
 
 
@@ -98,8 +101,8 @@ class Sealer:
     """Seals and acks submitted online batches on a background thread.
 
     Args:
-        sink: the real feature store (sealed shards + index); called from the sealer thread
-            (and ``has`` from the main thread).
+        sink: the sink that stores at once (the store's ``StoreWriter``); its ``put`` is called
+            from the sealer thread, its ``has`` from the main thread.
         finish: acks a sequence of finished items (``Replies.finish``) after their seal.
         linger_s: how long the oldest waiting batch may wait for others to share its shard,
             seconds (0: seal as soon as the thread is free). A shard costs ~20 ms of CPU, most
@@ -122,7 +125,7 @@ class Sealer:
         self._max_jobs = max_jobs
         self._oldest = 0.0  # monotonic time the oldest waiting batch was submitted
         self._draining = 0
-        self._calls: list[SealCall] = []
+        self._calls: list[PutCall] = []
         self._jobs: list[_Job] = []
         self._pending = PendingSeals()
         self._busy = False
@@ -141,22 +144,23 @@ class Sealer:
         """``has`` of each content: the sink asked once for those not waiting here."""
         return self._pending.has_many(self.sink, model_version, sha256s)
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        rows: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[AliasTriple] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
-        """Collect one seal call for the next ``submit`` (nothing is written yet)."""
-        self._calls.append(SealCall(name, tuple(records), model_version, config, tuple(aliases)))
+        """Queue the rows and aliases for the next ``submit`` (nothing is written yet); they
+        are stored before the batch submitted with them is acked."""
+        self._calls.append(PutCall(name, tuple(rows), model_version, config, tuple(aliases)))
 
     # -- main thread -------------------------------------------------------------------------
 
     def submit(self, finished: Sequence[Any]) -> None:
-        """Hand over the batch in hand: the seal calls collected since the last submit, and
-        what ``finish`` acks once they are sealed."""
+        """Hand over the batch in hand: the puts queued since the last submit, and what
+        ``finish`` acks once they are stored."""
         calls, self._calls = tuple(self._calls), []
         with self._cond:
             while len(self._jobs) >= self._max_jobs and self._thread.is_alive():
@@ -231,19 +235,19 @@ class Sealer:
     def _seal(self, jobs: Sequence[_Job]) -> None:
         """One shard per (model version, config) for every waiting batch, then one ack."""
         start = time.perf_counter()
-        groups: dict[tuple[str, str], list[SealCall]] = {}
+        groups: dict[tuple[str, str], list[PutCall]] = {}
         for job in jobs:
             for call in job.calls:
                 groups.setdefault((call.model_version, repr(call.config)), []).append(call)
         for calls in groups.values():
             first = calls[0]
-            unique: dict[str, StoredItem] = {}
-            for r in (r for c in calls for r in c.records):
+            unique: dict[str, StoredRow] = {}
+            for r in (r for c in calls for r in c.rows):
                 unique.setdefault(r.content_sha256, r)
-            records = list(unique.values())
+            rows = list(unique.values())
             aliases = [a for c in calls for a in c.aliases]
             name = first.name if len(calls) == 1 else f"{first.name}+{len(calls) - 1}"
-            seal_isolated(self.sink, name, records, first.model_version, first.config, aliases)
+            put_isolated(self.sink, name, rows, first.model_version, first.config, aliases)
         self._finish([item for job in jobs for item in job.finished])
         log.info(
             "sealed and acked %d online batches (%d shards) in %.1f ms",
@@ -253,5 +257,5 @@ class Sealer:
         )
 
 
-def _keys(calls: Sequence[SealCall]) -> list[tuple[str, str]]:
-    return [(c.model_version, r.content_sha256) for c in calls for r in c.records]
+def _keys(calls: Sequence[PutCall]) -> list[tuple[str, str]]:
+    return [(c.model_version, r.content_sha256) for c in calls for r in c.rows]

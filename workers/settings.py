@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from butd.heads.demo import DEMO_DETECTOR, demo_head
-from butd.store.images import DEFAULT_MAX_PIXELS
+from butd.images import DEFAULT_MAX_PIXELS
 
 
 def _env(name: str, default: Any, **constraints: Any) -> Any:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from butd.store.index import FeatureIndex
-from butd.store.objects import BucketShards
+from butd.store.shard_store import StoreWriter
 from butd.workers import queue as q
 from butd.workers.batcher import ExtractorLike, FeatureSink, chunks, fill_batch
 from butd.workers.files import ReadLimits
@@ -55,7 +55,6 @@ from butd.workers.protocol import JOBS_STREAM, ONLINE_STREAM, STREAMS, Heartbeat
 from butd.workers.replies import Replies
 from butd.workers.sealer import Sealer
 from butd.workers.settings import WorkerSettings
-from butd.workers.sink import StoreSink
 from butd.workers.wire import ModelMeta
 
 if TYPE_CHECKING:
@@ -332,16 +331,16 @@ def build_worker(settings: WorkerSettings) -> Worker:
     )
     spec = extractor.spec
     client = q.connect(settings.redis_url)
-    sink = StoreSink(
+    sink = StoreWriter(
         settings.store_dir,
         FeatureIndex(client),
-        worker_id=settings.worker_id,
+        writer_id=settings.worker_id,
         meta={
             "objects_vocab": spec.objects_vocab,
             "attributes_vocab": spec.attributes_vocab,
             "feature_dim": spec.arch.feature_dim,
         },
-        bucket=BucketShards(settings.store_url) if settings.store_url else None,
+        store_url=settings.store_url,
     )
     meta = ModelMeta(tuple(spec.objects_vocab), tuple(spec.attributes_vocab), spec.description)
     heads = start_heads(settings, device=device)  # on the extractor's device

@@ -184,7 +184,7 @@ def _list(what: str, reasons: dict[str, str], shown: int = 20) -> None:
 
 def run_show(args: argparse.Namespace) -> int:
     from butd.detector.show import draw_regions
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     if args.attention and args.captioner is None:
         from butd.heads.demo import DEMO_DETECTOR, demo_head

@@ -21,7 +21,7 @@ import torch
 from butd.detector.config import ExtractionConfig
 from butd.detector.preprocess import prepare
 from butd.detector.train.vg import VGImage
-from butd.store.images import decode_image
+from butd.images import decode_image
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from pydantic import ValidationError
 
 from butd.service import encoding
 from butd.service.auth import require_api_key
-from butd.service.backend import StoredRecord
 from butd.service.errors import InvalidRequestError, NotFoundError
 from butd.service.names import (
     ImageIdPath,
@@ -28,6 +27,7 @@ from butd.service.schemas import ErrorBody, FeatureDtype, FeaturesResponse
 from butd.service.uploads import read_image_body
 from butd.store import ids
 from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.store.records import StoredRecord
 from butd.workers.options import MAX_BOXES, MAX_GRID_SIZE, ExtractOptions
 
 router = APIRouter(

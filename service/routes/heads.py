@@ -16,7 +16,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from butd.service.auth import require_api_key
-from butd.service.backend import StoredRecord
 from butd.service.errors import InvalidRequestError, NotFoundError, WorkerError
 from butd.service.heads_online import HeadsService
 from butd.service.names import ImageIdQuery, NamespaceQuery, Sha256Query, given_id, namespace_of
@@ -24,6 +23,7 @@ from butd.service.online import OnlineService, Upload
 from butd.service.schemas import CaptionResponse, ErrorBody, ScoredAnswer, VQAResponse
 from butd.service.uploads import read_image_body
 from butd.store import ids
+from butd.store.records import StoredRecord
 from butd.workers.heads_protocol import HeadsResult, HeadTask
 from butd.workers.options import MAX_GRID_SIZE, ExtractOptions
 

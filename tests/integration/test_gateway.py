@@ -31,10 +31,10 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from butd.images import decode_image
 from butd.service.app import create_app
 from butd.service.encoding import decode_features
 from butd.service.settings import Settings
-from butd.store.images import decode_image
 from butd.store.readers import read_lxmert_tsv
 from butd.workers.protocol import ONLINE_STREAM
 from tests.redis_proc import RedisProcess, free_port

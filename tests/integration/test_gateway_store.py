@@ -1,20 +1,19 @@
-"""IndexedStore: the gateway's reads of shards sealed and indexed as the workers do."""
+"""StoreReader: the gateway's reads of shards sealed and indexed as the workers do."""
 
 from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from butd.service.errors import InvalidRequestError, NotFoundError
-from butd.service.shard_store import IndexedStore, _nbytes
 from butd.store.index import FeatureIndex, reindex
 from butd.store.readers import read_lxmert_tsv
+from butd.store.records import StoredRow
+from butd.store.shard_store import ExportRefusedError, NothingStoredError, StoreReader, _nbytes
 from butd.store.shards import scan_shard, seal_shard
 from tests.unit.app_fakes import ATTRIBUTES, MODEL_VERSION, OBJECTS, make_record
 
@@ -24,14 +23,8 @@ def _sha(i: int) -> str:
 
 
 def _seal(root: Path, index: FeatureIndex, ids: list[int], namespace: str = "ds") -> None:
-    """Seal and index one shard as ``butd.workers.sink.StoreSink`` does."""
-    recs = [
-        replace(
-            make_record(f"{i}.jpg", seed=i),
-            extra={"content_sha256": _sha(i), "namespace": namespace},
-        )
-        for i in ids
-    ]
+    """Seal and index one shard as ``butd.store.shard_store.StoreWriter`` does."""
+    recs = [StoredRow(make_record(f"{i}.jpg", seed=i), _sha(i), namespace) for i in ids]
     meta = {
         "config": {"description": "fake model"},
         "objects_vocab": OBJECTS,
@@ -48,7 +41,7 @@ def index(redis_url: str) -> FeatureIndex:
 
 
 def test_get_resolve_and_vocabularies(tmp_path: Path, index: FeatureIndex) -> None:
-    store = IndexedStore(tmp_path, index)
+    store = StoreReader(tmp_path, index)
     assert store.get(MODEL_VERSION, _sha(1)) is None
     _seal(tmp_path, index, [1, 2])
     got = store.get(MODEL_VERSION, _sha(2))
@@ -65,7 +58,7 @@ def test_gateway_alias_is_sealed_and_survives_reindex(
     tmp_path: Path, index: FeatureIndex, redis_url: str
 ) -> None:
     _seal(tmp_path, index, [1])
-    store = IndexedStore(tmp_path, index)
+    store = StoreReader(tmp_path, index)
     store.add_alias("mine", "cat.jpg", _sha(1))
     store.add_alias("mine", "cat.jpg", _sha(9))  # first wins
     assert store.resolve("mine", "cat.jpg") == _sha(1)
@@ -80,11 +73,11 @@ def test_gateway_alias_is_sealed_and_survives_reindex(
 @pytest.mark.parametrize("fmt", ["lxmert-tsv", "h5-dense", "npz"])
 def test_export_uses_the_job_ids(tmp_path: Path, index: FeatureIndex, fmt: str) -> None:
     _seal(tmp_path, index, [1, 2])
-    store = IndexedStore(tmp_path, index)
+    store = StoreReader(tmp_path, index)
     out = tmp_path / f"out.{fmt}"
     wanted = ["1.jpg", "2.jpg", "nope.jpg"]
     if fmt == "h5-dense":  # adaptive records: refused unless padding is allowed
-        with pytest.raises(InvalidRequestError, match="--allow-padding"):
+        with pytest.raises(ExportRefusedError, match="--allow-padding"):
             store.export(MODEL_VERSION, "ds", wanted, fmt, out)
     options = {"allow_padding": True} if fmt == "h5-dense" else None
     assert store.export(MODEL_VERSION, "ds", wanted, fmt, out, options) == 2
@@ -100,7 +93,7 @@ def test_export_uses_the_job_ids(tmp_path: Path, index: FeatureIndex, fmt: str) 
     else:
         assert out.stat().st_size > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("tmp")]
-    with pytest.raises(NotFoundError):
+    with pytest.raises(NothingStoredError):
         store.export(MODEL_VERSION, "ds", ["nope.jpg"], fmt, tmp_path / "none")
 
 
@@ -109,7 +102,7 @@ def test_record_cache_serves_hot_records_within_its_budget(
 ) -> None:
     _seal(tmp_path, index, [1, 2, 3])
     size = _nbytes(make_record("x", seed=1))
-    store = IndexedStore(tmp_path, index, cache_bytes=2 * size)  # room for two records
+    store = StoreReader(tmp_path, index, cache_bytes=2 * size)  # room for two records
     for i in (1, 2, 3):  # reading 3 evicts 1, the least recently used
         assert store.get(MODEL_VERSION, _sha(i)) is not None
     store.readers.close()

@@ -22,12 +22,12 @@ import numpy as np
 import redis
 
 from butd.store.index import FeatureIndex
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
+from butd.store.shard_store import StoreWriter
+from butd.store.shards import Alias
 from butd.workers import queue as q
-from butd.workers.batcher import StoredItem
 from butd.workers.protocol import JobItem
 from butd.workers.sealer import Sealer
-from butd.workers.sink import StoreSink
 from tests.integration.test_gateway import gateway, image_bytes, stack, wait_ready
 from tests.redis_proc import free_port
 
@@ -93,10 +93,10 @@ def test_a_bad_name_reaching_the_worker_fails_only_its_item(stack: dict[str, Any
     assert all(index.lookup_alias("direct", f"{i}.png") for i in (0, 1, 3))
 
 
-def _item(sha: str, image_id: str) -> StoredItem:
+def _item(sha: str, image_id: str) -> StoredRow:
     n = 2
     rec = FeatureRecord(
-        image_id="x",
+        image_id=image_id,
         image_w=10,
         image_h=8,
         boxes=np.tile(np.array([[0, 0, 5, 5]], np.float32), (n, 1)),
@@ -107,7 +107,7 @@ def _item(sha: str, image_id: str) -> StoredItem:
         attrs_conf=np.ones(n, np.float32),
         model_version="mv",
     )
-    return StoredItem(rec, sha, "ns", image_id)
+    return StoredRow(rec, sha, "ns")
 
 
 def test_one_unstorable_record_never_drops_the_good_ones_sharing_its_seal(
@@ -115,7 +115,7 @@ def test_one_unstorable_record_never_drops_the_good_ones_sharing_its_seal(
 ) -> None:
     r = q.connect(redis_url)
     meta = {"objects_vocab": ["a"], "attributes_vocab": ["b"], "feature_dim": 4}
-    sink = StoreSink(tmp_path, FeatureIndex(r), worker_id="w1", meta=meta)
+    sink = StoreWriter(tmp_path, FeatureIndex(r), writer_id="w1", meta=meta)
     acked: list[list[str]] = []
     sealer = Sealer(sink, acked.append, linger_s=0.5)  # the 8 batches share one seal
     shas = [f"{k:064x}" for k in range(8)]
@@ -123,7 +123,7 @@ def test_one_unstorable_record_never_drops_the_good_ones_sharing_its_seal(
     names[5] = "a\x00b"  # what h5py refuses: "VLEN strings do not support embedded NULLs"
     try:
         for sha, name in zip(shas, names, strict=True):
-            sealer.seal(name, [_item(sha, name)], "mv", {}, [("ns", name, sha)])
+            sealer.put(name, [_item(sha, name)], "mv", {}, [Alias("ns", name, sha)])
             sealer.submit([f"entry-{name}"])
         assert sealer.drain(30)
     finally:

@@ -24,28 +24,23 @@ from butd.store.shards import (
     seal_shard,
 )
 from tests.redis_proc import RedisProcess
-from tests.unit.test_h5 import MV, VOCAB_A, VOCAB_O, make_records
+from tests.unit.test_h5 import MV, VOCAB_A, VOCAB_O, keyed, make_records, sha_of
 
 META = {"config": {}, "objects_vocab": VOCAB_O, "attributes_vocab": VOCAB_A}
 
 
 def store_batch(index: FeatureIndex, directory: Path, recs: list[FeatureRecord]) -> ShardInfo:
     """What a worker does: seal a shard, then index each row and its alias."""
-    info = seal_shard(directory, recs, model_version=recs[0].model_version, meta=META)
+    info = seal_shard(directory, keyed(recs), model_version=recs[0].model_version, meta=META)
     for row, rec in enumerate(recs):
-        index.put(
-            rec.model_version,
-            rec.extra["content_sha256"],
-            Location(info.name, row),
-            [(rec.extra["namespace"], rec.image_id)],
-        )
+        index.put(rec.model_version, sha_of(rec), Location(info.name, row), [("ns", rec.image_id)])
     return info
 
 
 def answers(index: FeatureIndex, recs: list[FeatureRecord]) -> dict[str, object]:
     out: dict[str, object] = {}
     for rec in recs:
-        sha = rec.extra["content_sha256"]
+        sha = sha_of(rec)
         out[f"c:{rec.model_version}:{sha}"] = index.lookup_content(rec.model_version, sha)
         out[f"a:{rec.image_id}"] = index.lookup_alias("ns", rec.image_id)
     return out
@@ -77,14 +72,16 @@ def test_put_lookup_first_wins(client: redis.Redis) -> None:
 
 def test_reindex_after_flushall_gives_same_answers(client: redis.Redis, tmp_path: Path) -> None:
     index = FeatureIndex(client)
-    recs = [r for seed in range(4) for r in make_records(5, seed=seed, with_sha=True)]
-    other = make_records(3, seed=9, with_sha=True, model_version="mv-2", prefix="v2")
+    recs = [r for seed in range(4) for r in make_records(5, seed=seed)]
+    other = make_records(3, seed=9, model_version="mv-2", prefix="v2")
     for start in range(0, len(recs), 5):
         store_batch(index, tmp_path, recs[start : start + 5])
     store_batch(index, tmp_path, other)
     store_batch(index, tmp_path, recs[:2])  # a duplicate shard: the index keeps the first
-    sha0 = recs[0].extra["content_sha256"]
-    seal_shard(tmp_path, recs[3:4], model_version=MV, meta=META, aliases=[Alias("x", "y", sha0)])
+    sha0 = sha_of(recs[0])
+    seal_shard(
+        tmp_path, keyed(recs[3:4]), model_version=MV, meta=META, aliases=[Alias("x", "y", sha0)]
+    )
     index.put_alias("x", "y", sha0)
     before = answers(index, recs + other)
     before["xy"] = index.lookup_alias("x", "y")
@@ -106,7 +103,7 @@ def test_redelivery_is_idempotent_and_compact_drops_duplicate(
     client: redis.Redis, tmp_path: Path
 ) -> None:
     index = FeatureIndex(client)
-    recs = make_records(4, seed=1, with_sha=True)
+    recs = make_records(4, seed=1)
     first = store_batch(index, tmp_path, recs)
     want = answers(index, recs)
     store_batch(index, tmp_path, recs)  # the same message delivered again
@@ -138,7 +135,7 @@ def _wait_for(cond: Callable[[], bool], timeout: float = 120.0) -> None:
 
 def test_compact_while_a_reader_reads(client: redis.Redis, tmp_path: Path) -> None:
     index = FeatureIndex(client)
-    recs = [r for seed in range(6) for r in make_records(4, seed=seed, with_sha=True)]
+    recs = [r for seed in range(6) for r in make_records(4, seed=seed)]
     for start in range(0, len(recs), 4):
         store_batch(index, tmp_path, recs[start : start + 4])
     want = {r.image_id: r.features.astype(np.float16) for r in recs}
@@ -200,9 +197,9 @@ def test_cli_store_reindex_compact_stats(
 
     from butd.cli import store as store_cli
 
-    recs = [r for seed in range(3) for r in make_records(3, seed=seed, with_sha=True)]
+    recs = [r for seed in range(3) for r in make_records(3, seed=seed)]
     for start in range(0, len(recs), 3):
-        seal_shard(tmp_path, recs[start : start + 3], model_version=MV, meta=META)
+        seal_shard(tmp_path, keyed(recs[start : start + 3]), model_version=MV, meta=META)
     parser = argparse.ArgumentParser()
     store_cli.register(parser.add_subparsers())
 

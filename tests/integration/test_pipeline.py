@@ -23,11 +23,11 @@ from skimage import data
 from butd.store.h5 import FeatureFile
 from butd.store.index import FeatureIndex
 from butd.store.records import FeatureRecord
+from butd.store.shard_store import StoreWriter
 from butd.workers import queue as q
 from butd.workers.pipeline import PipelinedProcessor
 from butd.workers.protocol import JOBS_STREAM, JobItem
 from butd.workers.settings import WorkerSettings
-from butd.workers.sink import StoreSink
 from butd.workers.worker import Worker
 from tests.integration.test_worker_e2e import client, tiny_weights  # noqa: F401
 
@@ -69,10 +69,10 @@ def extractor(tiny_weights: Path) -> Any:  # noqa: F811
 
 def make_worker(r: redis.Redis, url: str, store: Path, extractor: Any, **settings: Any) -> Worker:
     spec = extractor.spec
-    sink = StoreSink(
+    sink = StoreWriter(
         store,
         FeatureIndex(r),
-        worker_id="w",
+        writer_id="w",
         meta={
             "objects_vocab": spec.objects_vocab,
             "attributes_vocab": spec.attributes_vocab,
@@ -160,20 +160,20 @@ def test_pipelined_worker_stores_the_sequential_workers_records_bit_for_bit(
 
 
 class FailingSink:
-    """A sink whose first seal raises (a full disk), the rest pass through."""
+    """A sink whose first put raises (a full disk), the rest pass through."""
 
-    def __init__(self, sink: StoreSink) -> None:
+    def __init__(self, sink: StoreWriter) -> None:
         self.sink = sink
         self.seals = 0
 
     def has(self, model_version: str, sha256: str) -> bool:
         return self.sink.has(model_version, sha256)
 
-    def seal(self, *args: Any, **kwargs: Any) -> None:
+    def put(self, *args: Any, **kwargs: Any) -> None:
         self.seals += 1
         if self.seals == 1:
             raise OSError("No space left on device")
-        self.sink.seal(*args, **kwargs)
+        self.sink.put(*args, **kwargs)
 
 
 def test_a_failed_seal_leaves_the_shard_pending_and_its_items_unrecorded(

@@ -18,11 +18,11 @@ import pytest
 import redis
 
 from butd.store.index import FeatureIndex
+from butd.store.shard_store import StoreWriter
 from butd.store.shards import ShardReaders
 from butd.workers import queue as q
 from butd.workers.protocol import ONLINE_STREAM, OnlineRequest
 from butd.workers.settings import WorkerSettings
-from butd.workers.sink import StoreSink
 from butd.workers.wire import ModelMeta
 from butd.workers.worker import Worker
 from tests.integration.test_worker_e2e import (  # noqa: F401  (fixture used by name)
@@ -64,10 +64,10 @@ def make_worker(
         janitor_interval_s=0.05,
     )
     spec = extractor.spec
-    sink = StoreSink(
+    sink = StoreWriter(
         store,
         FeatureIndex(r),
-        worker_id=name,
+        writer_id=name,
         meta={
             "objects_vocab": spec.objects_vocab,
             "attributes_vocab": spec.attributes_vocab,

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from butd.service.backend import RequestClaim, StoredRecord
-from butd.store.records import FeatureRecord
+from butd.service.backend import RequestClaim
+from butd.store.records import FeatureRecord, StoredRecord
 from butd.workers.heads_protocol import HeadsRequest, HeadsResult
 from butd.workers.options import ExtractOptions
 from butd.workers.protocol import (

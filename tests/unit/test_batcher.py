@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from butd.detector.config import ExtractionConfig
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
+from butd.store.shards import Alias
 from butd.workers.batcher import (
     Processor,
-    StoredItem,
     Task,
     fill_batch,
     load_task,
@@ -87,18 +87,18 @@ class FakeSink:
     def __init__(self) -> None:
         self.stored: dict[tuple[str, str], FeatureRecord] = {}
         self.seals: list[tuple[str, list[str]]] = []
-        self.aliases: list[tuple[str, str, str]] = []
+        self.aliases: list[Alias] = []
 
     def has(self, model_version: str, sha256: str) -> bool:
         return (model_version, sha256) in self.stored
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        records: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[tuple[str, str, str]] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
         assert config["max_boxes"] >= config["min_boxes"]
         if records:
@@ -275,7 +275,7 @@ def test_a_bad_image_fails_only_itself(tmp_path: Path) -> None:
     assert isinstance(out[1], Failed) and "NotAnImageError" in out[1].reason
     assert len(ext.calls) == 1 and len(ext.calls[0]) == 2
     assert len(sink.stored) == 2 and len(sink.seals) == 1
-    assert [a[1] for a in sink.aliases] == ["a.png", "c.png"]
+    assert [a.image_id for a in sink.aliases] == ["a.png", "c.png"]
 
 
 def test_stored_content_is_not_recomputed_and_duplicates_run_once(tmp_path: Path) -> None:
@@ -289,7 +289,7 @@ def test_stored_content_is_not_recomputed_and_duplicates_run_once(tmp_path: Path
     again = proc.run([task(tmp_path, "c.png", same)], "n2")
     assert isinstance(again[0], Cached)
     assert len(ext.calls) == 1 and len(sink.seals) == 1
-    assert sorted(a[1] for a in sink.aliases) == ["a.png", "b.png", "c.png"]
+    assert sorted(a.image_id for a in sink.aliases) == ["a.png", "b.png", "c.png"]
 
 
 def test_batch_is_split_by_options(tmp_path: Path) -> None:
@@ -326,8 +326,8 @@ def test_an_image_that_breaks_the_model_is_isolated(tmp_path: Path) -> None:
 # --- the sealer thread --------------------------------------------------------------------
 
 
-def stored_item(sha: str) -> StoredItem:
-    return StoredItem(record(sha, np.zeros((4, 4, 3), np.uint8), "v"), sha, "ns", sha)
+def stored_row(sha: str) -> StoredRow:
+    return StoredRow(record(sha, np.zeros((4, 4, 3), np.uint8), "v"), sha, "ns")
 
 
 def test_sealer_group_commits_the_batches_waiting_then_acks_them_once() -> None:
@@ -336,7 +336,7 @@ def test_sealer_group_commits_the_batches_waiting_then_acks_them_once() -> None:
     config = {"min_boxes": 1, "max_boxes": 2}
     try:
         for k in range(3):  # three answered batches within the linger
-            sealer.seal(f"b{k}", [stored_item(f"s{k}")], "v", config, [("ns", f"s{k}", f"s{k}")])
+            sealer.put(f"b{k}", [stored_row(f"s{k}")], "v", config, [Alias("ns", f"s{k}", f"s{k}")])
             sealer.submit([f"entry{k}"])
         assert sealer.has("v", "s1") and not sink.has("v", "s1")  # computed, not yet sealed
         assert acked == []  # never acked before the seal
@@ -345,7 +345,7 @@ def test_sealer_group_commits_the_batches_waiting_then_acks_them_once() -> None:
         sealer.close()
     assert sink.seals == [("b0+2", ["s0", "s1", "s2"])]  # one shard for the three
     assert acked == [["entry0", "entry1", "entry2"]]  # one ack for the three, after it
-    assert sorted(sink.aliases) == [("ns", f"s{k}", f"s{k}") for k in range(3)]
+    assert sink.aliases == [Alias("ns", f"s{k}", f"s{k}") for k in range(3)]
     assert not sealer.has("v", "s9") and sealer.has("v", "s1")  # now from the sink
 
 
@@ -354,11 +354,11 @@ def test_a_failed_seal_acks_nothing_and_the_sealer_carries_on() -> None:
     sealer = Sealer(sink, acked.append)
     config = {"min_boxes": 1, "max_boxes": 2}
     try:
-        sealer.seal("bad", [stored_item("x")], "v", {"min_boxes": 3, "max_boxes": 2})
+        sealer.put("bad", [stored_row("x")], "v", {"min_boxes": 3, "max_boxes": 2})
         sealer.submit(["lost"])  # the fake sink refuses this config: the seal raises
         assert sealer.drain(10)
         assert acked == [] and not sealer.has("v", "x")  # stays pending, for redelivery
-        sealer.seal("good", [stored_item("y")], "v", config)
+        sealer.put("good", [stored_row("y")], "v", config)
         sealer.submit(["kept"])
         assert sealer.drain(10)
     finally:

@@ -22,7 +22,7 @@ def scene(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, o
     """A held-out scene (seed 99, not the training seed 3) and the demo detector's record."""
     from butd.detector.extractor import Extractor
     from butd.detector.synth import write_synthetic_set
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     root = tmp_path_factory.mktemp("scene")
     write_synthetic_set(root, 1, seed=99)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -11,7 +13,7 @@ import pytest
 
 from butd.store.h5 import FeatureFile, FeatureFileError
 from butd.store.h5_writer import FeatureFileWriter, write_feature_file
-from butd.store.records import FeatureRecord
+from butd.store.records import FeatureRecord, StoredRow
 
 MV = "mv-test-1"
 VOCAB_O = [f"obj{i}" for i in range(16)]
@@ -27,7 +29,6 @@ def make_records(
     max_boxes: int = 12,
     model_version: str = MV,
     prefix: str = "img",
-    with_sha: bool = False,
 ) -> list[FeatureRecord]:
     """Random but valid records: boxes inside the image, fp32 features >= 0, 0-based labels."""
     rng = np.random.default_rng(seed)
@@ -40,9 +41,6 @@ def make_records(
         boxes = np.stack(
             [x1, y1, x1 + rng.uniform(1, w / 2, k), y1 + rng.uniform(1, h / 2, k)], axis=1
         ).astype(np.float32)
-        extra = {}
-        if with_sha:
-            extra = {"content_sha256": f"{seed:04d}{i:060d}", "namespace": "ns"}
         out.append(
             FeatureRecord(
                 image_id=f"{prefix}/{seed}_{i}",
@@ -55,10 +53,19 @@ def make_records(
                 attrs_id=rng.integers(0, len(VOCAB_A), k).astype(np.int64),
                 attrs_conf=rng.random(k).astype(np.float32),
                 model_version=model_version,
-                extra=extra,
             )
         )
     return out
+
+
+def sha_of(record: FeatureRecord) -> str:
+    """The content key the tests file a record under (a hash of its id: unique per record)."""
+    return hashlib.sha256(record.image_id.encode()).hexdigest()
+
+
+def keyed(records: list[FeatureRecord], namespace: str = "ns") -> list[StoredRow]:
+    """``records`` as shard rows: each with its ``sha_of`` and ``namespace``."""
+    return [StoredRow(r, sha_of(r), namespace) for r in records]
 
 
 def meta(dim: int = 32, **kw: object) -> dict[str, object]:
@@ -201,14 +208,23 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.h5"]
 
 
-def test_extra_sha_and_namespace_round_trip(tmp_path: Path) -> None:
-    recs = make_records(4, with_sha=True)
+def test_row_keys_round_trip_as_columns_never_through_extra(tmp_path: Path) -> None:
+    recs = make_records(4)
+    stray = replace(recs[3], extra={"content_sha256": "f" * 64, "namespace": "x"})
+    rows = [*keyed(recs[:3]), stray]  # a bare record is stored without keys, whatever its extra
     path = tmp_path / "f.h5"
-    write_feature_file(path, recs, **meta())
+    write_feature_file(path, rows, **meta())
     with FeatureFile(path) as ff:
-        assert ff.content_sha256() == [r.extra["content_sha256"] for r in recs]
-        assert ff.namespaces() == ["ns"] * 4
-        assert ff.read_row(2).extra["content_sha256"] == recs[2].extra["content_sha256"]
+        assert ff.content_sha256() == [*(sha_of(r) for r in recs[:3]), ""]
+        assert ff.namespaces() == ["ns"] * 3 + [""]
+        back = ff.read_stored(2)
+        assert (back.image_id, back.content_sha256, back.namespace) == (
+            recs[2].image_id,
+            sha_of(recs[2]),
+            "ns",
+        )
+        assert_same(back.record, recs[2], fp16=True)
+        assert ff.read_row(2).extra == {}  # the store's keys are never in extra
         with pytest.raises(IndexError):
             ff.read_row(4)
 

@@ -1,4 +1,4 @@
-"""butd.store.images: every mode to the BGR values built independently with numpy, EXIF, errors.
+"""butd.images: every mode to the BGR values built independently with numpy, EXIF, errors.
 
 Expected arrays are computed from the known pixel values with numpy (never by calling the code
 under test's Pillow conversions); JPEG decoding is compared with ``cv2.imdecode``, the decoder
@@ -21,7 +21,7 @@ import pytest
 import skimage.data
 from PIL import Image, ImageOps
 
-from butd.store.images import (
+from butd.images import (
     DEFAULT_MAX_PIXELS,
     ImageError,
     NotAnImageError,
@@ -346,6 +346,6 @@ def test_limit_boundary() -> None:
 
 
 def test_module_is_torch_free() -> None:
-    code = "import sys, butd.store.images; sys.exit('torch' in sys.modules)"
+    code = "import sys, butd.images; sys.exit('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=False)
     assert result.returncode == 0

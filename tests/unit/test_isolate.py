@@ -7,7 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from butd.workers.batcher import Processor, StoredItem, load_task
+from butd.store.records import StoredRow
+from butd.store.shards import Alias
+from butd.workers.batcher import Processor, load_task
 from butd.workers.outcomes import Extracted, Failed
 from tests.unit.test_batcher import FakeExtractor, FakeSink, png_bytes, task
 
@@ -15,19 +17,19 @@ from tests.unit.test_batcher import FakeExtractor, FakeSink, png_bytes, task
 class PickySink(FakeSink):
     """Refuses, as h5py does for a NUL, any shard holding the id ``poison.png``."""
 
-    def seal(
+    def put(
         self,
         name: str,
-        records: Sequence[StoredItem],
+        records: Sequence[StoredRow],
         model_version: str,
         config: dict[str, Any],
-        aliases: Sequence[tuple[str, str, str]] = (),
+        aliases: Sequence[Alias] = (),
     ) -> None:
         if any(r.image_id == "poison.png" for r in records) or any(
-            a[1] == "poison.png" for a in aliases
+            a.image_id == "poison.png" for a in aliases
         ):
             raise ValueError("VLEN strings do not support embedded NULLs")
-        super().seal(name, records, model_version, config, aliases)
+        super().put(name, records, model_version, config, aliases)
 
 
 def test_an_unstorable_record_fails_its_item_and_the_others_are_stored(tmp_path: Path) -> None:
@@ -38,7 +40,7 @@ def test_an_unstorable_record_fails_its_item_and_the_others_are_stored(tmp_path:
     assert [type(o) for o in out] == [Extracted, Failed, Extracted, Extracted]
     assert isinstance(out[1], Failed)
     assert "cannot be stored" in out[1].reason and "NULLs" in out[1].reason
-    assert sorted(a[1] for a in sink.aliases) == ["a.png", "c.png", "d.png"]
+    assert sorted(a.image_id for a in sink.aliases) == ["a.png", "c.png", "d.png"]
     assert len(sink.stored) == 3  # one shard per good record after the shared one failed
 
 

@@ -46,6 +46,8 @@ FORBIDDEN = {
     "workers": {"butd.service", "butd.cli", "butd.client"},
     "gateway": TORCH | {"butd.detector", "butd.heads", "butd.cli", "butd.client"},
     "client": TORCH | {"butd.detector", "butd.heads", "butd.workers", "butd.cli"},
+    # Image decoding (``butd.images``) is the shared edge every layer may import: it imports none.
+    "images": TORCH | _ABOVE_STORE | {"butd.store", "butd.client"},
 }
 
 
@@ -244,7 +246,7 @@ def _layer_modules(layer: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("layer", ["store", "detector", "heads"])
+@pytest.mark.parametrize("layer", ["images", "store", "detector", "heads"])
 def test_importing_a_whole_layer_loads_no_forbidden_package(layer: str) -> None:
     modules = _layer_modules(layer)
     banned = sorted(FORBIDDEN[layer] | OLD_NAMES)

@@ -104,13 +104,13 @@ def test_a_get_from_the_bucket_reads_about_one_record(root: str, tmp_path: Path)
 
     readers = BucketShardReaders(bucket, block_size=64 * 1024, max_blocks=4)
     first = readers.read(info.name, 0)  # opens: metadata + rows
-    np.testing.assert_array_equal(first.features, records[0].features)
+    np.testing.assert_array_equal(first.features, records[0].record.features)
     for row in (40, 17, 63):
         before = readers.bytes_fetched
         rec = readers.read(info.name, row)
         fetched = readers.bytes_fetched - before
-        np.testing.assert_array_equal(rec.features, records[row].features)
-        np.testing.assert_array_equal(rec.boxes, records[row].boxes)
+        np.testing.assert_array_equal(rec.features, records[row].record.features)
+        np.testing.assert_array_equal(rec.boxes, records[row].record.boxes)
         size = rec.features.nbytes + rec.boxes.nbytes
         assert fetched < max(4 * size, 8 * 64 * 1024) < shard_bytes / 2, (row, fetched)
     assert readers.bytes_fetched < shard_bytes

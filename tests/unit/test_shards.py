@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from butd.store.compact import compact, purge_retired
-from butd.store.records import FeatureRecord
+from butd.store.h5 import FeatureFile
+from butd.store.records import FeatureRecord, StoredRow
 from butd.store.shards import (
     Alias,
     Location,
@@ -24,13 +25,13 @@ from butd.store.shards import (
     scan_shard,
     seal_shard,
 )
-from tests.unit.test_h5 import MV, VOCAB_A, VOCAB_O, assert_same, make_records
+from tests.unit.test_h5 import MV, VOCAB_A, VOCAB_O, assert_same, keyed, make_records
 
 META = {"config": {"k": 1}, "objects_vocab": VOCAB_O, "attributes_vocab": VOCAB_A}
 
 
-def sharded(seed: int, n: int = 4) -> list[FeatureRecord]:
-    return make_records(n, seed=seed, with_sha=True)
+def sharded(seed: int, n: int = 4) -> list[StoredRow]:
+    return keyed(make_records(n, seed=seed))
 
 
 def test_seal_is_atomic_and_readable(tmp_path: Path) -> None:
@@ -42,16 +43,18 @@ def test_seal_is_atomic_and_readable(tmp_path: Path) -> None:
     readers = ShardReaders(tmp_path)
     for row, want in enumerate(recs):
         got = readers.read(info.name, row)
-        assert_same(got, want, fp16=True)
-        assert got.extra == want.extra
+        assert_same(got, want.record, fp16=True)
+        assert got.extra == {}  # the keys are the shard's columns
+    with FeatureFile(tmp_path / info.name) as ff:
+        assert ff.content_sha256() == [r.content_sha256 for r in recs]
     other = ShardWriter(tmp_path, worker_id="gpu/0", model_version=MV, meta=META).seal(sharded(2))
     assert other.name != info.name and len(list_shards(tmp_path)) == 2
     readers.close()
 
 
 def test_seal_refuses_records_without_sha(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="content_sha256"):
-        seal_shard(tmp_path, make_records(2), model_version=MV, meta=META)
+    with pytest.raises(ValueError, match="no content sha256"):
+        seal_shard(tmp_path, [StoredRow(r) for r in make_records(2)], model_version=MV, meta=META)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -107,25 +110,26 @@ def test_forked_child_opens_its_own_handles(tmp_path: Path) -> None:
     proc.join(timeout=20)
     assert proc.exitcode == 0
     assert image_id == recs[1].image_id and own_pid
-    assert total == recs[1].features.astype(np.float16).astype(np.float64).sum()
+    assert total == recs[1].record.features.astype(np.float16).astype(np.float64).sum()
     CHILD_READERS.close()
 
 
 def test_scan_shard_lists_contents_and_aliases(tmp_path: Path) -> None:
     recs = sharded(4)
-    extra = [Alias("other", "x.jpg", recs[0].extra["content_sha256"])]
+    extra = [Alias("other", "x.jpg", recs[0].content_sha256)]
     info = seal_shard(tmp_path, recs, model_version=MV, meta=META, aliases=extra, sealed_at=7)
     entries = scan_shard(tmp_path, info.name)
     assert entries.model_version == MV and entries.sealed_at == 7
-    assert entries.contents == [(r.extra["content_sha256"], i) for i, r in enumerate(recs)]
-    want = [Alias("ns", r.image_id, r.extra["content_sha256"]) for r in recs] + extra
+    assert entries.contents == [(r.content_sha256, i) for i, r in enumerate(recs)]
+    want = [Alias("ns", r.image_id, r.content_sha256) for r in recs] + extra
     assert entries.aliases == want
 
 
-def _small_store(tmp_path: Path) -> tuple[list[str], list[FeatureRecord], FeatureRecord]:
+def _small_store(tmp_path: Path) -> tuple[list[str], list[StoredRow], StoredRow]:
     """Three small shards; the last repeats the content of record 0 under another id."""
     a, b = sharded(10, 3), sharded(11, 2)
-    dup = FeatureRecord(**{**a[0].__dict__, "image_id": "copy-of-a0"})
+    copy = FeatureRecord(**{**a[0].record.__dict__, "image_id": "copy-of-a0"})
+    dup = StoredRow(copy, a[0].content_sha256, "ns")
     names = []
     for i, batch in enumerate([a, b, [dup]]):
         info = seal_shard(tmp_path, batch, model_version=MV, meta=META, sealed_at=i + 1)
@@ -151,18 +155,18 @@ def test_compact_merges_dedups_and_keeps_live_readers(tmp_path: Path) -> None:
     # Every old location moved to a row with the same content.
     assert len(moves) == 6
     for move in moves:
-        got = readers.get(move.new)
-        assert got.extra["content_sha256"] == move.content_sha256
+        got = readers.with_file(move.new.shard, lambda ff, row=move.new.row: ff.read_stored(row))
+        assert got.content_sha256 == move.content_sha256
         assert move.new.shard == new.name and move.model_version == MV
     new_of = {m.content_sha256: m.new for m in moves}
     for want in recs:  # every original content, same arrays, at its new location
-        got = readers.get(new_of[want.extra["content_sha256"]])
-        assert_same(got, want, fp16=True)
+        got = readers.get(new_of[want.content_sha256])
+        assert_same(got, want.record, fp16=True)
     dup_move = next(m for m in moves if m.old == Location(names[2], 0))
     assert dup_move.new == next(m.new for m in moves if m.old == Location(names[0], 0))
     # The dropped duplicate's id survives as an alias of the merged shard.
     entries = scan_shard(tmp_path, new.name)
-    assert Alias("ns", "copy-of-a0", dup.extra["content_sha256"]) in entries.aliases
+    assert Alias("ns", "copy-of-a0", dup.content_sha256) in entries.aliases
     assert entries.sealed_at == 1
     with pytest.raises(ShardMissingError):
         ShardReaders(tmp_path).read(names[1], 0)
@@ -181,7 +185,7 @@ def test_compact_grace_period_keeps_files_until_purged(tmp_path: Path) -> None:
 
 def test_compact_leaves_big_shards_and_other_versions(tmp_path: Path) -> None:
     seal_shard(tmp_path, sharded(1, 2), model_version=MV, meta=META)
-    other = make_records(2, seed=2, with_sha=True, model_version="mv-other")
+    other = keyed(make_records(2, seed=2, model_version="mv-other"))
     seal_shard(tmp_path, other, model_version="mv-other", meta=META)
     big = seal_shard(tmp_path, sharded(3, 8), model_version=MV, meta=META)
     before = sorted(list_shards(tmp_path))
@@ -192,7 +196,7 @@ def test_compact_leaves_big_shards_and_other_versions(tmp_path: Path) -> None:
 
 def test_alias_only_shard_is_scanned_and_merged(tmp_path: Path) -> None:
     recs = sharded(20, 3)
-    sha = recs[0].extra["content_sha256"]
+    sha = recs[0].content_sha256
     only = seal_shard(tmp_path, [], model_version=MV, meta=META, aliases=[Alias("u", "7", sha)])
     assert scan_shard(tmp_path, only.name).aliases == [Alias("u", "7", sha)]
     seal_shard(tmp_path, recs, model_version=MV, meta=META)
@@ -203,7 +207,7 @@ def test_alias_only_shard_is_scanned_and_merged(tmp_path: Path) -> None:
 
 
 def test_small_shard_stays_small(tmp_path: Path) -> None:
-    recs = make_records(2, dim=2048, min_boxes=10, max_boxes=10, with_sha=True)
+    recs = keyed(make_records(2, dim=2048, min_boxes=10, max_boxes=10))
     info = seal_shard(tmp_path, recs, model_version=MV, meta=META)
     size = (tmp_path / info.name).stat().st_size
     payload = 20 * 2048 * 2  # 20 fp16 feature rows

@@ -31,7 +31,7 @@ PANEL_W, COLUMNS = 320, 4  # attention_panels defaults
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny detector weights, one image, and a captioner overfitted to CAPTION on its regions."""
     from butd.detector.extractor import Extractor
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     root = tmp_path_factory.mktemp("show")
     weights = make_tiny_weights(root / "tiny.safetensors")
@@ -75,7 +75,7 @@ def test_show_attention_draws_one_shaded_panel_per_word(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from butd.detector.extractor import Extractor
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     out = setup["root"] / "attention.png"
     args = ["show", str(setup["image"]), "--attention", "--captioner", str(setup["cap"])]

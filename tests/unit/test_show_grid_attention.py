@@ -33,7 +33,7 @@ G, PANEL_W = 3, 320
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny detector weights, one image, an SCA captioner overfitted on its 3 x 3 grid."""
     from butd.detector.extractor import Extractor
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     root = tmp_path_factory.mktemp("showgrid")
     weights = make_tiny_weights(root / "tiny.safetensors")
@@ -62,7 +62,7 @@ def test_show_attention_draws_the_grid_heat_map(
     setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from butd.detector.extractor import Extractor
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     out = setup["root"] / "grid_attention.png"
     args = ["show", str(setup["image"]), "--attention", "--captioner", str(setup["cap"])]

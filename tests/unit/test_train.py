@@ -252,7 +252,7 @@ def test_resume_continues_the_same_run(synth_root: Path, tmp_path: Path) -> None
 def test_checkpoint_loads_canonically_and_extracts(synth_root: Path, tmp_path: Path) -> None:
     from butd.detector.extractor import Extractor
     from butd.detector.weights import load
-    from butd.store.images import decode_image
+    from butd.images import decode_image
 
     cfg = _small(demo_config()).replace(max_iter=1)
     trainer = _trainer(synth_root, tmp_path, cfg)
