@@ -12,6 +12,7 @@ classes, commands from the ``butd`` parser.
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -290,3 +291,30 @@ def test_gateway_and_workers_share_the_store(overlay: str) -> None:
     assert len(set(mounts.values())) == 1
     (store,) = [o for o in objs if o["metadata"]["name"] == mounts["butd-gateway"]]
     assert "ReadWriteMany" in store["spec"]["accessModes"]
+
+
+def test_every_deployed_weights_name_is_in_the_registry() -> None:
+    """A worker started with an unknown BUTD_WEIGHTS name stops at once: the manifests, the
+    compose files and the Slurm script must name registry entries (or a weights file path)."""
+    from butd.detector.weights.registry import REGISTRY
+
+    named: dict[str, str | None] = {}
+    for overlay in ("cpu", "gpu"):
+        for obj in render(overlay):
+            if obj["kind"] not in ("Deployment", "Job"):
+                continue
+            for container in containers(obj):
+                env = _env(container)
+                if "BUTD_WEIGHTS" in env:
+                    named[f"{overlay}/{obj['metadata']['name']}"] = env["BUTD_WEIGHTS"]
+    for path in [ROOT / "docker-compose.yml", *sorted((ROOT / "deploy").glob("compose*.yml"))]:
+        for name, svc in yaml.safe_load(path.read_text())["services"].items():
+            env = svc.get("environment") or {}
+            if isinstance(env, dict) and "BUTD_WEIGHTS" in env:
+                named[f"{path.name}/{name}"] = env["BUTD_WEIGHTS"]
+    slurm = (ROOT / "deploy" / "slurm-workers.sbatch").read_text()
+    for default in re.findall(r"BUTD_WEIGHTS:-([^}]+)\}", slurm):
+        named["slurm-workers.sbatch"] = default
+    assert {"gpu/butd-worker", "docker-compose.yml/worker", "slurm-workers.sbatch"} <= set(named)
+    unknown = {k: v for k, v in named.items() if v not in REGISTRY and "/" not in str(v)}
+    assert unknown == {}
