@@ -124,3 +124,16 @@ def test_a_fresh_venv_gets_butd_and_nothing_else_of_ours(wheel: Path, tmp_path: 
         "detector": False,
         "heads": False,
     }
+
+
+def test_the_public_import_paths() -> None:
+    from butd.client import Client
+    from butd.detector import Extractor
+    from butd.detector.extractor import Extractor as Defined
+
+    assert Extractor is Defined and Client.__module__ == "butd.client"
+    # The detector package itself loads torch only when Extractor is asked for: its torch-free
+    # modules (config, read by the workers' batcher) stay torch-free.
+    code = "import sys, butd.detector, butd.detector.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr
