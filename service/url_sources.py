@@ -17,7 +17,7 @@ from pathlib import Path
 from butd.service import datasets
 from butd.service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
 from butd.store import ids
-from butd.store.image_ids import IdPolicy
+from butd.store.image_ids import IdPolicy, ImageIdError
 from butd.store.objects import is_url, list_files
 from butd.workers.protocol import JobItem
 
@@ -52,9 +52,15 @@ def check_allowed(url: str, allowed: Sequence[str], setting: str = "BUTD_ALLOWED
 
 
 def expand_urls(
-    urls: Sequence[str], allowed: Sequence[str], suffixes: Sequence[str]
+    urls: Sequence[str],
+    allowed: Sequence[str],
+    suffixes: Sequence[str],
+    policy: IdPolicy | None = None,
 ) -> datasets.Expansion:
-    """Job items of the objects under each URL (sorted by key; ids unique across URLs).
+    """Job items of the objects under each URL (sorted by key; ids unique across URLs), named
+    by ``policy`` from the key relative to the URL, as ``datasets.expand`` names files from the
+    path relative to their directory (default the ``path`` rule; a name the rule refuses is
+    skipped with the reason).
 
     Raises:
         PathNotAllowedError: a URL outside the allowed prefixes.
@@ -76,7 +82,12 @@ def expand_urls(
             if problem is not None:
                 out.skipped[repr(image_id)] = problem
                 continue
-            out.items.append(JobItem(ref=ref, image_id=image_id))
+            try:
+                named = (policy or IdPolicy()).image_id(image_id)
+            except ImageIdError as exc:
+                out.skipped[image_id] = str(exc)
+                continue
+            out.items.append(JobItem(ref=ref, image_id=named))
     return out
 
 
@@ -87,15 +98,15 @@ def expand_any(
     suffixes: list[str],
     policy: IdPolicy | None = None,
 ) -> datasets.Expansion:
-    """``datasets.expand`` for server paths (their ids made by ``policy``, the job's
-    ``image_ids`` rule) plus ``expand_urls`` for URLs, in one job."""
+    """``datasets.expand`` for server paths plus ``expand_urls`` for URLs, in one job; both
+    name their images by ``policy`` (the job's ``image_ids`` rule)."""
     urls = [p for p in paths if is_url(p)]
     local = [p for p in paths if not is_url(p)]
     out = datasets.Expansion()
     if local:
         out = datasets.expand(local, roots, suffixes, policy)
     if urls:
-        remote = expand_urls(urls, allowed_urls, suffixes)
+        remote = expand_urls(urls, allowed_urls, suffixes, policy)
         out.items.extend(remote.items)
         out.skipped.update(remote.skipped)
     return _checked(out)

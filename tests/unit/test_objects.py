@@ -18,6 +18,7 @@ import pytest
 from bench.store import MV, synthetic
 from butd.service.errors import InvalidRequestError, PathNotAllowedError
 from butd.service.url_sources import check_allowed, expand_any, expand_urls
+from butd.store.image_ids import IdPolicy
 from butd.store.objects import BucketShardReaders, BucketShards, is_url, list_files, read_url
 from butd.store.shards import ShardMissingError, seal_shard
 
@@ -117,3 +118,22 @@ def test_a_get_from_the_bucket_reads_about_one_record(root: str, tmp_path: Path)
     readers.close()
     with pytest.raises(ShardMissingError):
         readers.read("w-00000000-missing.h5", 0)
+
+
+def test_object_keys_are_named_by_the_jobs_id_rule(root: str, tmp_path: Path) -> None:
+    """``image_ids`` applies to objects as to files: the key relative to the URL is the path."""
+    fs = fsspec.filesystem("memory")
+    for key in ("val/COCO_val2014_000000000042.jpg", "val/123.jpg", "val/cat.jpg"):
+        fs.pipe(f"{root}/coco/{key}", b"x")
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "COCO_val2014_000000000007.jpg").write_bytes(b"y")
+    paths = [f"{root}/coco", str(tmp_path / "local")]
+    found = expand_any(paths, [tmp_path], [root], SUFFIXES, IdPolicy("coco"))
+    assert sorted((i.image_id, i.ref.rsplit("/", 1)[1]) for i in found.items) == [
+        ("123", "123.jpg"),
+        ("42", "COCO_val2014_000000000042.jpg"),
+        ("7", "COCO_val2014_000000000007.jpg"),
+    ]
+    assert "neither COCO" in found.skipped["val/cat.jpg"]
+    stems = expand_urls([f"{root}/coco"], [root], SUFFIXES, IdPolicy("stem"))
+    assert sorted(i.image_id for i in stems.items) == ["123", "COCO_val2014_000000000042", "cat"]
