@@ -154,7 +154,8 @@ def subtract_mean(
     )
     pixels = pixels.to(device, non_blocking=True)  # uint8 transfer
     chw = pixels.permute(2, 0, 1).to(torch.float64)  # (3, H, W)
-    return (chw - mean).to(torch.float32)
+    # In place: one float64 copy of the image at a time (24 bytes a pixel), not two.
+    return chw.sub_(mean).to(torch.float32)
 
 
 def stage_pixels(image_bgr_uint8: np.ndarray) -> torch.Tensor:
