@@ -129,3 +129,10 @@ def test_the_gateway_enqueues_the_options_it_validated(tmp_path: Path) -> None:
     (request,) = queue.enqueued
     assert type(request.options) is ExtractOptions
     assert request.to_fields()["options"] == '{"max_boxes": 7, "min_boxes": 2}'
+
+
+def test_the_grid_bound_is_the_detectors() -> None:
+    """The gateway cannot import the detector, so the options keep a copy of its grid bound."""
+    from butd.detector import config
+
+    assert MAX_GRID_SIZE == config.MAX_GRID_SIZE
