@@ -18,17 +18,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import redis
 
 from butd.store.index import FeatureIndex
-from butd.store.records import FeatureRecord, StoredRow
 from butd.store.shard_store import StoreWriter
 from butd.store.shards import Alias
 from butd.workers import queue as q
 from butd.workers.protocol import JobItem
 from butd.workers.sealer import Sealer
 from tests.integration.test_gateway import gateway, image_bytes, stack, wait_ready
+from tests.integration.test_store_writer import item
 from tests.redis_proc import free_port
 
 __all__ = ["stack"]  # the module-scoped fixture: Redis, store, one worker
@@ -93,23 +92,6 @@ def test_a_bad_name_reaching_the_worker_fails_only_its_item(stack: dict[str, Any
     assert all(index.lookup_alias("direct", f"{i}.png") for i in (0, 1, 3))
 
 
-def _item(sha: str, image_id: str) -> StoredRow:
-    n = 2
-    rec = FeatureRecord(
-        image_id=image_id,
-        image_w=10,
-        image_h=8,
-        boxes=np.tile(np.array([[0, 0, 5, 5]], np.float32), (n, 1)),
-        features=np.full((n, 4), 0.5, np.float32),
-        objects_id=np.zeros(n, np.int64),
-        objects_conf=np.ones(n, np.float32),
-        attrs_id=np.zeros(n, np.int64),
-        attrs_conf=np.ones(n, np.float32),
-        model_version="mv",
-    )
-    return StoredRow(rec, sha, "ns")
-
-
 def test_one_unstorable_record_never_drops_the_good_ones_sharing_its_seal(
     redis_url: str, tmp_path: Path
 ) -> None:
@@ -123,7 +105,7 @@ def test_one_unstorable_record_never_drops_the_good_ones_sharing_its_seal(
     names[5] = "a\x00b"  # what h5py refuses: "VLEN strings do not support embedded NULLs"
     try:
         for sha, name in zip(shas, names, strict=True):
-            sealer.put(name, [_item(sha, name)], "mv", {}, [Alias("ns", name, sha)])
+            sealer.put(name, [item(sha, name, n=2)], "mv", {}, [Alias("ns", name, sha)])
             sealer.submit([f"entry-{name}"])
         assert sealer.drain(30)
     finally:
