@@ -92,6 +92,16 @@ class Expansion:
     items: list[JobItem] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def add(self, ref: str, relative: str, policy: IdPolicy | None) -> None:
+        """The image at ``ref``, named by ``policy`` (default the ``path`` rule) from its
+        ``relative`` path; a name the rule refuses is skipped with the reason."""
+        try:
+            named = (policy or IdPolicy()).image_id(relative)
+        except ImageIdError as exc:
+            self.skipped[relative] = str(exc)
+            return
+        self.items.append(JobItem(ref=ref, image_id=named))
+
 
 def _inside(path: Path, roots: list[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
@@ -176,12 +186,7 @@ def expand(
             if real.suffix.lower() not in wanted:
                 out.skipped[image_id] = f"suffix {real.suffix!r} is not an image suffix"
                 continue
-            try:
-                named = (policy or IdPolicy()).image_id(image_id)
-            except ImageIdError as exc:
-                out.skipped[image_id] = str(exc)
-                continue
-            out.items.append(JobItem(ref=str(real), image_id=named))
+            out.add(str(real), image_id, policy)
     return _checked(out)
 
 

@@ -17,9 +17,8 @@ from pathlib import Path
 from butd.service import datasets
 from butd.service.errors import InvalidRequestError, ObjectStoreError, PathNotAllowedError
 from butd.store import ids
-from butd.store.image_ids import IdPolicy, ImageIdError
+from butd.store.image_ids import IdPolicy
 from butd.store.objects import is_url, list_files
-from butd.workers.protocol import JobItem
 
 
 def normalised(url: str) -> str:
@@ -82,12 +81,7 @@ def expand_urls(
             if problem is not None:
                 out.skipped[repr(image_id)] = problem
                 continue
-            try:
-                named = (policy or IdPolicy()).image_id(image_id)
-            except ImageIdError as exc:
-                out.skipped[image_id] = str(exc)
-                continue
-            out.items.append(JobItem(ref=ref, image_id=named))
+            out.add(ref, image_id, policy)
     return out
 
 
